@@ -1,0 +1,267 @@
+"""Command line: ``prunekit demo | train | finetune | prune | eval | export | methods``.
+
+User errors (``PrunekitError``) print one line and exit with code 2; commands refuse to
+overwrite existing results unless ``--force``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import data as pkdata
+from . import io, methods, models
+from .errors import PrunekitError
+from .measure import measure
+from .train import TrainConfig, evaluate, fit, resolve_device
+
+
+def _add_data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--data", required=required, help="digits | cifar10 | synthetic | an ImageFolder directory")
+    p.add_argument("--data-root", help="local path for the data set (cifar10: folder or .tar.gz)")
+    p.add_argument("--download", action="store_true", help="download CIFAR-10 with torchvision if no local copy")
+    p.add_argument("--image-size", type=int, help="resize folder images to this square size")
+    p.add_argument("--limit", type=int, help="use only this many training images (quick runs)")
+    p.add_argument("--cache-dir", help="where decoded images are cached (default ~/.cache/prunekit)")
+
+
+def _add_train_args(p: argparse.ArgumentParser, epochs: int, lr: float) -> None:
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--lr", type=float, default=lr, help="peak learning rate")
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
+    p.add_argument("--schedule", default="onecycle", choices=["onecycle", "cosine", "constant"])
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--out", required=True, help="run directory (checkpoint, log.jsonl, model.pt)")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    p.add_argument("--force", action="store_true", help="overwrite a finished run directory")
+
+
+def _load_data(args: argparse.Namespace) -> pkdata.DataBundle:
+    return pkdata.load(args.data, args.data_root, image_size=args.image_size, cache_dir=args.cache_dir,
+                       download=args.download, limit=args.limit, seed=getattr(args, "seed", 0))
+
+
+def _input_shape(model: torch.nn.Module) -> tuple[int, ...]:
+    arch = getattr(model, "prunekit_arch", {})
+    shape = arch.get("input_shape") or models.default_input_size(arch["name"])
+    return tuple(shape)
+
+
+def _train_cfg(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(epochs=args.epochs, lr=args.lr, optimizer=args.optimizer, schedule=args.schedule,
+                       weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
+                       batch_size=args.batch_size, seed=args.seed)
+
+
+def _guard_out(out: Path, args: argparse.Namespace) -> None:
+    if (out / "model.pt").exists() and not args.resume and not args.force:
+        raise PrunekitError(f"{out} already holds a finished run; use --resume, --force or another --out")
+
+
+def _run_training(model: torch.nn.Module, args: argparse.Namespace, bundle: pkdata.DataBundle,
+                  desc: str) -> int:
+    out = Path(args.out)
+    _guard_out(out, args)
+    cfg = _train_cfg(args)
+    dev = resolve_device(args.device)
+    train_loader, test_loader = bundle.loaders(batch_size=cfg.batch_size, device=dev, seed=cfg.seed,
+                                               **_dist_kwargs())
+    model, result = fit(model, train_loader, test_loader, cfg, device=dev, run_dir=out, resume=args.resume,
+                        desc=desc)
+    from .train import dist_info
+
+    if dist_info()[0] == 0:
+        io.save(model, out / "model.pt", data=bundle.name)
+        print(json.dumps({"out": str(out / "model.pt"), **result.final}))
+    return 0
+
+
+def _dist_kwargs() -> dict[str, int]:
+    from .train import dist_info
+
+    rank, world = dist_info()
+    return {"rank": rank, "world_size": world}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    bundle = _load_data(args)
+    torch.manual_seed(args.seed)  # the initial weights are part of the run's reproducible state
+    model = models.create(args.model, num_classes=bundle.num_classes, in_channels=bundle.input_shape[0])
+    model.prunekit_arch["input_shape"] = list(bundle.input_shape)
+    return _run_training(model, args, bundle, "train")
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    bundle = _load_data(args)
+    model = io.load(args.checkpoint)
+    return _run_training(model, args, bundle, "finetune")
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise PrunekitError(f"{out} already exists; use --force to overwrite or choose another --out")
+    model = io.load(args.checkpoint)
+    x = torch.zeros(1, *_input_shape(model))
+    opts: dict[str, Any] = {"min_keep": args.min_keep, "round_to": args.round_to}
+    if args.ignore:
+        opts["ignored_layers"] = args.ignore.split(",")
+    if args.percentile is not None:
+        opts["percentile"] = args.percentile
+    result = methods.prune(model, args.method, x, speedup=args.speedup, sparsity=args.sparsity, **opts)
+    io.save(result.model, out, prune=result.to_dict())
+    print(result.summary())
+    print(f"saved {out}")
+    return 0
+
+
+def _evaluate_payload(args: argparse.Namespace) -> dict[str, Any]:
+    model = io.load(args.checkpoint)
+    x = torch.zeros(1, *_input_shape(model))
+    payload: dict[str, Any] = {"checkpoint": str(args.checkpoint)}
+    if args.data:
+        bundle = _load_data(args)
+        _, test_loader = bundle.loaders(batch_size=256, device="cpu")
+        payload["top1"] = evaluate(model, test_loader, "cpu")["top1"]
+    stats = measure(model, x, repeats=args.repeats, threads=args.threads)
+    payload.update(stats)
+    if args.onnx:
+        from .export import onnx_latency
+
+        payload["onnx_latency"] = onnx_latency(model, x, repeats=args.repeats, threads=args.threads)
+    if args.base:
+        base = io.load(args.base)
+        bstats = measure(base, x, repeats=args.repeats, threads=args.threads)
+        payload["theoretical_speedup"] = bstats["macs"] / payload["macs"]
+        payload["measured_speedup"] = {b: bstats["latency"][b]["median_ms"] / payload["latency"][b]["median_ms"]
+                                       for b in payload["latency"]}
+        if args.onnx:
+            from .export import onnx_latency
+
+            bl = onnx_latency(base, x, repeats=args.repeats, threads=args.threads)
+            payload["onnx_measured_speedup"] = {b: bl[b]["median_ms"] / payload["onnx_latency"][b]["median_ms"]
+                                                for b in bl}
+    return payload
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    payload = _evaluate_payload(args)
+    if args.json:
+        print(json.dumps(payload))
+        return 0
+    if "top1" in payload:
+        print(f"top-1        {payload['top1']:.2f} %")
+    print(f"params       {payload['params'] / 1e6:.4f} M")
+    print(f"MACs         {payload['macs'] / 1e6:.2f} M")
+    print(f"size         {payload['size_bytes'] / 1e6:.2f} MB")
+    for b, lat in payload["latency"].items():
+        print(f"latency {b:<4} {lat['median_ms']:.2f} ms (median, {lat['threads']} threads, torch eager)")
+    for b, lat in payload.get("onnx_latency", {}).items():
+        print(f"latency {b:<4} {lat['median_ms']:.2f} ms (median, onnxruntime)")
+    if "theoretical_speedup" in payload:
+        print(f"speedup      theoretical {payload['theoretical_speedup']:.2f}x, measured "
+              + ", ".join(f"{b} {v:.2f}x" for b, v in payload["measured_speedup"].items()))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise PrunekitError(f"{out} already exists; use --force to overwrite or choose another --out")
+    model = io.load(args.checkpoint)
+    x = torch.zeros(1, *_input_shape(model))
+    from .export import export_onnx
+
+    info = export_onnx(model, x, out, opset=args.opset)
+    print(json.dumps(info))
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    for m in methods.available():
+        print(f"{m.name:<14} {m.kind:<12} {m.summary}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(Path(args.out) if args.out else None, device=args.device)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prunekit", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="train, prune, fine-tune and compare on the bundled digits data (~1 min)")
+    p.add_argument("--out", help="run directory (default runs/demo-<time>)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("train", help="train a zoo or torchvision model")
+    p.add_argument("--model", required=True, help="zoo name (see prunekit.models.names()) or tv:<name>")
+    _add_data_args(p, required=True)
+    _add_train_args(p, epochs=12, lr=0.2)
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("finetune", help="fine-tune a (pruned) model file")
+    p.add_argument("--checkpoint", required=True)
+    _add_data_args(p, required=True)
+    _add_train_args(p, epochs=6, lr=0.05)
+    p.set_defaults(fn=cmd_finetune)
+
+    p = sub.add_parser("prune", help="prune a model file with a registered method")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--method", required=True, help="see `prunekit methods`")
+    p.add_argument("--speedup", type=float, help="target MACs ratio base/pruned (structured methods)")
+    p.add_argument("--sparsity", type=float, help="fraction of weights to zero (unstructured methods)")
+    p.add_argument("--percentile", type=float, help="net-slim: global |γ| percentile instead of --speedup")
+    p.add_argument("--ignore", help="comma-separated module names never pruned (the classifier always is)")
+    p.add_argument("--min-keep", type=int, default=1)
+    p.add_argument("--round-to", type=int)
+    p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(fn=cmd_prune)
+
+    p = sub.add_parser("eval", help="accuracy, params, MACs, size and latency of a model file")
+    p.add_argument("--checkpoint", required=True)
+    _add_data_args(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--onnx", action="store_true", help="also time ONNX Runtime")
+    p.add_argument("--base", help="unpruned model file: report theoretical and measured speedup")
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--threads", type=int, help="fix the number of CPU threads (default: torch's)")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("export", help="export a model file (ONNX)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--format", default="onnx", choices=["onnx"])
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("methods", help="list pruning methods")
+    p.set_defaults(fn=cmd_methods)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except PrunekitError as exc:
+        print(f"prunekit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("prunekit: interrupted; re-run with --resume to continue", file=sys.stderr)
+        return 130

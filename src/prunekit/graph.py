@@ -1,0 +1,400 @@
+"""Structural surgery on top of Torch-Pruning's DependencyGraph.
+
+``PruneGraph`` traces a model once and exposes its coupled channel groups (all layers whose
+channels must be removed together: a conv, its BN, the next layers' inputs, every member of a
+residual sum). It predicts the MACs of any per-group keep count analytically (conv/linear
+MACs are out·in/groups·k²·H·W with H·W fixed by the trace), which lets thresholds search a
+speedup target without pruning trial copies, then physically removes the chosen channels.
+
+Also here: residual-block discovery and removal (replace f in x + f(x) by nothing), masks for
+unstructured sparsity, and the per-layer hooks that methods use to compensate for what they
+remove (fold a constant into the next layer, merge one input channel into another).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch_pruning.pruner import function as F_
+
+from .errors import PrunekitError
+
+CONV_LINEAR = (nn.Conv2d, nn.Conv1d, nn.Linear)
+_OUT_FNS = {F_.prune_conv_out_channels, F_.prune_linear_out_channels, F_.prune_depthwise_conv_out_channels}
+_IN_FNS = {F_.prune_conv_in_channels, F_.prune_linear_in_channels, F_.prune_depthwise_conv_in_channels}
+
+
+@dataclass
+class Group:
+    """One set of coupled channels; ``tp_group`` holds Torch-Pruning's full-index group."""
+
+    index: int
+    name: str
+    size: int
+    tp_group: object
+    # (module name, 'out' | 'in' | 'dw', channels of this member per group channel)
+    members: list[tuple[str, str, int]] = field(default_factory=list)
+    bns: list[str] = field(default_factory=list)
+
+    @property
+    def root(self) -> nn.Module:
+        return self.tp_group[0].dep.target.module
+
+
+def _module_stack_tracker(model: nn.Module):
+    """Forward hooks that remember the innermost running module and the last finished one."""
+    stack: list[str] = []
+    done: list[str] = []
+    names = {m: n for n, m in model.named_modules()}
+
+    def pre(m, _inp):
+        stack.append(names.get(m, "?"))
+
+    def post(m, _inp, _out):
+        if stack:
+            done[:] = [stack.pop()]
+
+    handles = []
+    for m in model.modules():
+        handles.append(m.register_forward_pre_hook(pre))
+        handles.append(m.register_forward_hook(post))
+    return stack, done, handles
+
+
+def run_checked(model: nn.Module, example_inputs: torch.Tensor, what: str) -> torch.Tensor:
+    """Forward ``example_inputs``; on failure raise a PrunekitError naming the module that failed."""
+    stack, done, handles = _module_stack_tracker(model)
+    try:
+        return model(example_inputs)
+    except Exception as exc:
+        where = stack[-1] if stack and stack[-1] else type(model).__name__
+        after = f" just after module {done[0]!r}" if done else ""
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PrunekitError(
+            f"{what}: forward failed in module {where!r}{after} ({msg[:160]}); its forward likely has shape "
+            f"logic that tracing cannot follow (e.g. a hard-coded reshape): make it shape-agnostic or pass the "
+            "layers feeding it in ignored_layers"
+        ) from exc
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def find_head(model: nn.Module, example_inputs: torch.Tensor) -> list[nn.Module]:
+    """The conv/linear layers that produce the model's output (the classifier): never pruned on output."""
+    order: list[nn.Module] = []
+    hs = [m.register_forward_hook(lambda m, i, o: order.append(m)) for m in model.modules()
+          if isinstance(m, CONV_LINEAR)]
+    with torch.no_grad():
+        was = model.training
+        model.eval()
+        out = model(example_inputs)
+        model.train(was)
+    for h in hs:
+        h.remove()
+    if not order:
+        return []
+    n_out = out.shape[1] if isinstance(out, torch.Tensor) and out.dim() > 1 else None
+    last = order[-1]
+    heads = [last]
+    if n_out is not None:
+        heads += [m for m in order if isinstance(m, nn.Linear) and m.out_features == n_out and m is not last]
+    return heads
+
+
+class PruneGraph:
+    """Coupled channel groups of ``model`` and the analytic MACs of any keep decision."""
+
+    def __init__(self, model: nn.Module, example_inputs: torch.Tensor, *, ignored_layers: list | None = None,
+                 min_keep: int = 1, round_to: int | None = None):
+        if min_keep < 1:
+            raise PrunekitError(f"min_keep must be >= 1, got {min_keep}")
+        if round_to is not None and round_to < 1:
+            raise PrunekitError(f"round_to must be a positive integer, got {round_to}")
+        self.model = model
+        self.example_inputs = example_inputs
+        self.min_keep = min_keep
+        self.round_to = round_to
+        self.names = {m: n for n, m in model.named_modules()}
+        ignored = [self._resolve(x) for x in (ignored_layers or [])]
+        self.ignored = ignored + [m for m in find_head(model, example_inputs) if m not in ignored]
+        self._shape_info()
+        was = model.training
+        model.eval()
+        try:
+            self.DG = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+        except Exception as exc:
+            run_checked(model, example_inputs, "tracing")  # names the module if forward itself fails
+            raise PrunekitError(f"Torch-Pruning could not trace this model: {str(exc).splitlines()[0][:200]}") from exc
+        finally:
+            model.train(was)
+        self.groups = self._collect_groups()
+
+    def _resolve(self, layer) -> nn.Module:
+        if isinstance(layer, nn.Module):
+            return layer
+        try:
+            return self.model.get_submodule(layer)
+        except AttributeError as exc:
+            raise PrunekitError(f"ignored layer {layer!r} is not a module of this model") from exc
+
+    def _shape_info(self) -> None:
+        """Record per conv/linear the MACs per (out·in/groups) unit, and catch layers the trace never reaches."""
+        self.unit: dict[str, int] = {}
+        calls: dict[nn.Module, int] = {}
+
+        def hook(m, inp, out):
+            calls[m] = calls.get(m, 0) + 1
+            k = math.prod(m.kernel_size) if hasattr(m, "kernel_size") else 1
+            spatial = out[0].numel() // m.weight.shape[0] if isinstance(m, nn.Linear) else math.prod(out.shape[2:])
+            self.unit[self.names[m]] = self.unit.get(self.names[m], 0) + k * spatial
+
+        hs = [m.register_forward_hook(hook) for m in self.model.modules() if isinstance(m, CONV_LINEAR)]
+        was = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            run_checked(self.model, self.example_inputs[:1], "tracing")
+        self.model.train(was)
+        for h in hs:
+            h.remove()
+        unreached = [self.names[m] for m in self.model.modules() if isinstance(m, CONV_LINEAR)
+                     and m not in calls and m not in self.ignored]
+        if unreached:
+            raise PrunekitError(
+                f"layer(s) {', '.join(repr(n) for n in unreached[:5])} never ran on the example input "
+                "(data-dependent control flow?); pruning them could break other inputs: "
+                "pass them in ignored_layers or make the forward static"
+            )
+
+    def _collect_groups(self) -> list[Group]:
+        groups = []
+        for g in self.DG.get_all_groups(ignored_layers=self.ignored, root_module_types=CONV_LINEAR):
+            root_dep, root_idxs = g[0]
+            n = len(root_idxs)
+            members, bns = [], []
+            for dep, idxs in g:
+                mod = dep.target.module
+                if not isinstance(mod, nn.Module):
+                    continue
+                name = self.names.get(mod, "?")
+                per = max(1, len(idxs) // n)
+                if dep.handler is F_.prune_depthwise_conv_out_channels:
+                    members.append((name, "dw", per))
+                elif dep.handler in _OUT_FNS:
+                    members.append((name, "out", per))
+                elif dep.handler in _IN_FNS:
+                    members.append((name, "in", per))
+                elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                    bns.append(name)
+            if n <= self.min_keep:
+                continue
+            groups.append(Group(len(groups), self.names.get(root_dep.target.module, "?"), n, g, members, bns))
+        return groups
+
+    # ---- decisions and their cost ----
+    def clamp_keep(self, group: Group, keep: int) -> int:
+        """Apply ``min_keep`` and ``round_to`` to a wanted keep count."""
+        keep = max(self.min_keep, min(group.size, keep))
+        if self.round_to:
+            keep = min(group.size, int(math.ceil(keep / self.round_to) * self.round_to))
+        return keep
+
+    def macs(self, keep: dict[int, int] | None = None) -> int:
+        """Conv/linear MACs of the model if group i kept ``keep[i]`` channels (others untouched)."""
+        shape: dict[str, list[int]] = {}
+        for name, m in ((n, self.model.get_submodule(n)) for n in self.unit):
+            if isinstance(m, nn.Linear):
+                shape[name] = [m.out_features, m.in_features, 1]
+            else:
+                shape[name] = [m.out_channels, m.in_channels, m.groups]
+        for gi, k in (keep or {}).items():
+            g = self.groups[gi]
+            removed = g.size - k
+            for name, kind, per in g.members:
+                if name not in shape:
+                    continue
+                s = shape[name]
+                if kind == "out":
+                    s[0] -= removed * per
+                elif kind == "in":
+                    s[1] -= removed * per
+                else:  # depthwise: out, in and groups shrink together
+                    s[0] -= removed * per
+                    s[1] -= removed * per
+                    s[2] -= removed * per
+        return int(sum(self.unit[n] * o * (i // max(gr, 1)) for n, (o, i, gr) in shape.items()))
+
+    def member_indices(self, gi: int, idxs: list[int]) -> list[tuple[nn.Module, object, list[int]]]:
+        """(module, Torch-Pruning handler, that module's indices) for channels ``idxs`` of group ``gi``."""
+        g = self.groups[gi]
+        root_dep = g.tp_group[0].dep
+        sub = self.DG.get_pruning_group(root_dep.target.module, root_dep.handler, list(idxs))
+        return [(dep.target.module, dep.handler, list(i)) for dep, i in sub]
+
+    @torch.no_grad()
+    def zero_channels(self, remove: dict[int, list[int]]) -> None:
+        """Mask (not remove) channels: zero every producer's weights and BN γ, β for them.
+
+        The masked model computes exactly what the pruned one will, which is what the surgery
+        tests compare against.
+        """
+        for gi, idxs in remove.items():
+            for mod, handler, i in self.member_indices(gi, idxs):
+                if handler in _OUT_FNS or isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                    mod.weight[i] = 0
+                    if getattr(mod, "bias", None) is not None:
+                        mod.bias[i] = 0
+
+    def apply(self, remove: dict[int, list[int]]) -> None:
+        """Physically remove channels ``remove[group index]`` (indices into that group's channels)."""
+        for gi, idxs in remove.items():
+            idxs = sorted(set(int(i) for i in idxs))
+            if not idxs:
+                continue
+            g = self.groups[gi]
+            if g.size - len(idxs) < self.min_keep:
+                raise PrunekitError(f"group {g.name}: removing {len(idxs)} of {g.size} channels breaks min_keep")
+            g.tp_group.prune(idxs=idxs)
+        run_checked(self.model, self.example_inputs[:1], "after pruning")
+
+
+# ---- residual blocks ----
+@dataclass
+class Block:
+    """A residual block whose output is x + f(x); removing it keeps only x."""
+
+    name: str
+    closing_bn: str
+
+
+@torch.no_grad()
+def find_blocks(model: nn.Module, example_inputs: torch.Tensor) -> list[Block]:
+    """Residual blocks of any model, found numerically rather than by class name.
+
+    A module qualifies when its input and output shapes match and, with the γ and β of its last
+    BatchNorm set to zero, it returns its input unchanged on the real activations of
+    ``example_inputs``: then it computes x + f(x) (possibly through a ReLU that is the identity on
+    its non-negative input), and replacing it by identity is exact whenever f vanishes.
+    """
+    captured: dict[str, torch.Tensor] = {}
+    names = {m: n for n, m in model.named_modules()}
+
+    def hook(m, inp, out):
+        if len(inp) == 1 and isinstance(inp[0], torch.Tensor) and isinstance(out, torch.Tensor) \
+                and inp[0].shape == out.shape and names[m] not in captured:
+            captured[names[m]] = inp[0].detach().clone()
+
+    candidates = {n: m for n, m in model.named_modules() if n and any(
+        isinstance(c, nn.modules.batchnorm._BatchNorm) for c in m.modules()) and len(list(m.children())) > 0}
+    hs = [m.register_forward_hook(hook) for m in candidates.values()]
+    was = model.training
+    model.eval()
+    model(example_inputs)
+    for h in hs:
+        h.remove()
+    blocks: list[Block] = []
+    for name, x in captured.items():
+        m = candidates[name]
+        bn_name, bn = [(f"{name}.{n}", c) for n, c in m.named_modules()
+                       if isinstance(c, nn.modules.batchnorm._BatchNorm)][-1]
+        saved = bn.weight.detach().clone(), bn.bias.detach().clone()
+        bn.weight.zero_()
+        bn.bias.zero_()
+        try:
+            y = m(x)
+        finally:
+            bn.weight.copy_(saved[0])
+            bn.bias.copy_(saved[1])
+        scale = float(x.abs().max())  # a tolerance relative to x, so a vanishing x cannot pass trivially
+        if scale > 0 and y.shape == x.shape and torch.allclose(y, x, atol=1e-5 * scale, rtol=1e-5):
+            blocks.append(Block(name, bn_name))
+    model.train(was)
+    # Keep the innermost block when a container (e.g. a one-block stage) shares its closing BN.
+    by_bn: dict[str, Block] = {}
+    for b in blocks:
+        if b.closing_bn not in by_bn or len(b.name) > len(by_bn[b.closing_bn].name):
+            by_bn[b.closing_bn] = b
+    return sorted(by_bn.values(), key=lambda b: list(names.values()).index(b.name))
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted ``name``."""
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def remove_block(model: nn.Module, block: Block | str) -> None:
+    """Replace a residual block by identity (its shortcut); rebuild any PruneGraph afterwards."""
+    set_module(model, block.name if isinstance(block, Block) else block, nn.Identity())
+
+
+# ---- compensation hooks used by methods ----
+@torch.no_grad()
+def fold_constant_into(consumer: nn.Module, channels: list[int], values: torch.Tensor,
+                       bn: nn.modules.batchnorm._BatchNorm | None = None) -> None:
+    """A removed input channel that carried the constant ``values[i]`` adds W[:, c]·v to every output.
+
+    Fold that into the consumer's bias, or, for a bias-free conv followed by BN, into the BN's
+    running mean (BN(y + d) == BN'(y) with mean' = mean - d). Exact except at zero-padded borders.
+    """
+    w = consumer.weight
+    per_in = w[:, channels].flatten(2).sum(-1) if w.dim() > 2 else w[:, channels]
+    delta = per_in @ values.to(w.dtype)
+    if consumer.bias is not None:
+        consumer.bias += delta
+    elif bn is not None:
+        bn.running_mean -= delta
+    else:
+        consumer.bias = nn.Parameter(delta.clone())
+
+
+@torch.no_grad()
+def merge_input_channel(consumer: nn.Module, src: int, dst: int, scale: float, offset: float = 0.0) -> None:
+    """If input channel ``src`` ≈ scale·x_dst + offset, move its weights onto ``dst`` before removing it."""
+    w = consumer.weight
+    w[:, dst] += scale * w[:, src]
+    if offset:
+        fold_constant_into(consumer, [src], torch.tensor([offset]))
+    w[:, src] = 0
+
+
+# ---- unstructured masks ----
+class Masks:
+    """Binary masks on weights that stay enforced through training.
+
+    Gradients of masked weights are zeroed by a hook, and ``after_step`` multiplies the weights
+    again after each optimiser step, so neither momentum nor weight decay can revive them.
+    """
+
+    def __init__(self, masks: dict[str, torch.Tensor]):
+        self.masks = masks
+        self._handles: list = []
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module) -> None:
+        params = dict(model.named_parameters())
+        for name, mask in self.masks.items():
+            params[name].mul_(mask.to(params[name].device, params[name].dtype))
+
+    def attach(self, model: nn.Module) -> None:
+        params = dict(model.named_parameters())
+        for name, mask in self.masks.items():
+            m = mask.to(params[name].device)
+            self._handles.append(params[name].register_hook(lambda g, m=m: g * m.to(g.dtype)))
+        self.apply(model)
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def after_step(self, model: nn.Module) -> None:
+        self.apply(model)
+
+    def sparsity(self) -> float:
+        total = sum(m.numel() for m in self.masks.values())
+        return 1.0 - sum(float(m.sum()) for m in self.masks.values()) / max(total, 1)

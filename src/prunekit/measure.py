@@ -1,0 +1,91 @@
+"""What a model costs: parameters, MACs, bytes on disk and measured latency.
+
+MACs are counted with PyTorch's own FLOP counter (conv, linear and matmul; one MAC = two
+FLOPs), the convention of the published tables. Latency is the median of timed runs after a
+warm-up with the thread count fixed and recorded, since single timings on a shared machine
+are noise; on CUDA it is timed with CUDA events.
+"""
+
+from __future__ import annotations
+
+import io as _io
+import statistics
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_params(model: nn.Module, nonzero: bool = False) -> int:
+    """Number of parameters (or of non-zero ones, for unstructured sparsity)."""
+    if nonzero:
+        return int(sum((p != 0).sum().item() for p in model.parameters()))
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, example_inputs: torch.Tensor) -> int:
+    """Multiply-accumulates of one forward pass on ``example_inputs`` (batch as given)."""
+    was_training = model.training
+    model.eval()
+    with FlopCounterMode(display=False) as counter:
+        model(example_inputs)
+    model.train(was_training)
+    return int(counter.get_total_flops() // 2)
+
+
+def size_bytes(model: nn.Module) -> int:
+    """Bytes of the serialised fp32 state dict, i.e. what a dense checkpoint costs on disk."""
+    buf = _io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
+    return buf.getbuffer().nbytes
+
+
+@torch.no_grad()
+def latency(model: nn.Module, example_input: torch.Tensor, *, repeats: int = 30, warmup: int = 5,
+            threads: int | None = None) -> dict[str, float]:
+    """Median (and quartiles) in milliseconds of ``repeats`` forward passes after ``warmup``."""
+    model.eval()
+    dev = example_input.device
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        for _ in range(warmup):
+            model(example_input)
+        times = []
+        for _ in range(repeats):
+            if dev.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                model(example_input)
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                model(example_input)
+                times.append(1e3 * (time.perf_counter() - t0))
+    finally:
+        torch.set_num_threads(old_threads)
+    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
+    return {"median_ms": statistics.median(times), "q1_ms": q[0], "q3_ms": q[2], "repeats": repeats,
+            "threads": threads if threads is not None else old_threads, "device": str(dev)}
+
+
+def measure(model: nn.Module, example_inputs: torch.Tensor, *, batch_sizes: Sequence[int] = (1, 64),
+            repeats: int = 30, warmup: int = 5, threads: int | None = None, with_latency: bool = True) -> dict:
+    """Params, MACs (per image), on-disk size and latency at each batch size in one dict."""
+    one = example_inputs[:1]
+    stats: dict = {"params": count_params(model), "nonzero_params": count_params(model, nonzero=True),
+                   "macs": count_macs(model, one), "size_bytes": size_bytes(model)}
+    if with_latency:
+        dev = next(model.parameters()).device
+        stats["latency"] = {
+            f"b{b}": latency(model, one.to(dev).expand(b, *one.shape[1:]).contiguous(), repeats=repeats,
+                             warmup=warmup, threads=threads)
+            for b in batch_sizes
+        }
+    return stats

@@ -1,0 +1,61 @@
+"""Baselines that every seed method is compared against.
+
+All five share one recipe: trace the coupled groups, score channels with a criterion, pick
+how many to keep per group for the ``speedup`` target (uniform per-layer ratio for the
+norm-based rules as in Li et al. 2017 and FPGM; one global threshold on raw |γ| for network
+slimming, Liu et al. 2017), and physically remove the rest.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import criteria, thresholds
+from ..graph import PruneGraph
+from . import PruneResult, cost, register
+
+
+def structured_prune(model: nn.Module, example_inputs: torch.Tensor, *, method: str, criterion: str,
+                     speedup: float, ranking: str = "local", ignored_layers: list | None = None,
+                     min_keep: int = 1, round_to: int | None = None, seed: int = 0,
+                     percentile: float | None = None, **_: Any) -> PruneResult:
+    """Score → keep counts for the target → remove the lowest-scoring channels of each group."""
+    before = cost(model, example_inputs)
+    pg = PruneGraph(model, example_inputs, ignored_layers=ignored_layers, min_keep=min_keep, round_to=round_to)
+    gen = torch.Generator().manual_seed(seed)
+    scores = {g.index: s for g in pg.groups if (s := criteria.scores(g, criterion, gen)) is not None}
+    if ranking == "local":
+        keep = {gi: k for gi, k in thresholds.local_keep_for_speedup(pg, speedup).items() if gi in scores}
+    elif ranking == "global":
+        ranked = scores if criterion == "net-slim" else thresholds.normalise(scores)
+        if percentile is not None:
+            keep = thresholds.percentile_keep(pg, ranked, percentile)
+        else:
+            keep = thresholds.global_keep_for_speedup(pg, ranked, speedup)
+    else:
+        raise ValueError(f"ranking must be 'local' or 'global', got {ranking!r}")
+    remove = {gi: thresholds.lowest(scores[gi], k) for gi, k in keep.items()}
+    channels = {pg.groups[gi].name: (pg.groups[gi].size, keep[gi]) for gi in keep}
+    removed = {pg.groups[gi].name: idx for gi, idx in remove.items()}
+    pg.apply(remove)
+    after = cost(model, example_inputs)
+    return PruneResult(model, method, {"speedup": speedup, "ranking": ranking}, before, after, channels, removed)
+
+
+def _baseline(name: str, criterion: str, ranking: str, summary: str) -> None:
+    @register(name, summary)
+    def run(model: nn.Module, example_inputs: torch.Tensor, *, speedup: float | None = None,
+            ranking: str = ranking, **opts: Any) -> PruneResult:
+        return structured_prune(model, example_inputs, method=name, criterion=criterion,
+                                speedup=speedup or 1.0, ranking=ranking, **opts)
+
+
+_baseline("l1-norm", "l1-norm", "local", "smallest group L1-norm filters removed, same ratio per layer (Li 2017)")
+_baseline("l2-norm", "l2-norm", "local", "smallest group L2-norm filters removed, same ratio per layer")
+_baseline("fpgm", "fpgm", "local", "filters nearest the geometric median removed (He 2019)")
+_baseline("net-slim", "net-slim", "global",
+          "BN scale |γ| below one global threshold removed (Liu 2017); percentile= or speedup=")
+_baseline("random", "random", "local", "random filters removed, same ratio per layer (sanity baseline)")

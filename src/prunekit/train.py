@@ -1,0 +1,259 @@
+"""Training, fine-tuning and evaluation.
+
+One loop serves base training, fine-tuning and the sparsity stages of the pruning methods:
+methods plug in through ``extra_loss`` (added to the task loss), ``after_backward`` (edit
+gradients, e.g. the L1 sub-gradient on BN scales) and ``after_step`` (re-apply masks). Every
+epoch ends with an atomic checkpoint, so ``resume=True`` after a crash loses at most the
+epoch that was running. Under ``torchrun`` the loop runs data-parallel (NCCL on GPU, gloo on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from . import io
+from .errors import PrunekitError
+
+CKPT = "last.pt"
+LOG = "log.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    """Optimiser and schedule settings; defaults follow the SPEC's CPU protocol base run."""
+
+    epochs: int = 12
+    lr: float = 0.2
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "onecycle"
+    warmup: float = 0.25
+    label_smoothing: float = 0.1
+    batch_size: int = 128
+    amp: bool = True
+    channels_last: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = {
+            "optimizer": (self.optimizer in ("sgd", "adamw"), "sgd, adamw"),
+            "schedule": (self.schedule in ("onecycle", "cosine", "constant"), "onecycle, cosine, constant"),
+            "epochs": (self.epochs >= 0, "an integer >= 0"),
+            "lr": (self.lr > 0, "a number > 0"),
+            "batch_size": (self.batch_size > 0, "an integer > 0"),
+            "warmup": (0 <= self.warmup < 1, "a fraction in [0, 1)"),
+            "label_smoothing": (0 <= self.label_smoothing < 1, "a fraction in [0, 1)"),
+        }
+        for key, (ok, allowed) in checks.items():
+            if not ok:
+                raise PrunekitError(f"invalid training setting {key}={getattr(self, key)!r}: allowed {allowed}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise PrunekitError(f"unknown training setting(s) {', '.join(unknown)}: allowed {', '.join(sorted(names))}")
+        return cls(**d)
+
+
+@dataclass
+class TrainResult:
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def final(self) -> dict:
+        return self.history[-1] if self.history else {}
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """'auto' picks CUDA when present; asking for CUDA without it is a user error, not a crash."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PrunekitError(f"device {device!r} requested but CUDA is not available on this machine; use --device cpu")
+    return dev
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world_size), initialising the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                           weight_decay=cfg.weight_decay)
+
+
+def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    total = max(1, cfg.epochs * steps_per_epoch)
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total,
+                                                   pct_start=max(cfg.warmup, 1e-3), anneal_strategy="cos",
+                                                   cycle_momentum=False, div_factor=25.0, final_div_factor=1e3)
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: str | torch.device | None = None) -> dict[str, float]:
+    """Top-1 accuracy and mean cross-entropy; sums across ranks under DDP."""
+    dev = resolve_device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), dtype=torch.float64, device=dev)
+    loss = torch.zeros((), dtype=torch.float64, device=dev)
+    n = torch.zeros((), dtype=torch.float64, device=dev)
+    for x, y in loader:
+        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+        with torch.autocast(dev.type, enabled=dev.type == "cuda"):
+            out = model(x)
+        loss += F.cross_entropy(out.float(), y, reduction="sum").double()
+        correct += (out.argmax(1) == y).sum()
+        n += y.numel()
+    if dist.is_initialized():
+        for t in (correct, loss, n):
+            dist.all_reduce(t)
+    model.train(was_training)
+    total = max(n.item(), 1.0)
+    return {"top1": 100.0 * correct.item() / total, "loss": loss.item() / total, "n": int(n.item())}
+
+
+def _append_log(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def fit(
+    model: nn.Module,
+    train_loader,
+    val_loader,
+    cfg: TrainConfig,
+    *,
+    device: str | torch.device | None = "auto",
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    extra_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    after_backward: Callable[[nn.Module], None] | None = None,
+    after_step: Callable[[nn.Module], None] | None = None,
+    desc: str = "train",
+) -> tuple[nn.Module, TrainResult]:
+    """Train ``model`` for ``cfg.epochs``; returns the (possibly resumed) model and per-epoch history.
+
+    With ``run_dir`` the loop writes ``log.jsonl`` (one JSON line per epoch) and ``last.pt`` after
+    every epoch; ``resume=True`` continues from ``last.pt`` (model, optimiser, schedule, epoch).
+    """
+    dev = resolve_device(device)
+    rank, world = dist_info()
+    torch.manual_seed(cfg.seed)
+    run_dir = Path(run_dir) if run_dir is not None else None
+    result = TrainResult()
+    start_epoch = 0
+    ckpt_state = None
+    if run_dir is not None and resume and (run_dir / CKPT).exists():
+        ckpt_state = io.safe_load(run_dir / CKPT)
+        if ckpt_state.get("format") != "prunekit-train":
+            raise PrunekitError(f"{run_dir / CKPT} is not a training checkpoint; remove it or use another run dir")
+        model = io.build_from_record(ckpt_state)
+        start_epoch = int(ckpt_state["epoch"]) + 1
+        result.history = list(ckpt_state.get("history", []))
+    model.to(dev)
+    if cfg.channels_last and dev.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    net: nn.Module = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    opt = _optimizer(model, cfg)
+    steps = len(train_loader)
+    sched = _scheduler(opt, cfg, steps)
+    if ckpt_state is not None:
+        opt.load_state_dict(ckpt_state["optimizer"])
+        sched.load_state_dict(ckpt_state["scheduler"])
+    use_amp = cfg.amp and dev.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    show = rank == 0
+    for epoch in range(start_epoch, cfg.epochs):
+        if hasattr(train_loader, "set_epoch"):
+            train_loader.set_epoch(epoch)
+        net.train()
+        t0 = time.perf_counter()
+        seen, loss_sum, correct = 0, 0.0, 0
+        bar = tqdm(train_loader, total=steps, desc=f"{desc} {epoch + 1}/{cfg.epochs}", disable=not show or None,
+                   leave=False, dynamic_ncols=True)
+        for x, y in bar:
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            if cfg.channels_last and dev.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(dev.type, enabled=use_amp):
+                out = net(x)
+                loss = criterion(out, y)
+                if extra_loss is not None:
+                    loss = loss + extra_loss(model, out, y)
+            if not torch.isfinite(loss):
+                raise PrunekitError(
+                    f"training diverged at epoch {epoch + 1} (loss {loss.item()}); lower the learning rate")
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            if after_backward is not None:
+                after_backward(model)
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            if after_step is not None:
+                after_step(model)
+            seen += y.numel()
+            loss_sum += loss.item() * y.numel()
+            correct += (out.argmax(1) == y).sum().item()
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}")
+        val = evaluate(model, val_loader, dev) if val_loader is not None else {}
+        record = {"stage": desc, "epoch": epoch + 1, "epochs": cfg.epochs, "train_loss": loss_sum / max(seen, 1),
+                  "train_top1": 100.0 * correct / max(seen, 1), "val_top1": val.get("top1"),
+                  "val_loss": val.get("loss"), "lr": opt.param_groups[0]["lr"],
+                  "epoch_s": round(time.perf_counter() - t0, 2), "world_size": world}
+        result.history.append(record)
+        if show:
+            tqdm.write(f"{desc} epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.3f} "
+                       f"train {record['train_top1']:.2f}% val {val.get('top1', float('nan')):.2f}% "
+                       f"({record['epoch_s']:.0f}s)")
+            if run_dir is not None:
+                io.atomic_save({"format": "prunekit-train", "version": io.VERSION, "epoch": epoch,
+                                "model": io.model_record(model), "optimizer": opt.state_dict(),
+                                "scheduler": sched.state_dict(), "config": asdict(cfg),
+                                "history": result.history}, run_dir / CKPT)
+                _append_log(run_dir / LOG, record)
+        if dist.is_initialized():
+            dist.barrier()
+    model.to(memory_format=torch.contiguous_format)
+    return model, result

@@ -1,0 +1,37 @@
+"""Shared fixtures: the real data beside the project, and a way to run the CLI as a user does."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+CIFAR_ARCHIVE = SHARED / "cifar10" / "cifar10-jpeg.tar.gz"
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None):
+    """Run ``python -m prunekit ARGS`` in a fresh process; returns the CompletedProcess."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "prunekit", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout, env=full_env)
+
+
+@pytest.fixture(scope="session")
+def cifar_archive() -> Path:
+    if not CIFAR_ARCHIVE.exists():
+        pytest.skip(f"shared CIFAR-10 copy not found at {CIFAR_ARCHIVE}")
+    return CIFAR_ARCHIVE
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One decoded-image cache for the whole session, so CIFAR-10 is decoded once."""
+    return tmp_path_factory.mktemp("pk-cache")
