@@ -45,3 +45,38 @@ def bn_gamma(model: nn.Module, group: Group) -> torch.Tensor | None:
         return None
     gammas = [model.get_submodule(n).weight.detach().abs().float().cpu() for n in group.bns]
     return torch.stack([g[: group.size] for g in gammas if g.numel() >= group.size]).amax(0)
+
+
+def distribution_fit_keep(norms: torch.Tensor, keep: int, filters: torch.Tensor | None = None,
+                          tol: float = 0.1) -> list[int]:
+    """Which ``keep`` channels best preserve the distribution of ``norms`` (S1 dist-fit).
+
+    Quantile-stratified selection: with norms sorted and split into ``keep`` equal strata, keep
+    from stratum j the channel at the empirical quantile (j + 0.5) / keep. This minimises the 1-D
+    Wasserstein distance between the kept and the original norm distributions, where keeping the
+    largest norms skews it. Redundancy tie-break: among the stratum's channels whose norm is within
+    ``tol`` standard deviations of the pick, keep the one least cosine-similar to the channels
+    already kept, i.e. delete the redundant one.
+    """
+    n = len(norms)
+    if keep >= n:
+        return list(range(n))
+    order = torch.argsort(norms, stable=True).tolist()
+    feats = None if filters is None else torch.nn.functional.normalize(filters.flatten(1).float(), dim=1)
+    window = tol * float(norms.float().std()) if n > 1 else 0.0
+    kept: list[int] = []
+    for j in range(keep):
+        lo, hi = round(j * n / keep), round((j + 1) * n / keep)  # disjoint, non-empty strata
+        stratum = order[lo:hi]
+        pick = order[min(max(int((j + 0.5) * n / keep), lo), hi - 1)]
+        near = [c for c in stratum if abs(float(norms[c] - norms[pick])) <= window]
+        if feats is not None and kept and len(near) > 1:
+            sim = (feats[near] @ feats[kept].T).abs().amax(1)
+            pick = near[int(torch.argmin(sim))]
+        kept.append(pick)
+    return sorted(kept)
+
+
+def root_filters(group: Group) -> torch.Tensor:
+    """The root layer's output filters of ``group``, one row per channel (for similarity)."""
+    return group.root.weight.detach()[: group.size].flatten(1).float().cpu()

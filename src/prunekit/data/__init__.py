@@ -113,7 +113,9 @@ def load(
     else:
         path = Path(spec).expanduser()
         if not path.exists() and not any(ch in spec for ch in "/\\.~"):
-            raise PrunekitError(f"unknown data set {spec!r}; use digits, cifar10, synthetic, or a folder path")
+            raise PrunekitError(
+                f"unknown data set {spec!r}; use digits, cifar10, synthetic, or a folder path"
+            )
     train, test = _folder_pair(path, test_root, image_size, cache, limit, seed)
     mean, std = _channel_stats(train.images)
     return DataBundle(str(path), train, test, mean, std)
@@ -200,7 +202,9 @@ def _synthetic(limit: int | None, size: int, seed: int, num_classes: int = 10) -
     n_test = max(1, n_train // 4)
     gen = torch.Generator().manual_seed(seed)
     coarse = torch.randn(num_classes, 3, 4, 4, generator=gen)
-    patterns = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+    patterns = torch.nn.functional.interpolate(
+        coarse, size=(size, size), mode="bilinear", align_corners=False
+    )
     patterns = (patterns + patterns.flip(-1)) / 2
     classes = [f"class{i}" for i in range(num_classes)]
 
@@ -221,7 +225,9 @@ def _cifar10(
     if root is None:
         downloaded = cache / "cifar10"
         if not download and not (downloaded / "cifar-10-batches-py").is_dir():
-            raise PrunekitError("CIFAR-10 needs a path: pass the extracted folder or its .tar.gz, or use --download")
+            raise PrunekitError(
+                "CIFAR-10 needs a path: pass the extracted folder or its .tar.gz, or use --download"
+            )
         train, test = _finish(*_torchvision_cifar10(downloaded, download), image_size, limit, seed)
     else:
         path = Path(root).expanduser()

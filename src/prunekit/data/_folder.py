@@ -119,7 +119,9 @@ def scan_archive(archive: Path) -> tuple[Listing, Listing]:
             for member in tf:
                 parts = PurePosixPath(member.name).parts
                 if member.name.startswith(("/", "\\")) or ".." in parts:
-                    raise PrunekitError(f"archive {archive} contains unsafe path {member.name!r}; refusing to read it")
+                    raise PrunekitError(
+                        f"archive {archive} contains unsafe path {member.name!r}; refusing to read it"
+                    )
                 if parts and parts[0] not in _SPLITS:
                     parts = parts[1:]  # a single wrapping folder, as in cifar10/train/...
                 if len(parts) < 2 or parts[0] not in _SPLITS:
@@ -131,7 +133,9 @@ def scan_archive(archive: Path) -> tuple[Listing, Listing]:
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
         raise PrunekitError(f"cannot read archive {archive} ({e}); re-download or replace it") from e
     if not found["train"] or not found["test"]:
-        raise PrunekitError(f"archive {archive} has no train/ and test/ class folders; expected an ImageFolder pair")
+        raise PrunekitError(
+            f"archive {archive} has no train/ and test/ class folders; expected an ImageFolder pair"
+        )
     train, test = (_listing(f"{archive}:{split}", found[split], "archive split") for split in _SPLITS)
     return train, test
 
@@ -285,7 +289,9 @@ def load_folder_pair(
     for split in (train_dir, test_dir):
         listing, fingerprint = scan_folder(split)
         key = cache_key(str(split.resolve()), image_size, fingerprint)
-        sets.append(load_split(cache_dir / f"images-{key}.pt", lambda lst=listing: lst, image_size, limit, seed))
+        sets.append(
+            load_split(cache_dir / f"images-{key}.pt", lambda lst=listing: lst, image_size, limit, seed)
+        )
     _check_same_classes(sets[0], sets[1], str(train_dir), str(test_dir))
     return sets[0], sets[1]
 
@@ -305,7 +311,9 @@ def load_archive_pair(
     sets = []
     for i, split in enumerate(_SPLITS):
         key = cache_key(str(archive.resolve()), st.st_size, st.st_mtime_ns, split, image_size)
-        sets.append(load_split(cache_dir / f"images-{key}.pt", lambda i=i: listing(i), image_size, limit, seed))
+        sets.append(
+            load_split(cache_dir / f"images-{key}.pt", lambda i=i: listing(i), image_size, limit, seed)
+        )
     _check_same_classes(sets[0], sets[1], f"{archive}:train", f"{archive}:test")
     return sets[0], sets[1]
 

@@ -28,7 +28,9 @@ class ImageSet:
         if self.images.shape[-2:] == (size, size):
             return self
         chunks = [
-            F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            F.interpolate(
+                chunk.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False
+            )
             .round_()
             .clamp_(0, 255)
             .to(torch.uint8)

@@ -62,7 +62,9 @@ class Loader:
     ) -> None:
         n, c, h, w = ds.images.shape
         if n == 0:
-            raise PrunekitError("cannot build a loader over an empty image set; check the data set and --limit")
+            raise PrunekitError(
+                "cannot build a loader over an empty image set; check the data set and --limit"
+            )
         if batch_size < 1:
             raise PrunekitError(f"batch size must be at least 1, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -70,7 +72,9 @@ class Loader:
         if augment and not 0 <= pad < min(h, w):
             raise PrunekitError(f"crop padding {pad} must be in [0, {min(h, w)}) for {h}x{w} images")
         if len(mean) != c or len(std) != c:
-            raise PrunekitError(f"mean/std have {len(mean)}/{len(std)} values but the images have {c} channels")
+            raise PrunekitError(
+                f"mean/std have {len(mean)}/{len(std)} values but the images have {c} channels"
+            )
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.shuffle = shuffle

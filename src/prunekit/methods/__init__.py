@@ -57,7 +57,7 @@ class Method:
 
 
 REGISTRY: dict[str, Method] = {}
-_MODULES = ("baselines",)
+_MODULES = ("baselines", "dist_fit")
 
 
 def register(name: str, summary: str, kind: str = "structured") -> Callable:
