@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 from torch_pruning.pruner import function as F_
 
 from .errors import PrunekitError
@@ -84,28 +85,6 @@ def run_checked(model: nn.Module, example_inputs: torch.Tensor, what: str) -> to
             h.remove()
 
 
-def find_head(model: nn.Module, example_inputs: torch.Tensor) -> list[nn.Module]:
-    """The conv/linear layers that produce the model's output (the classifier): never pruned on output."""
-    order: list[nn.Module] = []
-    hs = [m.register_forward_hook(lambda m, i, o: order.append(m)) for m in model.modules()
-          if isinstance(m, CONV_LINEAR)]
-    with torch.no_grad():
-        was = model.training
-        model.eval()
-        out = model(example_inputs)
-        model.train(was)
-    for h in hs:
-        h.remove()
-    if not order:
-        return []
-    n_out = out.shape[1] if isinstance(out, torch.Tensor) and out.dim() > 1 else None
-    last = order[-1]
-    heads = [last]
-    if n_out is not None:
-        heads += [m for m in order if isinstance(m, nn.Linear) and m.out_features == n_out and m is not last]
-    return heads
-
-
 class PruneGraph:
     """Coupled channel groups of ``model`` and the analytic MACs of any keep decision."""
 
@@ -120,9 +99,8 @@ class PruneGraph:
         self.min_keep = min_keep
         self.round_to = round_to
         self.names = {m: n for n, m in model.named_modules()}
-        ignored = [self._resolve(x) for x in (ignored_layers or [])]
-        self.ignored = ignored + [m for m in find_head(model, example_inputs) if m not in ignored]
-        self._shape_info()
+        self.ignored = [self._resolve(x) for x in (ignored_layers or [])]
+        self._probe()
         was = model.training
         model.eval()
         try:
@@ -142,13 +120,18 @@ class PruneGraph:
         except AttributeError as exc:
             raise PrunekitError(f"ignored layer {layer!r} is not a module of this model") from exc
 
-    def _shape_info(self) -> None:
-        """Record per conv/linear the MACs per (out·in/groups) unit, and catch layers the trace never reaches."""
+    def _probe(self) -> None:
+        """One forward pass that learns what tracing needs besides the graph.
+
+        It records per conv/linear the MACs per (out·in/groups) unit for the analytic MACs, the
+        measured MACs, and the layers producing the output (the classifier head, added to the
+        ignored layers), and it refuses layers the example input never reaches.
+        """
         self.unit: dict[str, int] = {}
-        calls: dict[nn.Module, int] = {}
+        order: list[nn.Module] = []
 
         def hook(m, inp, out):
-            calls[m] = calls.get(m, 0) + 1
+            order.append(m)
             k = math.prod(m.kernel_size) if hasattr(m, "kernel_size") else 1
             spatial = out[0].numel() // m.weight.shape[0] if isinstance(m, nn.Linear) else math.prod(out.shape[2:])
             self.unit[self.names[m]] = self.unit.get(self.names[m], 0) + k * spatial
@@ -156,13 +139,20 @@ class PruneGraph:
         hs = [m.register_forward_hook(hook) for m in self.model.modules() if isinstance(m, CONV_LINEAR)]
         was = self.model.training
         self.model.eval()
-        with torch.no_grad():
-            run_checked(self.model, self.example_inputs[:1], "tracing")
-        self.model.train(was)
-        for h in hs:
-            h.remove()
+        try:
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                out = run_checked(self.model, self.example_inputs[:1], "tracing")
+        finally:
+            self.model.train(was)
+            for h in hs:
+                h.remove()
+        self.base_macs = int(counter.get_total_flops() // 2)
+        if order:  # the last layer to run, and any linear sized like the output, form the head
+            n_out = out.shape[1] if isinstance(out, torch.Tensor) and out.dim() > 1 else None
+            heads = [order[-1]] + [m for m in order if isinstance(m, nn.Linear) and m.out_features == n_out]
+            self.ignored += [m for m in dict.fromkeys(heads) if m not in self.ignored]
         unreached = [self.names[m] for m in self.model.modules() if isinstance(m, CONV_LINEAR)
-                     and m not in calls and m not in self.ignored]
+                     and m not in order and m not in self.ignored]
         if unreached:
             raise PrunekitError(
                 f"layer(s) {', '.join(repr(n) for n in unreached[:5])} never ran on the example input "
@@ -249,8 +239,11 @@ class PruneGraph:
                     if getattr(mod, "bias", None) is not None:
                         mod.bias[i] = 0
 
-    def apply(self, remove: dict[int, list[int]]) -> None:
-        """Physically remove channels ``remove[group index]`` (indices into that group's channels)."""
+    def apply(self, remove: dict[int, list[int]]) -> int:
+        """Physically remove channels ``remove[group index]`` (indices into that group's channels).
+
+        Returns the pruned model's measured MACs, from the forward pass that checks it still runs.
+        """
         for gi, idxs in remove.items():
             idxs = sorted(set(int(i) for i in idxs))
             if not idxs:
@@ -259,7 +252,14 @@ class PruneGraph:
             if g.size - len(idxs) < self.min_keep:
                 raise PrunekitError(f"group {g.name}: removing {len(idxs)} of {g.size} channels breaks min_keep")
             g.tp_group.prune(idxs=idxs)
-        run_checked(self.model, self.example_inputs[:1], "after pruning")
+        was = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                run_checked(self.model, self.example_inputs[:1], "after pruning")
+        finally:
+            self.model.train(was)
+        return int(counter.get_total_flops() // 2)
 
 
 # ---- residual blocks ----

@@ -23,8 +23,8 @@ def structured_prune(model: nn.Module, example_inputs: torch.Tensor, *, method: 
                      min_keep: int = 1, round_to: int | None = None, seed: int = 0,
                      percentile: float | None = None, **_: Any) -> PruneResult:
     """Score → keep counts for the target → remove the lowest-scoring channels of each group."""
-    before = cost(model, example_inputs)
     pg = PruneGraph(model, example_inputs, ignored_layers=ignored_layers, min_keep=min_keep, round_to=round_to)
+    before = cost(model, pg.base_macs)
     gen = torch.Generator().manual_seed(seed)
     scores = {g.index: s for g in pg.groups if (s := criteria.scores(g, criterion, gen)) is not None}
     if ranking == "local":
@@ -40,8 +40,7 @@ def structured_prune(model: nn.Module, example_inputs: torch.Tensor, *, method: 
     remove = {gi: thresholds.lowest(scores[gi], k) for gi, k in keep.items()}
     channels = {pg.groups[gi].name: (pg.groups[gi].size, keep[gi]) for gi in keep}
     removed = {pg.groups[gi].name: idx for gi, idx in remove.items()}
-    pg.apply(remove)
-    after = cost(model, example_inputs)
+    after = cost(model, pg.apply(remove))
     return PruneResult(model, method, {"speedup": speedup, "ranking": ranking}, before, after, channels, removed)
 
 

@@ -30,8 +30,8 @@ from . import PruneResult, cost, register
 def dist_fit(model: nn.Module, example_inputs: torch.Tensor, *, speedup: float | None = None,
              ignored_layers: list | None = None, min_keep: int = 1, round_to: int | None = None,
              tol: float = 0.1, **_: Any) -> PruneResult:
-    before = cost(model, example_inputs)
     pg = PruneGraph(model, example_inputs, ignored_layers=ignored_layers, min_keep=min_keep, round_to=round_to)
+    before = cost(model, pg.base_macs)
     keep = thresholds.local_keep_for_speedup(pg, speedup or 1.0)
     remove: dict[int, list[int]] = {}
     norms_log: dict[str, dict[str, list[float]]] = {}
@@ -42,7 +42,6 @@ def dist_fit(model: nn.Module, example_inputs: torch.Tensor, *, speedup: float |
         norms_log[g.name] = {"norms": norms.tolist(), "kept": kept}
     channels = {g.name: (g.size, keep[g.index]) for g in pg.groups}
     removed = {pg.groups[gi].name: idx for gi, idx in remove.items()}
-    pg.apply(remove)
-    after = cost(model, example_inputs)
+    after = cost(model, pg.apply(remove))
     return PruneResult(model, "dist-fit", {"speedup": speedup}, before, after, channels, removed,
                        info={"norms": norms_log})

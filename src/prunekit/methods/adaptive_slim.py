@@ -1,0 +1,1 @@
+"""S0 adaptive-slim (being written)."""
