@@ -186,6 +186,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from .pipeline import run
+
+    metrics = run(args.config, force=args.force, out=args.out)
+    print(json.dumps({"before": metrics["before"], "after": metrics["after"]}))
+    print(f"report: {Path(metrics['run_dir']) / 'report.html'}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    html_path, md_path = write_report(args.runs, args.out)
+    print(f"wrote {html_path} and {md_path}")
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     for m in methods.available():
         print(f"{m.name:<14} {m.kind:<12} {m.summary}")
@@ -249,6 +266,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--force", action="store_true")
     p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("run", help="run (or resume) a staged pipeline from a YAML config")
+    p.add_argument("config")
+    p.add_argument("--out", help="run directory (overrides the config's out)")
+    p.add_argument("--force", action="store_true", help="restart a run directory that holds another config")
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("report", help="HTML + Markdown report of one or more finished runs")
+    p.add_argument("runs", nargs="+")
+    p.add_argument("--out", help="directory for a multi-run report (default: <parent>/report-compare)")
+    p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("methods", help="list pruning methods")
     p.set_defaults(fn=cmd_methods)

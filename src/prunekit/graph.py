@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 import torch
 import torch_pruning as tp
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 from torch_pruning.pruner import function as F_
 
 from .errors import PrunekitError
@@ -136,17 +135,9 @@ class PruneGraph:
             spatial = out[0].numel() // m.weight.shape[0] if isinstance(m, nn.Linear) else math.prod(out.shape[2:])
             self.unit[self.names[m]] = self.unit.get(self.names[m], 0) + k * spatial
 
-        hs = [m.register_forward_hook(hook) for m in self.model.modules() if isinstance(m, CONV_LINEAR)]
-        was = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad(), FlopCounterMode(display=False) as counter:
-                out = run_checked(self.model, self.example_inputs[:1], "tracing")
-        finally:
-            self.model.train(was)
-            for h in hs:
-                h.remove()
-        self.base_macs = int(counter.get_total_flops() // 2)
+        out = self._forward_with_hooks(hook, "tracing")
+        self._shapes = {name: self._shape(self.model.get_submodule(name)) for name in self.unit}
+        self.base_macs = self.macs()
         if order:  # the last layer to run, and any linear sized like the output, form the head
             n_out = out.shape[1] if isinstance(out, torch.Tensor) and out.dim() > 1 else None
             heads = [order[-1]] + [m for m in order if isinstance(m, nn.Linear) and m.out_features == n_out]
@@ -193,14 +184,28 @@ class PruneGraph:
             keep = min(group.size, int(math.ceil(keep / self.round_to) * self.round_to))
         return keep
 
+    def _forward_with_hooks(self, hook, what: str):
+        """One eval-mode, no-grad forward of the example input with ``hook`` on every conv/linear."""
+        hs = [m.register_forward_hook(hook) for m in self.model.modules() if isinstance(m, CONV_LINEAR)]
+        was = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                return run_checked(self.model, self.example_inputs[:1], what)
+        finally:
+            self.model.train(was)
+            for h in hs:
+                h.remove()
+
+    @staticmethod
+    def _shape(m: nn.Module) -> list[int]:
+        if isinstance(m, nn.Linear):
+            return [m.out_features, m.in_features, 1]
+        return [m.out_channels, m.in_channels, m.groups]
+
     def macs(self, keep: dict[int, int] | None = None) -> int:
         """Conv/linear MACs of the model if group i kept ``keep[i]`` channels (others untouched)."""
-        shape: dict[str, list[int]] = {}
-        for name, m in ((n, self.model.get_submodule(n)) for n in self.unit):
-            if isinstance(m, nn.Linear):
-                shape[name] = [m.out_features, m.in_features, 1]
-            else:
-                shape[name] = [m.out_channels, m.in_channels, m.groups]
+        shape = {name: list(s) for name, s in self._shapes.items()}
         for gi, k in (keep or {}).items():
             g = self.groups[gi]
             removed = g.size - k
@@ -242,7 +247,8 @@ class PruneGraph:
     def apply(self, remove: dict[int, list[int]]) -> int:
         """Physically remove channels ``remove[group index]`` (indices into that group's channels).
 
-        Returns the pruned model's measured MACs, from the forward pass that checks it still runs.
+        Returns the pruned model's conv/linear MACs as counted by hooks on the forward pass that checks
+        it still runs (the same convention as ``prunekit.measure``, without its per-op dispatch cost).
         """
         for gi, idxs in remove.items():
             idxs = sorted(set(int(i) for i in idxs))
@@ -252,14 +258,15 @@ class PruneGraph:
             if g.size - len(idxs) < self.min_keep:
                 raise PrunekitError(f"group {g.name}: removing {len(idxs)} of {g.size} channels breaks min_keep")
             g.tp_group.prune(idxs=idxs)
-        was = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad(), FlopCounterMode(display=False) as counter:
-                run_checked(self.model, self.example_inputs[:1], "after pruning")
-        finally:
-            self.model.train(was)
-        return int(counter.get_total_flops() // 2)
+        counted: dict[str, int] = {}
+
+        def hook(m, inp, out):  # conv/linear MACs of the pruned layers as they actually ran
+            shape = self._shape(m)
+            k = math.prod(m.kernel_size) if hasattr(m, "kernel_size") else 1
+            counted[self.names[m]] = counted.get(self.names[m], 0) + out[0].numel() * (shape[1] // shape[2]) * k
+
+        self._forward_with_hooks(hook, "after pruning")
+        return int(sum(counted.values()))
 
 
 # ---- residual blocks ----

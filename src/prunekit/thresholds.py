@@ -4,13 +4,21 @@ Two ranking modes reach a MACs ``speedup`` target: *local* removes the same frac
 group (Li et al., FPGM), *global* removes the lowest scores across groups after dividing each
 group's scores by its mean (DepGraph) or, for BN scales, by raw value (network slimming). Both
 search their knob by bisection on the graph's analytic MACs, so no trial pruning is needed.
+
+A third way needs no target at all: ``learn_threshold`` learns the cut from the shape of the
+score distribution itself (a two-component mixture, S0 adaptive-slim).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
+import numpy as np
 import torch
+from scipy.optimize import brentq
+from scipy.special import logsumexp
 
 from .errors import PrunekitError
 from .graph import PruneGraph
@@ -95,3 +103,150 @@ def lowest(scores: torch.Tensor, keep: int) -> list[int]:
     """Indices of the ``len - keep`` lowest scores (stable for ties)."""
     order = torch.argsort(scores, stable=True)
     return order[: len(scores) - keep].tolist()
+
+
+# ---- learned threshold (S0 adaptive-slim; reusable for any score distribution) ----
+@dataclass
+class ThresholdFit:
+    """A two-component mixture fitted to scores, and the threshold it implies (None: prune nothing).
+
+    Component 0 is the "negligible" one, 1 the "important" one. ``weights``, ``means``, ``stds`` and
+    ``cut`` live in the fitted space (log10 of the values when ``log``) and ``samples`` are the fitted
+    values, so the histogram, both weighted component densities and the cut can be plotted from this alone.
+    """
+
+    threshold: float | None  # in the values' own units: values below it are negligible
+    cut: float | None  # the same threshold in the fitted space
+    weights: tuple[float, float]
+    means: tuple[float, float]
+    stds: tuple[float, float]
+    bimodal: bool
+    method: str  # "em" (Gaussian mixture by EM) or "otsu" (fallback split of the histogram)
+    separation: float  # Ashman's D of the two components
+    valley: float  # smoothed density at its lowest between the means / at the lower of the two means
+    reason: str  # why nothing is pruned; "" when bimodal
+    log: bool = True
+    samples: list[float] = field(default_factory=list, repr=False)
+
+    def densities(self, grid: Sequence[float] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Weighted component densities on ``grid`` (fitted space), to overlay on a density histogram."""
+        g = np.asarray(grid, dtype=float)
+        lo, hi = (w * np.exp(-0.5 * ((g - m) / s) ** 2) / (s * np.sqrt(2 * np.pi))
+                  for w, m, s in zip(self.weights, self.means, self.stds, strict=True))
+        return lo, hi
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _otsu(x: np.ndarray, bins: int = 128) -> tuple[float, float]:
+    """Otsu's split of the histogram of ``x``: (threshold, effectiveness η = between / total variance)."""
+    h, edges = np.histogram(x, bins)
+    mid = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(h)[:-1] / x.size  # weight and first moment of the class below each inner edge
+    m0 = np.cumsum(h * mid)[:-1] / x.size
+    mean = float((h * mid).sum() / x.size)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = np.nan_to_num((mean * w0 - m0) ** 2 / (w0 * (1 - w0)), nan=-1.0, posinf=-1.0)
+    k = int(np.argmax(between))
+    return float(edges[k + 1]), float(between[k] / x.var())
+
+
+def _em(x: np.ndarray, floor: float, iters: int = 300, tol: float = 1e-8):
+    """Best of a few EM runs of a 1-D two-Gaussian mixture started from splits of the data; None if all degenerate."""
+    best = None
+    for t in (_otsu(x)[0], *np.quantile(x, (0.1, 0.5, 0.9))):
+        lo, hi = x[x < t], x[x >= t]
+        if lo.size == 0 or hi.size == 0:
+            continue
+        w, mu = np.array([lo.size, hi.size]) / x.size, np.array([lo.mean(), hi.mean()])
+        sd = np.maximum([lo.std(), hi.std()], floor)
+        prev = -np.inf
+        for _ in range(iters):
+            lp = np.log(w)[:, None] - np.log(sd)[:, None] - 0.5 * ((x - mu[:, None]) / sd[:, None]) ** 2
+            ll = float(logsumexp(lp, axis=0).sum())
+            r = np.exp(lp - logsumexp(lp, axis=0))
+            nk = r.sum(1)
+            if not np.isfinite(ll) or nk.min() < 1e-9 * x.size:
+                ll = -np.inf  # a component collapsed: this start failed
+                break
+            w, mu = nk / x.size, (r @ x) / nk
+            sd = np.maximum(np.sqrt((r * (x - mu[:, None]) ** 2).sum(1) / nk), floor)
+            if ll - prev < tol * x.size:
+                break
+            prev = ll
+        if np.isfinite(ll) and (best is None or ll > best[0]):
+            best = (ll, w, mu, sd)
+    if best is None:
+        return None
+    order = np.argsort(best[2])
+    return best[1][order], best[2][order], best[3][order]
+
+
+def _crossing(w: np.ndarray, mu: np.ndarray, sd: np.ndarray) -> float | None:
+    """Where the weighted component densities cross between the two means (None if they do not)."""
+
+    def diff(z: float) -> float:
+        return float(np.log(w[0] / sd[0]) - 0.5 * ((z - mu[0]) / sd[0]) ** 2
+                     - np.log(w[1] / sd[1]) + 0.5 * ((z - mu[1]) / sd[1]) ** 2)
+
+    return float(brentq(diff, mu[0], mu[1])) if diff(mu[0]) > 0 > diff(mu[1]) else None
+
+
+def _valley(x: np.ndarray, lo: float, hi: float) -> float:
+    """Lowest smoothed density between ``lo`` and ``hi`` over the lower density at the two ends.
+
+    A Gaussian KDE (Silverman's robust bandwidth, on a fine histogram for speed): near 0 across a real
+    gap, near 1 on a flat or single-humped distribution, which a two-Gaussian fit splits all the same.
+    """
+    iqr = float(np.subtract(*np.quantile(x, (0.75, 0.25))))
+    h = 0.9 * (min(x.std(), iqr / 1.34) if iqr > 0 else x.std()) * x.size ** -0.2
+    counts, edges = np.histogram(x, 1024)
+    grid = np.linspace(lo, hi, 201)
+    dens = (counts * np.exp(-0.5 * ((grid[:, None] - (edges[:-1] + edges[1:]) / 2) / h) ** 2)).sum(1)
+    return float(dens.min() / max(min(dens[0], dens[-1]), 1e-300))
+
+
+def learn_threshold(values: torch.Tensor | np.ndarray | Sequence[float], *, log: bool = True, eps: float = 1e-12,
+                    min_weight: float = 0.01, min_separation: float = 2.0, max_valley: float = 0.5,
+                    min_otsu_eta: float = 0.85) -> ThresholdFit:
+    """Learn where "negligible" scores end from their own distribution, or decide that nothing is.
+
+    EM fits a two-Gaussian mixture to log10|values| (``log``; zeros count as ``eps``) and the cut is
+    where the weighted component densities cross between the two means (the "optimal threshold" of
+    Ye et al. 2020). Nothing is pruned (threshold None) unless the distribution really has two humps:
+    the densities cross between the means, each component holds ≥ ``min_weight`` of the values,
+    Ashman's D ≥ ``min_separation``, and the smoothed density between the means dips to ≤ ``max_valley``
+    of its height at them (two Gaussians split a flat or skewed single hump too, with D > 2). If every
+    EM start degenerates, Otsu's split of the histogram stands in, accepted only when its
+    effectiveness η ≥ ``min_otsu_eta`` and the same checks pass.
+    """
+    x = np.asarray(values.detach().cpu().double() if isinstance(values, torch.Tensor) else values, float).ravel()
+    if log:
+        x = np.log10(np.maximum(np.abs(x), eps))
+    samples = [float(v) for v in x]
+    if x.size < 4 or np.ptp(x) == 0:
+        return ThresholdFit(None, None, (1.0, 0.0), (float(x.mean()) if x.size else 0.0,) * 2, (0.0, 0.0), False,
+                            "em", 0.0, 1.0, "fewer than 4 distinct values", log, samples)
+    fitted = _em(x, floor=max(1e-2 * float(x.std()), 1e-9))
+    method, eta = "em", 1.0
+    if fitted is None:
+        method, (t, eta) = "otsu", _otsu(x)
+        sides = x[x < t], x[x >= t]
+        fitted = (np.array([s.size / x.size for s in sides]), np.array([s.mean() for s in sides]),
+                  np.array([max(s.std(), 1e-9) for s in sides]))
+    w, mu, sd = fitted
+    cut = _crossing(w, mu, sd) if method == "em" else t
+    separation = float(np.sqrt(2) * (mu[1] - mu[0]) / np.hypot(sd[0], sd[1]))
+    valley = _valley(x, mu[0], mu[1])
+    checks = [(cut is not None, "the component densities do not cross between the means"),
+              (w.min() >= min_weight, f"a component holds < {min_weight:g} of the values"),
+              (separation >= min_separation, f"components not separated (Ashman's D {separation:.2f} < "
+                                              f"{min_separation:g})"),
+              (valley <= max_valley, f"no density valley between the components ({valley:.2f} > {max_valley:g})"),
+              (eta >= min_otsu_eta, f"Otsu split not clearly bimodal (η {eta:.2f} < {min_otsu_eta:g})")]
+    reason = next((why for ok, why in checks if not ok), "")
+    threshold = None if reason else (10 ** cut if log else cut)
+    return ThresholdFit(None if threshold is None else float(threshold), None if reason else float(cut),
+                        (float(w[0]), float(w[1])), (float(mu[0]), float(mu[1])), (float(sd[0]), float(sd[1])),
+                        not reason, method, separation, valley, reason, log, samples)

@@ -50,6 +50,11 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            want = {"int": int, "float": (int, float), "bool": bool, "str": str}[f.type]
+            if not isinstance(v, want) or (f.type in ("int", "float") and isinstance(v, bool)):
+                raise PrunekitError(f"invalid training setting {f.name}={v!r}: must be {f.type}")
         checks = {
             "optimizer": (self.optimizer in ("sgd", "adamw"), "sgd, adamw"),
             "schedule": (self.schedule in ("onecycle", "cosine", "constant"), "onecycle, cosine, constant"),
@@ -174,11 +179,13 @@ def fit(
     after_backward: Callable[[nn.Module], None] | None = None,
     after_step: Callable[[nn.Module], None] | None = None,
     desc: str = "train",
+    log_path: str | Path | None = None,
 ) -> tuple[nn.Module, TrainResult]:
     """Train ``model`` for ``cfg.epochs``; returns the (possibly resumed) model and per-epoch history.
 
     With ``run_dir`` the loop writes ``log.jsonl`` (one JSON line per epoch) and ``last.pt`` after
     every epoch; ``resume=True`` continues from ``last.pt`` (model, optimiser, schedule, epoch).
+    ``log_path`` sends the epoch lines to another file (the pipeline's run-level log).
     """
     dev = resolve_device(device)
     rank, world = dist_info()
@@ -259,7 +266,8 @@ def fit(
                                 "model": io.model_record(model), "optimizer": opt.state_dict(),
                                 "scheduler": sched.state_dict(), "config": asdict(cfg),
                                 "history": result.history}, run_dir / CKPT)
-                _append_log(run_dir / LOG, record)
+            if log_path is not None or run_dir is not None:
+                _append_log(Path(log_path) if log_path is not None else run_dir / LOG, record)
         if dist.is_initialized():
             dist.barrier()
     model.to(memory_format=torch.contiguous_format)

@@ -40,8 +40,15 @@ def structured_prune(model: nn.Module, example_inputs: torch.Tensor, *, method: 
     remove = {gi: thresholds.lowest(scores[gi], k) for gi, k in keep.items()}
     channels = {pg.groups[gi].name: (pg.groups[gi].size, keep[gi]) for gi in keep}
     removed = {pg.groups[gi].name: idx for gi, idx in remove.items()}
+    info = {}
+    if criterion == "net-slim":  # for the report's |γ| histogram with the global threshold
+        gammas = torch.cat(list(scores.values())).clamp_min(1e-12)
+        cut = [float(scores[gi][i]) for gi, idx in remove.items() for i in idx]
+        info = {"gamma_log10": gammas.log10().tolist(),
+                "threshold_log10": float(torch.tensor(max(cut)).clamp_min(1e-12).log10()) if cut else None}
     after = cost(model, pg.apply(remove))
-    return PruneResult(model, method, {"speedup": speedup, "ranking": ranking}, before, after, channels, removed)
+    return PruneResult(model, method, {"speedup": speedup, "ranking": ranking}, before, after, channels, removed,
+                       info=info)
 
 
 def _baseline(name: str, criterion: str, ranking: str, summary: str) -> None:

@@ -1,0 +1,154 @@
+"""prunekit run: validated configs, staged resumable runs, refusal of foreign run dirs, faults."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import prunekit as pk
+from prunekit.errors import PrunekitError
+from prunekit.pipeline import load_config, run, validate
+
+from .conftest import run_cli
+
+BASE = {
+    "name": "digits-l1",
+    "model": {"name": "digits_cnn"},
+    "data": {"name": "digits", "batch_size": 64},
+    "method": {"name": "l1-norm"},
+    "target": {"speedup": 2.0},
+    "device": "cpu",
+    "out": "unused",
+    "stages": [
+        {"stage": "train", "epochs": 3, "lr": 0.1, "label_smoothing": 0.0},
+        {"stage": "prune"},
+        {"stage": "finetune", "epochs": 2, "lr": 0.05, "label_smoothing": 0.0},
+    ],
+}
+
+
+def _cfg(tmp_path: Path, **changes) -> dict:
+    cfg = copy.deepcopy(BASE)
+    cfg["out"] = str(tmp_path / "run")
+    cfg.update(changes)
+    return cfg
+
+
+@pytest.mark.parametrize("mutate, needle", [
+    (lambda c: c.update(epochz=3), "'epochz': unknown key"),
+    (lambda c: c["stages"][0].update(epochs="three"), "stages[0]"),
+    (lambda c: c["stages"][0].update(stage="warmup"), "unknown stage 'warmup'"),
+    (lambda c: c["method"].update(name="magic"), "method.name"),
+    (lambda c: c["target"].update(speedup=0.5), "target.speedup"),
+    (lambda c: c["data"].update(limit="all"), "data.limit"),
+    (lambda c: c["stages"][2].update(lr=-1), "lr"),
+    (lambda c: c["model"].update(name="resnet21"), "model.name"),
+])
+def test_config_errors_name_the_key(tmp_path, mutate, needle):
+    cfg = _cfg(tmp_path)
+    mutate(cfg)
+    with pytest.raises(PrunekitError) as e:
+        validate(cfg)
+    assert needle in str(e.value) and "config error" in str(e.value)
+
+
+def test_example_configs_are_valid():
+    for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
+        load_config(path)
+
+
+def test_run_dir_layout_resume_and_foreign_config(tmp_path):
+    cfg = _cfg(tmp_path)
+    metrics = run(cfg)
+    d = Path(cfg["out"])
+    for p in ("config.yaml", "log.jsonl", "metrics.json", "report.md", "report.html",
+              "stages/01-train/model.pt", "stages/02-prune/model.pt", "stages/03-finetune/model.pt"):
+        assert (d / p).exists(), p
+    assert metrics["after"]["macs"] < 0.53 * metrics["before"]["macs"]
+    assert metrics["after"]["top1"] > 85
+    log = [json.loads(x) for x in (d / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log if "epoch" in r] == [1, 2, 3, 1, 2]
+    assert [r["stage"] for r in log if r.get("event") == "stage_done"] == ["train", "prune", "finetune"]
+    pruned = pk.load(d / "stages/02-prune/model.pt")
+    assert sum(p.numel() for p in pruned.parameters()) == metrics["after"]["params"]
+
+    t0 = time.perf_counter()
+    again = run(cfg)  # everything is done: nothing retrains
+    assert time.perf_counter() - t0 < 30
+    assert again["after"]["top1"] == metrics["after"]["top1"]
+    assert len((d / "log.jsonl").read_text().splitlines()) == len(log)
+
+    changed = copy.deepcopy(cfg)
+    changed["target"]["speedup"] = 3.0
+    with pytest.raises(PrunekitError, match="belongs to another config.*target"):
+        run(changed)
+    forced = run(changed, force=True)
+    assert forced["after"]["macs"] < 0.36 * forced["before"]["macs"]
+
+
+def test_kill_mid_epoch_and_resume(tmp_path):
+    cfg = _cfg(tmp_path)
+    cfg["stages"][0].update(epochs=6, batch_size=16)
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    log = Path(cfg["out"]) / "log.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "prunekit", "run", str(cfg_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 2):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (Path(cfg["out"]) / "metrics.json").exists()
+    r = run_cli("run", str(cfg_path))
+    assert r.returncode == 0, r.stderr
+    epochs = [json.loads(x)["epoch"] for x in log.read_text().splitlines() if '"epoch"' in x]
+    assert epochs == [1, 2, 3, 4, 5, 6, 1, 2]
+
+
+def test_unwritable_out_dir_and_disk_full(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(PrunekitError, match="cannot write run directory"):
+        run(_cfg(tmp_path, out=str(blocker / "run")))
+
+    cfg = _cfg(tmp_path)
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        if isinstance(obj, dict) and obj.get("stage") == "prune":
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(PrunekitError, match="No space left"):
+        run(cfg)
+    monkeypatch.undo()
+    stage = Path(cfg["out"]) / "stages" / "02-prune"
+    assert not (stage / "done.pt").exists()  # nothing half-written looks complete
+    assert run(cfg)["after"]["macs"] < 0.53 * 2968832
+
+
+def test_checkpoint_from_a_different_model(tmp_path):
+    other = pk.models.create("digits_cnn", num_classes=5, in_channels=1)
+    pk.save(other, tmp_path / "five.pt")
+    cfg = _cfg(tmp_path, model={"checkpoint": str(tmp_path / "five.pt")})
+    with pytest.raises(PrunekitError, match="5 classes"):
+        run(cfg)
+
+
+def test_cli_run_reports_config_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {name: digits_cnn}\ndata: {name: digits}\nout: x\nstages: [{stage: train, lr: fast}]\n")
+    r = run_cli("run", str(bad))
+    assert r.returncode == 2 and "stages[0]" in r.stderr and "Traceback" not in r.stderr
