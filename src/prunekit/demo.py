@@ -1,75 +1,54 @@
 """``prunekit demo``: the whole job in about a minute on the bundled digits data.
 
-Trains a small CNN on scikit-learn's digits (no download), prunes it physically to half the
-MACs, fine-tunes it briefly, and prints what that bought and what it cost, measured.
+Trains a small CNN on scikit-learn's digits (no download), then runs two pruning pipelines side
+by side from that same base (prune to half the MACs, fine-tune briefly), prints what each bought
+and what it cost, measured, and writes an HTML/Markdown report comparing them.
 """
 
 from __future__ import annotations
 
-import copy
-import json
 import time
 from pathlib import Path
 
-import torch
+from .pipeline import run
+from .report import write_report
 
-from . import data, io, models
-from .measure import measure
-from .methods import prune
-from .train import TrainConfig, evaluate, fit, resolve_device
-
-METHOD = "l1-norm"
+METHODS = ("l1-norm", "dist-fit")
 SPEEDUP = 2.0
+DATA = {"name": "digits", "batch_size": 64}
 
 
-def _row(model: torch.nn.Module, loader, x: torch.Tensor) -> dict:
-    stats = measure(model.cpu(), x, repeats=50, warmup=10, threads=1)
-    return {"top1": evaluate(model, loader, "cpu")["top1"], "params": stats["params"], "macs": stats["macs"],
-            "lat_b1": stats["latency"]["b1"]["median_ms"], "lat_b64": stats["latency"]["b64"]["median_ms"]}
-
-
-def format_table(rows: dict[str, dict]) -> str:
+def format_table(base: dict, runs: dict[str, dict]) -> str:
     """Before/after table; latencies are medians at 1 thread."""
-    cols = list(rows)
-    lines = [f"{'':<22}" + "".join(f"{c:>18}" for c in cols)]
-    spec = [("top-1 accuracy (%)", "top1", "{:.2f}"), ("parameters", "params", "{:,}"),
-            ("MACs", "macs", "{:,}"), ("latency b1 (ms)", "lat_b1", "{:.3f}"),
-            ("latency b64 (ms)", "lat_b64", "{:.3f}")]
+    cols = {"base": base, **runs}
+    lines = [f"{'':<22}" + "".join(f"{c:>16}" for c in cols)]
+    spec = [("top-1 accuracy (%)", "top1", "{:.2f}"), ("parameters", "params", "{:,}"), ("MACs", "macs", "{:,}"),
+            ("latency b1 (ms)", "latency_b1_ms", "{:.3f}"), ("latency b64 (ms)", "latency_b64_ms", "{:.3f}")]
     for label, key, fmt in spec:
-        lines.append(f"{label:<22}" + "".join(f"{fmt.format(rows[c][key]):>18}" for c in cols))
+        lines.append(f"{label:<22}" + "".join(f"{fmt.format(cols[c][key]):>16}" for c in cols))
     return "\n".join(lines)
 
 
 def run_demo(out: Path | None = None, device: str = "auto") -> int:
     t0 = time.perf_counter()
     out = out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
-    dev = resolve_device(device)
-    bundle = data.load("digits")
-    model = models.create("digits_cnn", num_classes=bundle.num_classes, in_channels=bundle.input_shape[0])
-    model.prunekit_arch["input_shape"] = list(bundle.input_shape)
-    train_loader, test_loader = bundle.loaders(batch_size=64, device=dev)
-    x = data.example_inputs(bundle)
-    print(f"[1/3] training digits_cnn on scikit-learn digits ({bundle.train.labels.numel()} images)")
-    base_cfg = TrainConfig(epochs=15, lr=0.1, batch_size=64, label_smoothing=0.0, weight_decay=5e-4)
-    model, _ = fit(model, train_loader, test_loader, base_cfg, device=dev, run_dir=out / "base", desc="train")
-    rows = {"base": _row(model, test_loader, x)}
-    io.save(model, out / "base.pt")
-
-    print(f"[2/3] pruning with {METHOD} to {SPEEDUP:g}x fewer MACs (physical channel removal)")
-    pruned = copy.deepcopy(model).cpu()
-    result = prune(pruned, METHOD, x, speedup=SPEEDUP)
-    rows[f"{METHOD} pruned"] = _row(pruned, test_loader, x)
-
-    print("[3/3] fine-tuning the pruned model")
-    ft_cfg = TrainConfig(epochs=6, lr=0.05, batch_size=64, label_smoothing=0.0, weight_decay=5e-4)
-    pruned, _ = fit(pruned, train_loader, test_loader, ft_cfg, device=dev, run_dir=out / "finetune",
-                    desc="finetune")
-    rows["+ fine-tuned"] = _row(pruned, test_loader, x)
-    io.save(pruned, out / "pruned.pt", prune=result.to_dict())
-    (out / "summary.json").write_text(json.dumps({"rows": rows, "prune": result.to_dict()}, indent=2))
-
+    print(f"[1/3] training digits_cnn on scikit-learn digits -> {out / 'base'}")
+    base_cfg = {"name": "base", "model": {"name": "digits_cnn"}, "data": DATA, "device": device,
+                "out": str(out / "base"),
+                "stages": [{"stage": "train", "epochs": 15, "lr": 0.1, "label_smoothing": 0.0}]}
+    base = run(base_cfg)["after"]
+    results, dirs = {}, []
+    for i, method in enumerate(METHODS, start=2):
+        print(f"[{i}/3] {method}: prune to {SPEEDUP:g}x fewer MACs (physical channel removal), fine-tune")
+        cfg = {"name": method, "model": {"checkpoint": str(out / "base" / "stages" / "01-train" / "model.pt")},
+               "data": DATA, "method": {"name": method}, "target": {"speedup": SPEEDUP}, "device": device,
+               "out": str(out / method),
+               "stages": [{"stage": "prune"},
+                          {"stage": "finetune", "epochs": 6, "lr": 0.05, "label_smoothing": 0.0}]}
+        results[method] = run(cfg)["after"]
+        dirs.append(out / method)
+    html_path, md_path = write_report(dirs, out / "report")
     print()
-    print(format_table(rows))
-    print(f"\n{result.summary()}")
-    print(f"models and logs in {out}  ({time.perf_counter() - t0:.0f} s)")
+    print(format_table(base, results))
+    print(f"\nreport: {html_path} (also {md_path})  ({time.perf_counter() - t0:.0f} s)")
     return 0
