@@ -112,19 +112,22 @@ def run(args) -> None:
     x = torch.zeros(1, *bundle.input_shape)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    run_dir = Path(args.cache).parent / "magnitude" / f"{tag(args)}-{args.rule}-se{args.step_epochs}-s{args.seed}"
+    steps = f"{len(args.schedule)}to{args.schedule[-1]:g}"  # resuming under another schedule must not reuse steps
+    name = f"{tag(args)}-{args.rule}-{steps}-se{args.step_epochs}-lr{args.step_lr:g}-s{args.seed}"
+    run_dir = Path(args.cache).parent / "magnitude" / name
     run_dir.mkdir(parents=True, exist_ok=True)
     rows = [json.loads(r) for r in out.read_text().splitlines()] if out.exists() else []
     mine = [r for r in rows if r.get("run") == run_dir.name]
     step_cfg = dict(STEP_CFG, epochs=args.step_epochs, lr=args.step_lr, seed=args.seed)
     budget = args.step_epochs * len(args.schedule)
 
-    if not any(r["method"] == "dense-finetune" for r in mine):
+    ft_run = f"{tag(args)}-ft{budget}-s{args.seed}"  # the dense reference does not depend on the rule
+    if not any(r.get("run") == ft_run for r in rows):
         t0 = time.perf_counter()
         model = copy.deepcopy(base)
         model, res = fit(model, train_loader, test_loader, TrainConfig(**dict(step_cfg, epochs=budget)), device=dev,
                          desc="dense fine-tune")
-        append(out, {"method": "dense-finetune", "run": run_dir.name, "top1": res.final["val_top1"],
+        append(out, {"method": "dense-finetune", "run": ft_run, "top1": res.final["val_top1"],
                      "epochs": {"base": base_meta["epochs"], "finetune": budget},
                      **costs(model, x, run_dir, "dense", args), **common(args, base_meta, dev),
                      "wall_s": round(time.perf_counter() - t0, 1)})
@@ -168,8 +171,9 @@ def table(path: Path) -> str:
     for r in rows:
         lat = r["latency_ms"].get("b1", next(iter(r["latency_ms"].values())))
         step = r.get("step", "dense FT")
+        pruned = f"{r['top1_pruned']:.2f}" if "top1_pruned" in r else "–"
         lines.append(f"| {r['run']} | {step} | {r.get('sparsity', 0.0):.4f} | {r['nonzero_params'] / 1e6:.3f}M "
-                     f"| {r.get('top1_pruned', float('nan')):.2f} | {r.get('top1_retrained', r.get('top1')):.2f} | "
+                     f"| {pruned} | {r.get('top1_retrained', r.get('top1')):.2f} | "
                      f"{r['bytes']['dense_fp32'] / 1e6:.2f} MB | {r['bytes']['sparse_fp16'] / 1e6:.2f} MB | "
                      f"{r['bytes']['sparse_fp16_gzip'] / 1e6:.2f} MB | {lat['dense']['median_ms']:.1f} / "
                      f"{lat['sparse_conv_linear']['median_ms']:.1f} |")

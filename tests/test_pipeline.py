@@ -152,3 +152,34 @@ def test_cli_run_reports_config_errors(tmp_path):
     bad.write_text("model: {name: digits_cnn}\ndata: {name: digits}\nout: x\nstages: [{stage: train, lr: fast}]\n")
     r = run_cli("run", str(bad))
     assert r.returncode == 2 and "stages[0]" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_magnitude_schedule_as_cycles_keeps_zeros(tmp_path):
+    cfg = _cfg(tmp_path, method={"name": "magnitude"}, target={"schedule": [0.5, 0.75]})
+    cfg["stages"] = [{"stage": "train", "epochs": 2, "lr": 0.1, "label_smoothing": 0.0},
+                     {"stage": "cycle", "max_cycles": 2,
+                      "stages": [{"stage": "prune"}, {"stage": "finetune", "epochs": 1, "lr": 0.02}]}]
+    metrics = run(cfg)
+    d = Path(cfg["out"]) / "stages"
+    assert sorted(p.name for p in d.iterdir()) == ["01-train", "02-prune-c1", "03-finetune-c1", "04-prune-c2",
+                                                   "05-finetune-c2"]
+    model = pk.load(d / "05-finetune-c2" / "model.pt")
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)]
+    zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    assert abs(zeros - 0.75) < 0.001  # the fine-tune did not revive pruned weights
+    assert metrics["after"]["nonzero_params"] < 0.3 * metrics["before"]["params"]
+
+
+def test_adaptive_slim_cycle_runs_and_logs_each_round(tmp_path):
+    cfg = _cfg(tmp_path, method={"name": "adaptive-slim"}, target={"learned": True})
+    cfg["stages"] = [{"stage": "train", "epochs": 2, "lr": 0.1, "label_smoothing": 0.0},
+                     {"stage": "cycle", "max_cycles": 2, "tolerance": 50.0,
+                      "stages": [{"stage": "sparsify", "epochs": 1, "lr": 0.02, "schedule": "constant", "s": 0.01},
+                                 {"stage": "prune"}, {"stage": "finetune", "epochs": 1, "lr": 0.02}]}]
+    run(cfg)
+    events = [json.loads(x) for x in (Path(cfg["out"]) / "log.jsonl").read_text().splitlines()]
+    cycles = [e for e in events if e.get("event") == "cycle_done"]
+    assert 1 <= len(cycles) <= 2 and all("macs_removed" in e for e in cycles)
+    prune_stage = next((Path(cfg["out"]) / "stages").glob("*-prune-c1"))
+    info = torch.load(prune_stage / "done.pt", weights_only=True)["prune"]["info"]
+    assert "threshold" in info and "channel_fit" in info

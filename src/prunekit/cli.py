@@ -117,6 +117,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         opts["ignored_layers"] = args.ignore.split(",")
     if args.percentile is not None:
         opts["percentile"] = args.percentile
+    if args.q is not None:
+        opts.update(q=args.q, rule="layer-std")
     result = methods.prune(model, args.method, x, speedup=args.speedup, sparsity=args.sparsity, **opts)
     io.save(result.model, out, prune=result.to_dict())
     print(result.summary())
@@ -178,10 +180,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     if out.exists() and not args.force:
         raise PrunekitError(f"{out} already exists; use --force to overwrite or choose another --out")
     model = io.load(args.checkpoint)
-    x = torch.zeros(1, *_input_shape(model))
-    from .export import export_onnx
+    if args.format == "sparse":
+        from .sparse import export_sparse
 
-    info = export_onnx(model, x, out, opset=args.opset)
+        info = export_sparse(model, out, values=args.values, compress=args.gzip)
+    else:
+        from .export import export_onnx
+
+        info = export_onnx(model, torch.zeros(1, *_input_shape(model)), out, opset=args.opset)
     print(json.dumps(info))
     return 0
 
@@ -242,7 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speedup", type=float, help="target MACs ratio base/pruned (structured methods)")
     p.add_argument("--sparsity", type=float, help="fraction of weights to zero (unstructured methods)")
     p.add_argument("--percentile", type=float, help="net-slim: global |γ| percentile instead of --speedup")
-    p.add_argument("--ignore", help="comma-separated module names never pruned (the classifier always is)")
+    p.add_argument("--q", type=float, help="magnitude: per-layer threshold q·σ(W) instead of --sparsity")
+    p.add_argument("--ignore", help="comma-separated module names never pruned (structured methods never prune "
+                   "the classifier's outputs)")
     p.add_argument("--min-keep", type=int, default=1)
     p.add_argument("--round-to", type=int)
     p.add_argument("--out", required=True)
@@ -259,10 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="fix the number of CPU threads (default: torch's)")
     p.set_defaults(fn=cmd_eval)
 
-    p = sub.add_parser("export", help="export a model file (ONNX)")
+    p = sub.add_parser("export", help="export a model file: ONNX, or compressed sparse storage (CSR)")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--format", default="onnx", choices=["onnx"])
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--format", default="onnx", choices=["onnx", "sparse"])
+    p.add_argument("--opset", type=int, default=17, help="onnx: opset (>= 17)")
+    p.add_argument("--values", default="fp32", choices=["fp32", "fp16"], help="sparse: value precision")
+    p.add_argument("--gzip", action="store_true", help="sparse: gzip the file")
     p.add_argument("--out", required=True)
     p.add_argument("--force", action="store_true")
     p.set_defaults(fn=cmd_export)

@@ -135,6 +135,10 @@ def save(model: nn.Module, path: str | Path, **meta: Any) -> None:
 def load(path: str | Path) -> nn.Module:
     """Load a model written by ``save`` (or a training checkpoint) with weights_only semantics."""
     obj = safe_load(path)
+    if obj.get("format") == "prunekit-sparse":  # written by `prunekit export --format sparse`
+        from .sparse import load_sparse
+
+        return load_sparse(path)
     return build_from_record(obj, path)
 
 

@@ -33,7 +33,7 @@ TOP_KEYS = {"name": str, "model": dict, "data": dict, "method": dict, "target": 
 MODEL_KEYS = {"name": str, "checkpoint": str, "num_classes": int, "kwargs": dict}
 DATA_KEYS = {"name": str, "root": str, "limit": int, "image_size": int, "batch_size": int, "download": bool}
 METHOD_KEYS = {"name": str, "params": dict}
-TARGET_KEYS = {"speedup": (int, float), "sparsity": (int, float), "learned": bool}
+TARGET_KEYS = {"speedup": (int, float), "sparsity": (int, float), "learned": bool, "schedule": list}
 CYCLE_KEYS = {"stage", "stages", "max_cycles", "stop_below", "tolerance"}
 SPARSIFY_KEYS = {"s", "decay"}
 
@@ -121,6 +121,9 @@ def validate(cfg: Any) -> dict:
         raise _err("target.speedup", f"must be >= 1, got {cfg['target']['speedup']}")
     if "sparsity" in cfg["target"] and not 0 <= cfg["target"]["sparsity"] < 1:
         raise _err("target.sparsity", f"must be in [0, 1), got {cfg['target']['sparsity']}")
+    sched = cfg["target"].get("schedule", [])
+    if any(not isinstance(v, int | float) or not 0 <= v < 1 for v in sched) or sched != sorted(sched):
+        raise _err("target.schedule", f"must be increasing sparsities in [0, 1) (one per cycle), got {sched!r}")
     if not cfg["stages"]:
         raise _err("stages", "needs at least one stage")
     for i, st in enumerate(cfg["stages"]):
@@ -238,9 +241,10 @@ class Run:
 
     def _regularizer(self, stage: dict, cfg: TrainConfig, steps: int):
         """The sparsity term of the method: L1 on BN scales (network slimming / adaptive-slim)."""
-        from .methods.adaptive_slim import BNSparsity
+        from .methods.adaptive_slim import DEFAULT_S, BNSparsity
 
-        return BNSparsity(s=stage.get("s", 1e-3), decay=stage.get("decay", "constant"), total_steps=cfg.epochs * steps)
+        return BNSparsity(s=stage.get("s", DEFAULT_S), decay=stage.get("decay", "constant"),
+                          total_steps=cfg.epochs * steps)
 
     def _masks(self, model):
         """Unstructured methods keep their zeros through later training."""
@@ -253,7 +257,7 @@ class Run:
             return masks
         return None
 
-    def _prune(self, model, bundle, name: str, test_loader) -> tuple[torch.nn.Module, dict]:
+    def _prune(self, model, bundle, name: str, test_loader, cycle: int = 1) -> tuple[torch.nn.Module, dict]:
         sdir = self._stage_dir(name)
         done = self._done(sdir)
         if done is not None:
@@ -261,8 +265,11 @@ class Run:
         x = pkdata.example_inputs(bundle).to(self.dev)
         model = model.to(self.dev)
         tgt = self.cfg["target"]
+        sparsity = tgt.get("sparsity")
+        if tgt.get("schedule"):  # iterative pruning: cycle c prunes to the c-th level of the schedule
+            sparsity = tgt["schedule"][min(cycle, len(tgt["schedule"])) - 1]
         result = methods.prune(model, self.cfg["method"]["name"], x, speedup=tgt.get("speedup"),
-                               sparsity=tgt.get("sparsity"), data=test_loader, **self.cfg["method"].get("params", {}))
+                               sparsity=sparsity, data=test_loader, **self.cfg["method"].get("params", {}))
         metric = evaluate(result.model, test_loader, self.dev)["top1"]
         record = {"stage": name, "metric": metric, "prune": result.to_dict(),
                   "macs_removed": 1 - result.after["macs"] / max(result.before["macs"], 1)}
@@ -312,13 +319,14 @@ class Run:
             for inner in st["stages"]:
                 kind = inner["stage"]
                 if kind == "prune":
-                    model, rec = self._prune(model, bundle, f"prune-c{c}", loaders[1])
+                    model, rec = self._prune(model, bundle, f"prune-c{c}", loaders[1], cycle=c)
                     removed = rec["macs_removed"]
                 else:
                     model = self._train(inner, model, loaders, f"{kind}-c{c}")
             metric = evaluate(model, loaders[1], self.dev)["top1"]
             self._event({"event": "cycle_done", "cycle": c, "macs_removed": removed, "metric": metric})
-            if removed is not None and removed < float(st.get("stop_below", 0.01)):
+            kind = methods.get(self.cfg["method"]["name"]).kind if self.cfg["method"].get("name") else None
+            if kind != "unstructured" and removed is not None and removed < float(st.get("stop_below", 0.01)):
                 break
             if start_metric - metric > float(st.get("tolerance", 100.0)):
                 break

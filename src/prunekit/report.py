@@ -85,7 +85,11 @@ def _gamma_plot(run: dict) -> bytes | None:
     prunes = [s for s in run["stages"] if "prune" in s]
     if not prunes:
         return None
-    info = prunes[0]["prune"].get("info", {})
+    info = dict(prunes[0]["prune"].get("info", {}))
+    fit = info.get("channel_fit")
+    if fit and fit.get("samples"):  # adaptive-slim: the learned two-component fit and its cut
+        info = {"gamma_log10": fit["samples"], "threshold_log10": fit.get("cut"),
+                "components": {k: fit[k] for k in ("weights", "means", "stds")} if fit.get("weights") else None}
     if "gamma_log10" not in info:
         return None
     vals = np.asarray(info["gamma_log10"])
@@ -101,7 +105,8 @@ def _gamma_plot(run: dict) -> bytes | None:
         ax.axvline(info["threshold_log10"], color="crimson", ls="--", label=f"threshold {info['threshold_log10']:.2f}")
     ax.set_xlabel("log10 |γ|")
     ax.legend(fontsize=7)
-    ax.set_title("BN scale factors and the pruning threshold")
+    ax.set_title("BN scale factors and the pruning threshold" if info.get("threshold_log10") is not None
+                 else "BN scale factors: no threshold learned (unimodal, nothing pruned)")
     return _png(fig)
 
 

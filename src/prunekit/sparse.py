@@ -95,8 +95,8 @@ def export_sparse(model: nn.Module, path: str | Path, *, values: str = "fp32",
     """Write ``model`` as CSR with 8-bit gaps (atomically) and return its sizes next to the dense fp32 size.
 
     Returns ``dense_bytes`` (``measure.size_bytes``), ``sparse_bytes`` and ``sparse_gzip_bytes`` (the
-    uncompressed and gzipped streams, whichever was written), ``file_bytes`` (what is on disk), and
-    counts of stored, non-zero and padding entries.
+    plain and the gzipped stream, both measured whichever ``compress`` writes), ``file_bytes`` (what is
+    on disk), and the counts of stored, non-zero and padding entries.
     """
     if values not in _VALUES:
         raise PrunekitError(f"values must be one of {', '.join(_VALUES)}, got {values!r}")
@@ -121,7 +121,7 @@ def export_sparse(model: nn.Module, path: str | Path, *, values: str = "fp32",
                 entries += vals.numel()
                 nonzero += int((t != 0).sum())
                 continue
-        dense[name] = t.clone()  # clone: a view would save its whole base storage
+        dense[name] = t
     record = {"format": FORMAT, "version": VERSION, "arch": io.arch_of(model), "values": values, "dense": dense,
               "layers": layers, **{k: torch.cat(v) for k, v in blobs.items()}}
     buf = _io.BytesIO()

@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import torch
 from scipy.optimize import brentq
-from scipy.special import logsumexp
 
 from .errors import PrunekitError
 from .graph import PruneGraph
@@ -49,7 +48,12 @@ def _bisect(pg: PruneGraph, speedup: float, keep_at: Callable[[float], dict[int,
     for gi in (gi for gi in above if above[gi] != below[gi]):
         cur[gi] = above[gi]
         path.append(dict(cur))
-    return min(path, key=lambda k: abs(ratio(k) - speedup))
+    best = min(path, key=lambda k: abs(ratio(k) - speedup))
+    if abs(ratio(best) - speedup) > TOLERANCE * speedup:
+        raise PrunekitError(
+            f"cannot land within {TOLERANCE:.0%} of speedup {speedup:g}: the closest reachable is {ratio(best):.2f}x "
+            f"(min_keep={pg.min_keep}, round_to={pg.round_to}); try ranking='global' or a smaller round_to")
+    return best
 
 
 def uniform_keep(pg: PruneGraph, ratio: float) -> dict[int, int]:
@@ -132,7 +136,7 @@ class ThresholdFit:
         """Weighted component densities on ``grid`` (fitted space), to overlay on a density histogram."""
         g = np.asarray(grid, dtype=float)
         lo, hi = (w * np.exp(-0.5 * ((g - m) / s) ** 2) / (s * np.sqrt(2 * np.pi))
-                  for w, m, s in zip(self.weights, self.means, self.stds, strict=True))
+                  for w, m, s in zip(self.weights, self.means, np.maximum(self.stds, 1e-12), strict=True))
         return lo, hi
 
     def to_dict(self) -> dict[str, Any]:
@@ -152,8 +156,16 @@ def _otsu(x: np.ndarray, bins: int = 128) -> tuple[float, float]:
     return float(edges[k + 1]), float(between[k] / x.var())
 
 
-def _em(x: np.ndarray, floor: float, iters: int = 300, tol: float = 1e-8):
-    """Best of a few EM runs of a 1-D two-Gaussian mixture started from splits of the data; None if all degenerate."""
+def _em(x: np.ndarray, floor: float, iters: int = 200, tol: float = 1e-7):
+    """Best of a few EM runs of a 1-D two-Gaussian mixture started from splits of the data; None if all degenerate.
+
+    Beyond a thousand values EM runs on a fine histogram (bin centres weighted by counts), which costs
+    the same for any size and changes nothing at the scale of the components.
+    """
+    pts, c = x, np.ones_like(x)
+    if x.size > 1024:
+        counts, edges = np.histogram(x, 1024)
+        pts, c = ((edges[:-1] + edges[1:]) / 2)[counts > 0], counts[counts > 0].astype(float)
     best = None
     for t in (_otsu(x)[0], *np.quantile(x, (0.1, 0.5, 0.9))):
         lo, hi = x[x < t], x[x >= t]
@@ -163,16 +175,18 @@ def _em(x: np.ndarray, floor: float, iters: int = 300, tol: float = 1e-8):
         sd = np.maximum([lo.std(), hi.std()], floor)
         prev = -np.inf
         for _ in range(iters):
-            lp = np.log(w)[:, None] - np.log(sd)[:, None] - 0.5 * ((x - mu[:, None]) / sd[:, None]) ** 2
-            ll = float(logsumexp(lp, axis=0).sum())
-            r = np.exp(lp - logsumexp(lp, axis=0))
+            lp = np.log(w / sd)[:, None] - 0.5 * ((pts - mu[:, None]) / sd[:, None]) ** 2
+            top = lp.max(0)
+            norm = top + np.log(np.exp(lp - top).sum(0))
+            r = np.exp(lp - norm) * c
             nk = r.sum(1)
+            ll = float(norm @ c) / x.size
             if not np.isfinite(ll) or nk.min() < 1e-9 * x.size:
                 ll = -np.inf  # a component collapsed: this start failed
                 break
-            w, mu = nk / x.size, (r @ x) / nk
-            sd = np.maximum(np.sqrt((r * (x - mu[:, None]) ** 2).sum(1) / nk), floor)
-            if ll - prev < tol * x.size:
+            w, mu = nk / x.size, (r @ pts) / nk
+            sd = np.maximum(np.sqrt((r * (pts - mu[:, None]) ** 2).sum(1) / nk), floor)
+            if ll - prev < tol:
                 break
             prev = ll
         if np.isfinite(ll) and (best is None or ll > best[0]):
@@ -196,34 +210,40 @@ def _crossing(w: np.ndarray, mu: np.ndarray, sd: np.ndarray) -> float | None:
 def _valley(x: np.ndarray, lo: float, hi: float) -> float:
     """Lowest smoothed density between ``lo`` and ``hi`` over the lower density at the two ends.
 
-    A Gaussian KDE (Silverman's robust bandwidth, on a fine histogram for speed): near 0 across a real
-    gap, near 1 on a flat or single-humped distribution, which a two-Gaussian fit splits all the same.
+    A Gaussian KDE on a fine histogram: near 0 across a real gap, near 1 on a flat or single-humped
+    distribution, which a two-Gaussian fit splits all the same. Silverman's bandwidth rule on the
+    geometric mean of std and IQR/1.34: the std alone smears a wide low population into the valley,
+    the IQR alone lets a few stray values of a small sample (e.g. block scores) look like a mode.
     """
     iqr = float(np.subtract(*np.quantile(x, (0.75, 0.25))))
-    h = 0.9 * (min(x.std(), iqr / 1.34) if iqr > 0 else x.std()) * x.size ** -0.2
+    h = 0.9 * (np.sqrt(x.std() * iqr / 1.34) if iqr > 0 else x.std()) * x.size ** -0.2
     counts, edges = np.histogram(x, 1024)
     grid = np.linspace(lo, hi, 201)
     dens = (counts * np.exp(-0.5 * ((grid[:, None] - (edges[:-1] + edges[1:]) / 2) / h) ** 2)).sum(1)
     return float(dens.min() / max(min(dens[0], dens[-1]), 1e-300))
 
 
-def learn_threshold(values: torch.Tensor | np.ndarray | Sequence[float], *, log: bool = True, eps: float = 1e-12,
+def learn_threshold(values: torch.Tensor | np.ndarray | Sequence[float], *, log: bool = True,
                     min_weight: float = 0.01, min_separation: float = 2.0, max_valley: float = 0.5,
-                    min_otsu_eta: float = 0.85) -> ThresholdFit:
+                    min_ratio: float = 3.0, min_otsu_eta: float = 0.85) -> ThresholdFit:
     """Learn where "negligible" scores end from their own distribution, or decide that nothing is.
 
-    EM fits a two-Gaussian mixture to log10|values| (``log``; zeros count as ``eps``) and the cut is
-    where the weighted component densities cross between the two means (the "optimal threshold" of
-    Ye et al. 2020). Nothing is pruned (threshold None) unless the distribution really has two humps:
-    the densities cross between the means, each component holds ≥ ``min_weight`` of the values,
-    Ashman's D ≥ ``min_separation``, and the smoothed density between the means dips to ≤ ``max_valley``
-    of its height at them (two Gaussians split a flat or skewed single hump too, with D > 2). If every
-    EM start degenerates, Otsu's split of the histogram stands in, accepted only when its
-    effectiveness η ≥ ``min_otsu_eta`` and the same checks pass.
+    EM fits a two-Gaussian mixture to log10|values| (``log``; zeros count as the smallest non-zero
+    magnitude instead of forming a cluster of their own at -inf) and the cut is where the weighted
+    component densities cross between the two means (the "optimal threshold" of Ye et al. 2020).
+    Nothing is pruned (threshold None) unless the distribution really has two humps: the densities
+    cross between the means, each component holds ≥ ``min_weight`` of the values, Ashman's D ≥
+    ``min_separation``, the smoothed density between the means dips to ≤ ``max_valley`` of its height
+    at them (two Gaussians split a flat or skewed single hump too, with D > 2) and, with ``log``, the
+    component centres differ by a factor ≥ ``min_ratio`` (a stray low value in a small sample is no
+    "negligible" population, which sparsity training puts decades lower). If every EM start
+    degenerates, Otsu's split of the histogram stands in, accepted only when its effectiveness
+    η ≥ ``min_otsu_eta`` and the same checks pass.
     """
     x = np.asarray(values.detach().cpu().double() if isinstance(values, torch.Tensor) else values, float).ravel()
     if log:
-        x = np.log10(np.maximum(np.abs(x), eps))
+        x = np.abs(x)
+        x = np.log10(np.maximum(x, x[x > 0].min() if (x > 0).any() else 1.0))
     samples = [float(v) for v in x]
     if x.size < 4 or np.ptp(x) == 0:
         return ThresholdFit(None, None, (1.0, 0.0), (float(x.mean()) if x.size else 0.0,) * 2, (0.0, 0.0), False,
@@ -244,6 +264,7 @@ def learn_threshold(values: torch.Tensor | np.ndarray | Sequence[float], *, log:
               (separation >= min_separation, f"components not separated (Ashman's D {separation:.2f} < "
                                               f"{min_separation:g})"),
               (valley <= max_valley, f"no density valley between the components ({valley:.2f} > {max_valley:g})"),
+              (not log or 10 ** (mu[1] - mu[0]) >= min_ratio, f"component centres differ by less than {min_ratio:g}x"),
               (eta >= min_otsu_eta, f"Otsu split not clearly bimodal (η {eta:.2f} < {min_otsu_eta:g})")]
     reason = next((why for ok, why in checks if not ok), "")
     threshold = None if reason else (10 ** cut if log else cut)

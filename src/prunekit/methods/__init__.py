@@ -99,8 +99,8 @@ def prune(model: nn.Module, method: str, example_inputs: torch.Tensor, *, speedu
     m = get(method)
     if m.kind == "structured" and speedup is None and options.get("percentile") is None:
         raise PrunekitError(f"method {method!r} needs a speedup target (e.g. speedup=2.0)")
-    if m.kind == "unstructured" and sparsity is None:
-        raise PrunekitError(f"method {method!r} needs a sparsity target (e.g. sparsity=0.9)")
+    if m.kind == "unstructured" and sparsity is None and options.get("q") is None:
+        raise PrunekitError(f"method {method!r} needs a sparsity target (e.g. sparsity=0.9) or a per-layer q")
     if speedup is not None and speedup < 1.0:
         raise PrunekitError(f"speedup must be >= 1.0 (base MACs / pruned MACs), got {speedup}")
     if sparsity is not None and not 0.0 <= sparsity < 1.0:

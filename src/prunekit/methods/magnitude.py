@@ -18,6 +18,13 @@ Our reading (SPEC §4 S4), following Han et al. 2015 ("Learning both weights and
    i.e. halving the survivors each time, 16× at the end) and retrains between steps;
 4. ``prunekit.sparse.export_sparse`` stores the result as CSR with 8-bit relative column gaps.
 
+Choice of default, measured: ``rule="global"``. One-shot on the trained ResNet-20 CIFAR base
+(1,000 test images, no retraining) it keeps 84.1 / 68.0 / 14.6 / 10.9 % top-1 at 50 / 75 / 87.5 /
+93.75 % sparsity against 77.7 / 41.2 / 11.5 / 10.0 % for ``layer-std`` (uniform q), because it
+spares the small, sensitive layers (classifier 28 %, stem 42 % at 93.75 %) and takes most from
+the large redundant ones (up to 99.7 %). Near initialisation it can empty a layer (the default-init
+classifier of GoogLeNet at 75 %): prune trained models, or use ``layer-std``.
+
 Prunable weights are those of trainable Conv2d and Linear layers (the classifier included,
 as the paper prunes FC too); biases, BN and frozen operator convs are never pruned. Zeros do
 not make dense kernels faster, so ``after["macs"]`` stays the dense count; ``info`` adds
