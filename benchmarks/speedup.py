@@ -1,7 +1,8 @@
 """Does the theoretical MACs speedup turn into measured speedup? And what does prunekit's wrapper cost?
 
-Part 1: resnet56 pruned with l1-norm to 1.5x / 2x / 3x fewer MACs; median latency at batch 1 and 64
-in PyTorch eager and ONNX Runtime on the CPU (threads fixed), and the ratio measured / theoretical.
+Part 1: resnet56 pruned with l1-norm to 1.5x / 2x / 3x fewer MACs, once with the same ratio per layer
+(local) and once with one global ranking and widths rounded to multiples of 8 (or 4); median latency at
+batch 1 and 64 in PyTorch eager and ONNX Runtime on the CPU (threads fixed): measured / theoretical.
 Part 2: wall time of ``prunekit.prune`` next to raw Torch-Pruning MetaPruner removing the same
 channels count (same uniform ratio, same L1 group importance), median of repeats.
 
@@ -36,12 +37,22 @@ def latency_table(args) -> list[dict]:
     b_eager = measure(base, x, repeats=args.repeats, threads=args.threads)
     b_onnx = onnx_latency(base, x, repeats=args.repeats, threads=args.threads)
     rows = []
-    for s in args.speedups:
+    for s, variant in ((s, v) for s in args.speedups for v in ("local", "global-rounded")):
         model = copy.deepcopy(base)
-        res = pk.prune(model, "l1-norm", x, speedup=s)
+        if variant == "local":
+            res, opts = pk.prune(model, "l1-norm", x, speedup=s), {}
+        else:  # hardware-friendly widths: multiples of 8 (4 where 8 cannot land on the target)
+            for r in (8, 4):
+                try:
+                    opts = {"ranking": "global", "round_to": r}
+                    res = pk.prune(model, "l1-norm", x, speedup=s, **opts)
+                    break
+                except pk.PrunekitError:
+                    model = copy.deepcopy(base)
         e = measure(model, x, repeats=args.repeats, threads=args.threads)
         o = onnx_latency(model, x, repeats=args.repeats, threads=args.threads)
-        row = {"target": s, "theoretical": res.speedup, "params": e["params"], "macs": e["macs"]}
+        row = {"target": s, "variant": variant, "options": opts, "theoretical": res.speedup, "params": e["params"],
+               "macs": e["macs"]}
         for b in ("b1", "b64"):
             row[f"eager_{b}"] = b_eager["latency"][b]["median_ms"] / e["latency"][b]["median_ms"]
             row[f"onnx_{b}"] = b_onnx[b]["median_ms"] / o[b]["median_ms"]
