@@ -117,3 +117,18 @@ def test_dist_fit_fits_distribution_better_than_l1():
         w_l1 = wasserstein_distance(all_norms[l1_kept].numpy(), all_norms.numpy())
         assert w_fit < w_l1, name
     assert pruned >= 20
+
+
+SWEEP_SAMPLE = ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "densenet121", "shufflenet_v2_x0_5",
+                "squeezenet1_1", "regnet_x_400mf", "mnasnet0_5", "googlenet", "convnext_tiny"]
+
+
+@pytest.mark.parametrize("name", SWEEP_SAMPLE)
+def test_torchvision_prunability_sample(name):
+    """A sample of the full sweep (benchmarks/tv_sweep.py; results in the README): l1-norm at 1.5x, forward."""
+    torch.manual_seed(0)
+    model = pk.models.create(f"tv:{name}", num_classes=10).eval()
+    res = pk.prune(model, "l1-norm", torch.randn(1, 3, 64, 64), speedup=1.5)
+    assert abs(res.speedup - 1.5) <= 0.045
+    with torch.no_grad():
+        assert res.model(torch.randn(2, 3, 64, 64)).shape == (2, 10)

@@ -24,8 +24,9 @@ from torch_pruning.pruner import function as F_
 from .errors import PrunekitError
 
 CONV_LINEAR = (nn.Conv2d, nn.Conv1d, nn.Linear)
-_OUT_FNS = {F_.prune_conv_out_channels, F_.prune_linear_out_channels, F_.prune_depthwise_conv_out_channels}
-_IN_FNS = {F_.prune_conv_in_channels, F_.prune_linear_in_channels, F_.prune_depthwise_conv_in_channels}
+# Torch-Pruning handlers that shrink a conv/linear layer's outputs or inputs (methods read group members by them).
+OUT_CHANNEL_FNS = {F_.prune_conv_out_channels, F_.prune_linear_out_channels, F_.prune_depthwise_conv_out_channels}
+IN_CHANNEL_FNS = {F_.prune_conv_in_channels, F_.prune_linear_in_channels, F_.prune_depthwise_conv_in_channels}
 
 
 @dataclass
@@ -165,9 +166,9 @@ class PruneGraph:
                 per = max(1, len(idxs) // n)
                 if dep.handler is F_.prune_depthwise_conv_out_channels:
                     members.append((name, "dw", per))
-                elif dep.handler in _OUT_FNS:
+                elif dep.handler in OUT_CHANNEL_FNS:
                     members.append((name, "out", per))
-                elif dep.handler in _IN_FNS:
+                elif dep.handler in IN_CHANNEL_FNS:
                     members.append((name, "in", per))
                 elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
                     bns.append(name)
@@ -239,7 +240,7 @@ class PruneGraph:
         """
         for gi, idxs in remove.items():
             for mod, handler, i in self.member_indices(gi, idxs):
-                if handler in _OUT_FNS or isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                if handler in OUT_CHANNEL_FNS or isinstance(mod, nn.modules.batchnorm._BatchNorm):
                     mod.weight[i] = 0
                     if getattr(mod, "bias", None) is not None:
                         mod.bias[i] = 0

@@ -52,7 +52,8 @@ def _bisect(pg: PruneGraph, speedup: float, keep_at: Callable[[float], dict[int,
     if abs(ratio(best) - speedup) > TOLERANCE * speedup:
         raise PrunekitError(
             f"cannot land within {TOLERANCE:.0%} of speedup {speedup:g}: the closest reachable is {ratio(best):.2f}x "
-            f"(min_keep={pg.min_keep}, round_to={pg.round_to}); try the other ranking (local or global) or a smaller round_to")
+            f"(min_keep={pg.min_keep}, round_to={pg.round_to}); "
+            "try the other ranking (local or global) or a smaller round_to")
     return best
 
 

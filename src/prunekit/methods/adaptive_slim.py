@@ -44,7 +44,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import criteria, thresholds
 from ..errors import PrunekitError
-from ..graph import _IN_FNS, PruneGraph, find_blocks, fold_constant_into, remove_block, set_module
+from ..graph import IN_CHANNEL_FNS, PruneGraph, find_blocks, fold_constant_into, remove_block, set_module
 from ..measure import count_macs
 from ..thresholds import ThresholdFit, learn_threshold
 from ..train import TrainConfig, TrainResult, fit
@@ -193,7 +193,7 @@ def compensate_beta(pg: PruneGraph, remove: dict[int, list[int]]) -> list[str]:
         for mod, handler, i in pg.member_indices(gi, idxs):
             if isinstance(mod, _BatchNorm) and mod.weight is not None:
                 mod.weight[i] = 0
-            elif handler in _IN_FNS:
+            elif handler in IN_CHANNEL_FNS:
                 taps.setdefault(mod, set()).update(i)
     chans = {m: sorted(i) for m, i in taps.items()}
     seen: dict[nn.Module, list[torch.Tensor]] = {m: [] for m in chans}
