@@ -22,6 +22,7 @@ from torch import nn
 from torch_pruning.pruner import function as F_
 
 from .errors import PrunekitError
+from .io import set_module
 
 CONV_LINEAR = (nn.Conv2d, nn.Conv1d, nn.Linear)
 # Torch-Pruning handlers that shrink a conv/linear layer's outputs or inputs (methods read group members by them).
@@ -327,12 +328,6 @@ def find_blocks(model: nn.Module, example_inputs: torch.Tensor) -> list[Block]:
         if b.closing_bn not in by_bn or len(b.name) > len(by_bn[b.closing_bn].name):
             by_bn[b.closing_bn] = b
     return sorted(by_bn.values(), key=lambda b: list(names.values()).index(b.name))
-
-
-def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Replace the submodule at dotted ``name``."""
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
 def remove_block(model: nn.Module, block: Block | str) -> None:

@@ -78,7 +78,8 @@ def arch_of(model: nn.Module) -> dict:
             "input_shape": list(base.get("input_shape") or []), "layers": layers, "identities": identities}
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted ``name`` (used for pruned-away blocks)."""
     parent, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
@@ -89,7 +90,7 @@ def build(arch: dict, state: dict[str, torch.Tensor] | None = None) -> nn.Module
 
     model = models.create(arch["name"], num_classes=arch["num_classes"], **arch["kwargs"])
     for name in arch.get("identities", []):
-        _set_module(model, name, nn.Identity())
+        set_module(model, name, nn.Identity())
     modules = dict(model.named_modules())
     for name, attrs in arch.get("layers", {}).items():
         m = modules.get(name)
