@@ -87,3 +87,18 @@ def test_eval_json_and_methods(saved_model):
     assert {"top1", "params", "macs", "latency", "size_bytes"} <= set(payload)
     r = run_cli("methods")
     assert r.returncode == 0 and "l1-norm" in r.stdout and "net-slim" in r.stdout
+
+
+def test_finetune_keep_zeros_after_magnitude(tmp_path):
+    torch.manual_seed(0)
+    model = pk.models.create("digits_cnn", num_classes=10, in_channels=1)
+    pk.prune(model, "magnitude", torch.randn(1, 1, 8, 8), sparsity=0.8, rule="layer-std")
+    pk.save(model, tmp_path / "sparse.pt")
+    r = run_cli("finetune", "--checkpoint", str(tmp_path / "sparse.pt"), "--data", "digits", "--epochs", "1",
+                "--device", "cpu", "--keep-zeros", "--out", str(tmp_path / "ft"))
+    assert r.returncode == 0, r.stderr
+    tuned = pk.load(tmp_path / "ft" / "model.pt")
+    for (name, a), (_, b) in zip(model.named_parameters(), tuned.named_parameters(), strict=True):
+        if name.endswith("weight") and a.dim() > 1:
+            assert torch.all(b[a == 0] == 0), name
+            assert not torch.equal(a, b), name  # it did train

@@ -18,7 +18,7 @@ from . import data as pkdata
 from . import io, methods, models
 from .errors import PrunekitError
 from .measure import measure
-from .train import TrainConfig, evaluate, fit, resolve_device
+from .train import TrainConfig, dist_info, evaluate, fit, resolve_device
 
 
 def _add_data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -75,10 +75,14 @@ def _run_training(model: torch.nn.Module, args: argparse.Namespace, bundle: pkda
     dev = resolve_device(args.device)
     train_loader, test_loader = bundle.loaders(batch_size=cfg.batch_size, device=dev, seed=cfg.seed,
                                                **_dist_kwargs())
-    model, result = fit(model, train_loader, test_loader, cfg, device=dev, run_dir=out, resume=args.resume,
-                        desc=desc)
-    from .train import dist_info
+    masks = None
+    if getattr(args, "keep_zeros", False):  # unstructured pruning: zeros stay zero through the fine-tune
+        from .methods.magnitude import masks_from_zeros
 
+        masks = masks_from_zeros(model.to(dev))
+        masks.attach(model)
+    model, result = fit(model, train_loader, test_loader, cfg, device=dev, run_dir=out, resume=args.resume,
+                        desc=desc, after_step=masks.after_step if masks is not None else None)
     if dist_info()[0] == 0:
         io.save(model, out / "model.pt", data=bundle.name)
         print(json.dumps({"out": str(out / "model.pt"), **result.final}))
@@ -86,8 +90,6 @@ def _run_training(model: torch.nn.Module, args: argparse.Namespace, bundle: pkda
 
 
 def _dist_kwargs() -> dict[str, int]:
-    from .train import dist_info
-
     rank, world = dist_info()
     return {"rank": rank, "world_size": world}
 
@@ -238,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="fine-tune a (pruned) model file")
     p.add_argument("--checkpoint", required=True)
+    p.add_argument("--keep-zeros", action="store_true", help="keep zero weights at zero (after magnitude pruning)")
     _add_data_args(p, required=True)
     _add_train_args(p, epochs=6, lr=0.05)
     p.set_defaults(fn=cmd_finetune)
