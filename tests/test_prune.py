@@ -119,7 +119,7 @@ def test_dist_fit_fits_distribution_better_than_l1():
     assert pruned >= 20
 
 
-SWEEP_SAMPLE = ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "densenet121", "shufflenet_v2_x0_5",
+SWEEP_SAMPLE = ["resnet18", "resnext50_32x4d", "mobilenet_v3_small", "efficientnet_b0", "densenet121",
                 "squeezenet1_1", "regnet_x_400mf", "mnasnet0_5", "googlenet", "convnext_tiny"]
 
 

@@ -41,6 +41,9 @@ class Group:
     # (module name, 'out' | 'in' | 'dw', channels of this member per group channel)
     members: list[tuple[str, str, int]] = field(default_factory=list)
     bns: list[str] = field(default_factory=list)
+    # Grouped convs (ResNeXt, RegNet) split the channels into `chunks` equal blocks; the same positions
+    # must go from every block, so keep counts are multiples of `chunks`.
+    chunks: int = 1
 
     @property
     def root(self) -> nn.Module:
@@ -154,15 +157,21 @@ class PruneGraph:
             )
 
     def _collect_groups(self) -> list[Group]:
-        groups = []
+        groups: list[Group] = []
+        self.ignored_groups: list[str] = []  # grouped-conv groups too small to shrink block-wise
         for g in self.DG.get_all_groups(ignored_layers=self.ignored, root_module_types=CONV_LINEAR):
             root_dep, root_idxs = g[0]
             n = len(root_idxs)
-            members, bns = [], []
+            members, bns, chunks = [], [], 1
             for dep, idxs in g:
                 mod = dep.target.module
                 if not isinstance(mod, nn.Module):
                     continue
+                pruner = self.DG.get_pruner_of_module(mod)
+                if pruner is not None and not (isinstance(mod, nn.Conv2d) and mod.groups == mod.out_channels):
+                    out_fn = self.DG.is_out_channel_pruning_fn(dep.handler)
+                    get = getattr(pruner, "get_out_channel_groups" if out_fn else "get_in_channel_groups", None)
+                    chunks = max(chunks, int(get(mod) or 1) if get else 1)
                 name = self.names.get(mod, "?")
                 per = max(1, len(idxs) // n)
                 if dep.handler is F_.prune_depthwise_conv_out_channels:
@@ -175,16 +184,18 @@ class PruneGraph:
                     bns.append(name)
             if n <= self.min_keep:
                 continue
-            groups.append(Group(len(groups), self.names.get(root_dep.target.module, "?"), n, g, members, bns))
+            if n % chunks or n // chunks <= 1:
+                self.ignored_groups.append(self.names.get(root_dep.target.module, "?"))
+                continue
+            groups.append(Group(len(groups), self.names.get(root_dep.target.module, "?"), n, g, members, bns, chunks))
         return groups
 
     # ---- decisions and their cost ----
     def clamp_keep(self, group: Group, keep: int) -> int:
         """Apply ``min_keep`` and ``round_to`` to a wanted keep count."""
         keep = max(self.min_keep, min(group.size, keep))
-        if self.round_to:
-            keep = min(group.size, int(math.ceil(keep / self.round_to) * self.round_to))
-        return keep
+        step = group.chunks * (self.round_to or 1) if group.chunks > 1 else (self.round_to or 1)
+        return min(group.size, int(math.ceil(keep / step) * step))
 
     def _forward_with_hooks(self, hook, what: str):
         """One eval-mode, no-grad forward of the example input with ``hook`` on every conv/linear."""
@@ -259,6 +270,12 @@ class PruneGraph:
             g = self.groups[gi]
             if g.size - len(idxs) < self.min_keep:
                 raise PrunekitError(f"group {g.name}: removing {len(idxs)} of {g.size} channels breaks min_keep")
+            if g.chunks > 1:
+                per = g.size // g.chunks
+                pos = {i % per for i in idxs}
+                if len(idxs) != len(pos) * g.chunks or len(pos) >= per:
+                    raise PrunekitError(f"group {g.name} feeds a grouped conv ({g.chunks} groups): remove the same "
+                                        "positions from every channel block and keep at least one per block")
             g.tp_group.prune(idxs=idxs)
         counted: dict[str, int] = {}
 

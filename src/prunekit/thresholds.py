@@ -104,8 +104,16 @@ def percentile_keep(pg: PruneGraph, scores: dict[int, torch.Tensor], percent: fl
     return threshold_keep(pg, scores, t)
 
 
-def lowest(scores: torch.Tensor, keep: int) -> list[int]:
-    """Indices of the ``len - keep`` lowest scores (stable for ties)."""
+def lowest(scores: torch.Tensor, keep: int, chunks: int = 1) -> list[int]:
+    """Indices of the ``len - keep`` lowest scores (stable for ties).
+
+    With ``chunks`` > 1 (a group feeding grouped convs) the score of a position is summed over the
+    equal channel blocks and the same lowest positions are removed from every block.
+    """
+    if chunks > 1:
+        per = len(scores) // chunks
+        pos = torch.argsort(scores.view(chunks, per).sum(0), stable=True)[: (len(scores) - keep) // chunks]
+        return sorted(int(p) + c * per for c in range(chunks) for p in pos)
     order = torch.argsort(scores, stable=True)
     return order[: len(scores) - keep].tolist()
 

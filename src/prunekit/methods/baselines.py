@@ -37,7 +37,7 @@ def structured_prune(model: nn.Module, example_inputs: torch.Tensor, *, method: 
             keep = thresholds.global_keep_for_speedup(pg, ranked, speedup)
     else:
         raise ValueError(f"ranking must be 'local' or 'global', got {ranking!r}")
-    remove = {gi: thresholds.lowest(scores[gi], k) for gi, k in keep.items()}
+    remove = {gi: thresholds.lowest(scores[gi], k, pg.groups[gi].chunks) for gi, k in keep.items()}
     channels = {pg.groups[gi].name: (pg.groups[gi].size, keep[gi]) for gi in keep}
     removed = {pg.groups[gi].name: idx for gi, idx in remove.items()}
     info = {}

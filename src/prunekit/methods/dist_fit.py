@@ -37,8 +37,12 @@ def dist_fit(model: nn.Module, example_inputs: torch.Tensor, *, speedup: float |
     norms_log: dict[str, dict[str, list[float]]] = {}
     for g in pg.groups:
         norms = criteria.scores(g, "l1-norm")
-        kept = criteria.distribution_fit_keep(norms, keep[g.index], criteria.root_filters(g), tol=tol)
-        remove[g.index] = sorted(set(range(g.size)) - set(kept))
+        if g.chunks > 1:  # grouped convs need the same positions in every block: smallest-norm rule there
+            remove[g.index] = thresholds.lowest(norms, keep[g.index], g.chunks)
+            kept = sorted(set(range(g.size)) - set(remove[g.index]))
+        else:
+            kept = criteria.distribution_fit_keep(norms, keep[g.index], criteria.root_filters(g), tol=tol)
+            remove[g.index] = sorted(set(range(g.size)) - set(kept))
         norms_log[g.name] = {"norms": norms.tolist(), "kept": kept}
     channels = {g.name: (g.size, keep[g.index]) for g in pg.groups}
     removed = {pg.groups[gi].name: idx for gi, idx in remove.items()}
