@@ -152,8 +152,8 @@ class PruneGraph:
         if unreached:
             raise PrunekitError(
                 f"layer(s) {', '.join(repr(n) for n in unreached[:5])} never ran on the example input "
-                "(data-dependent control flow?); pruning them could break other inputs: "
-                "pass them in ignored_layers or make the forward static"
+                "(data-dependent control flow, or weights used through a functional call); pruning them could "
+                "break the model: pass them in ignored_layers or call them as modules in a static forward"
             )
 
     def _collect_groups(self) -> list[Group]:
