@@ -231,7 +231,8 @@ def compensate_beta(pg: PruneGraph, remove: dict[int, list[int]]) -> list[str]:
 # ---- one round: learn thresholds, remove blocks, remove channels ----
 def _capped(pg: PruneGraph, scores: dict[int, torch.Tensor], keep: dict[int, int], cap: float) -> dict[int, int]:
     """The most of the removals in ``keep``, lowest |γ| first across groups, whose MACs ratio stays ≤ ``cap``."""
-    order = sorted((float(scores[gi][c]), gi) for gi, k in keep.items() for c in thresholds.lowest(scores[gi], k))
+    order = sorted((float(scores[gi][c]), gi) for gi, k in keep.items()
+                   for c in thresholds.lowest(scores[gi], k, pg.groups[gi].chunks))
 
     def keep_at(n: int) -> dict[int, int]:
         gone = Counter(gi for _, gi in order[:n])
@@ -242,7 +243,6 @@ def _capped(pg: PruneGraph, scores: dict[int, torch.Tensor], keep: dict[int, int
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if pg.base_macs / max(pg.macs(keep_at(mid)), 1) <= cap else (lo, mid - 1)
     return keep_at(lo)
-
 
 
 @register("adaptive-slim", "S0: channels and residual blocks below a BN-|γ| threshold learned by EM; one round",
@@ -276,7 +276,8 @@ def adaptive_slim(model: nn.Module, example_inputs: torch.Tensor, *, speedup: fl
         keep = thresholds.threshold_keep(pg, scores, channel_fit.threshold)  # min_keep: the max |γ| survives
         if speedup:  # what the removed blocks already saved counts against the cap
             keep = _capped(pg, scores, keep, speedup * pg.base_macs / before["macs"])
-    remove = {gi: sorted(thresholds.lowest(scores[gi], k)) for gi, k in keep.items() if k < len(scores[gi])}
+    remove = {gi: sorted(thresholds.lowest(scores[gi], k, pg.groups[gi].chunks)) for gi, k in keep.items()
+              if k < len(scores[gi])}
     uncompensated = compensate_beta(pg, remove) if compensate and remove else []
     after = cost(model, pg.apply(remove))
     info = {
