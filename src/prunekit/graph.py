@@ -194,7 +194,7 @@ class PruneGraph:
     def clamp_keep(self, group: Group, keep: int) -> int:
         """Apply ``min_keep`` and ``round_to`` to a wanted keep count."""
         keep = max(self.min_keep, min(group.size, keep))
-        step = group.chunks * (self.round_to or 1) if group.chunks > 1 else (self.round_to or 1)
+        step = group.chunks * (self.round_to or 1)  # grouped convs: whole positions across every block
         return min(group.size, int(math.ceil(keep / step) * step))
 
     def _forward_with_hooks(self, hook, what: str):
