@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 import torch
-from cifar_methods import BASE_CFG, FT_CFG, base_model
+from cifar_methods import BASE_CFG, FT_CFG, add_protocol_args, base_model
 
 import prunekit as pk
 from prunekit.criteria import bn_gamma
@@ -250,10 +250,7 @@ def plot(path: Path, png: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-root")
-    p.add_argument("--model", default="resnet20")
-    p.add_argument("--base-epochs", type=int, default=BASE_CFG["epochs"])
-    p.add_argument("--base-seed", type=int, default=0)
+    add_protocol_args(p)
     p.add_argument("--s", type=float, default=1e-2, help="L1 strength on BN γ during sparsity training")
     p.add_argument("--sparsify-epochs", type=int, default=1, help="shared sparsity training (counts in the budget)")
     p.add_argument("--sparsify-lr", type=float, default=0.02)
@@ -261,17 +258,9 @@ def main() -> None:
     p.add_argument("--max-cycles", type=int, default=2, help="2 leaves >= 2 fine-tune epochs of a budget of 4")
     p.add_argument("--stop-below", type=float, default=0.01)
     p.add_argument("--budget", type=int, default=4, help="post-base epochs of every run, sparsity training included")
-    p.add_argument("--ft-lr", type=float, default=FT_CFG["lr"])
     p.add_argument("--percentiles", type=lambda s: [float(v) for v in s.split(",")],
                    help="net-slim percentiles (default: three steps of 10 bracketing adaptive-slim)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit", type=int)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads for latency")
-    p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--cache", default="cache/bases")
     p.add_argument("--out", default="benchmarks/results/s0-resnet20.jsonl")
-    p.add_argument("--table", help="only print the Markdown table of this JSONL file")
     p.add_argument("--plot", nargs=2, metavar=("JSONL", "PNG"), help="only draw top-1 vs MACs")
     args = p.parse_args()
     if args.table:

@@ -128,24 +128,29 @@ def table(path: Path) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_protocol_args(p: argparse.ArgumentParser) -> None:
+    """The arguments every CPU-protocol benchmark shares: data, the cached base (``base_model``), seeds, timing."""
     p.add_argument("--data-root")
     p.add_argument("--model", default="resnet20")
-    p.add_argument("--methods", type=lambda s: s.split(","), default=["dist-fit", "l1-norm", "fpgm", "random"])
-    p.add_argument("--speedups", type=lambda s: [float(v) for v in s.split(",")], default=[2.0])
     p.add_argument("--base-epochs", type=int, default=BASE_CFG["epochs"])
-    p.add_argument("--ft-epochs", type=int, default=FT_CFG["epochs"])
+    p.add_argument("--base-seed", type=int, default=0, help="seed of the cached base model")
     p.add_argument("--ft-lr", type=float, default=FT_CFG["lr"])
     p.add_argument("--seed", type=int, default=0, help="seed of pruning (random) and fine-tuning")
-    p.add_argument("--base-seed", type=int, default=0, help="seed of the cached base model")
     p.add_argument("--limit", type=int)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for latency")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--cache", default="cache/bases")
-    p.add_argument("--out", default="benchmarks/results/methods.jsonl")
     p.add_argument("--table", help="only print the Markdown table of this JSONL file")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_protocol_args(p)
+    p.add_argument("--methods", type=lambda s: s.split(","), default=["dist-fit", "l1-norm", "fpgm", "random"])
+    p.add_argument("--speedups", type=lambda s: [float(v) for v in s.split(",")], default=[2.0])
+    p.add_argument("--ft-epochs", type=int, default=FT_CFG["epochs"])
+    p.add_argument("--out", default="benchmarks/results/methods.jsonl")
     p.add_argument("--summary", nargs="+", help="only print mean ± std over these JSONL files")
     args = p.parse_args()
     if args.table:
