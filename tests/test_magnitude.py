@@ -10,10 +10,10 @@ from torch import nn
 
 import prunekit as pk
 from prunekit.errors import PrunekitError
+from prunekit.graph import Masks
 from prunekit.methods.magnitude import (
     iterative_prune,
     magnitude_masks,
-    masks_from_zeros,
     prunable_layers,
     sensitivity_scan,
 )
@@ -116,7 +116,7 @@ def test_without_masks_momentum_and_decay_would_revive_weights():
     """Control for the test above: an unmasked SGD step does move pruned weights off zero."""
     model = _digits_model()
     pk.prune(model, "magnitude", torch.zeros(1, 1, 8, 8), sparsity=0.8)
-    masks = masks_from_zeros(model)
+    masks = Masks.from_zeros(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-3)
     x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
     for _ in range(2):
@@ -130,7 +130,7 @@ def test_without_masks_momentum_and_decay_would_revive_weights():
 def test_masks_from_zeros_recovers_the_pattern():
     model = _digits_model()
     pk.prune(model, "magnitude", torch.zeros(1, 1, 8, 8), sparsity=0.75)
-    masks = masks_from_zeros(model)
+    masks = Masks.from_zeros(model)
     assert set(masks.masks) == {f"{n}.weight" for n in prunable_layers(model)}
     assert abs(masks.sparsity() - 0.75) < 1e-3
 

@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from . import data as pkdata
 from . import io, methods, models
 from .errors import PrunekitError
+from .graph import Masks
 from .measure import measure
 from .train import TrainConfig, dist_info, evaluate, fit, resolve_device
 
@@ -77,9 +79,7 @@ def _run_training(model: torch.nn.Module, args: argparse.Namespace, bundle: pkda
                                                **_dist_kwargs())
     masks = None
     if getattr(args, "keep_zeros", False):  # unstructured pruning: zeros stay zero through the fine-tune
-        from .methods.magnitude import masks_from_zeros
-
-        masks = masks_from_zeros(model.to(dev))
+        masks = Masks.from_zeros(model.to(dev))
         masks.attach(model)
     model, result = fit(model, train_loader, test_loader, cfg, device=dev, run_dir=out, resume=args.resume,
                         desc=desc, after_step=masks.after_step if masks is not None else None)
@@ -108,20 +108,49 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return _run_training(model, args, bundle, "finetune")
 
 
+def _param(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with VALUE read as YAML (numbers, true/false, null, lists) — the same types as a config."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise argparse.ArgumentTypeError(f"value of {key} is not valid YAML: {exc}") from exc
+
+
+def _example_inputs(model: torch.nn.Module, bundle: pkdata.DataBundle | None) -> torch.Tensor:
+    """Real training images when data is given; otherwise a fixed normal draw (what normalised images look like)."""
+    if bundle is not None:
+        return pkdata.example_inputs(bundle)
+    return torch.randn(8, *_input_shape(model), generator=torch.Generator().manual_seed(0))
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.force:
         raise PrunekitError(f"{out} already exists; use --force to overwrite or choose another --out")
-    model = io.load(args.checkpoint)
-    x = torch.zeros(1, *_input_shape(model))
-    opts: dict[str, Any] = {"min_keep": args.min_keep, "round_to": args.round_to}
-    if args.ignore:
-        opts["ignored_layers"] = args.ignore.split(",")
-    if args.percentile is not None:
-        opts["percentile"] = args.percentile
+    method = methods.get(args.method)
+    opts: dict[str, Any] = dict(args.param or [])
+    flags = {"min_keep": args.min_keep, "round_to": args.round_to, "percentile": args.percentile,
+             "ignored_layers": args.ignore.split(",") if args.ignore else None}
     if args.q is not None:
-        opts.update(q=args.q, rule="layer-std")
-    result = methods.prune(model, args.method, x, speedup=args.speedup, sparsity=args.sparsity, **opts)
+        flags.update(q=args.q, rule="layer-std")
+    for key, value in flags.items():
+        if value is not None and key not in opts:
+            if key not in method.options:
+                raise PrunekitError(f"--{key.replace('_', '-')} is not an option of method {args.method!r}; "
+                                    f"its options: {', '.join(method.options) or 'none'}")
+            opts[key] = value
+    method.check_options(opts)  # before anything is loaded
+    model = io.load(args.checkpoint)
+    bundle = _load_data(args).holdout(0.1, seed=args.seed) if args.data else None
+    data = val = None
+    if bundle is not None:
+        data = bundle.eval_loader(bundle.train, 128, shuffle=True, seed=args.seed)
+        val = bundle.eval_loader(bundle.val, 256)
+    result = methods.prune(model, args.method, _example_inputs(model, bundle), speedup=args.speedup,
+                           sparsity=args.sparsity, data=data, val=val, **opts)
     io.save(result.model, out, prune=result.to_dict())
     print(result.summary())
     print(f"saved {out}")
@@ -130,12 +159,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def _evaluate_payload(args: argparse.Namespace) -> dict[str, Any]:
     model = io.load(args.checkpoint)
-    x = torch.zeros(1, *_input_shape(model))
     payload: dict[str, Any] = {"checkpoint": str(args.checkpoint)}
-    if args.data:
-        bundle = _load_data(args)
-        _, test_loader = bundle.loaders(batch_size=256, device="cpu")
-        payload["top1"] = evaluate(model, test_loader, "cpu")["top1"]
+    bundle = _load_data(args) if args.data else None
+    x = _example_inputs(model, bundle)[:1]
+    if bundle is not None:
+        payload["top1"] = evaluate(model, bundle.eval_loader(bundle.test), "cpu")["top1"]
     stats = measure(model, x, repeats=args.repeats, threads=args.threads)
     payload.update(stats)
     if args.onnx:
@@ -189,7 +217,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     else:
         from .export import export_onnx
 
-        info = export_onnx(model, torch.zeros(1, *_input_shape(model)), out, opset=args.opset)
+        info = export_onnx(model, _example_inputs(model, None)[:1], out, opset=args.opset)
     print(json.dumps(info))
     return 0
 
@@ -213,7 +241,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_methods(args: argparse.Namespace) -> int:
     for m in methods.available():
-        print(f"{m.name:<14} {m.kind:<12} {m.summary}")
+        data = ", needs --data" if m.needs_data else ""
+        print(f"{m.name:<14} {m.kind:<12} target: {m.target}{data}\n    {m.summary}")
+        for o in m.options.values():
+            choices = f" ({' | '.join(map(str, o.choices))})" if o.choices else ""
+            print(f"    --param {o.name}=<{o.type_name()}>  default {o.default!r}{choices}: {o.help}")
+        for o in m.regularizer_options.values():
+            print(f"    sparsify stage: {o.name}=<{o.type_name()}>  default {o.default!r}: {o.help}")
     return 0
 
 
@@ -248,13 +282,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="prune a model file with a registered method")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--method", required=True, help="see `prunekit methods`")
+    p.add_argument("--param", action="append", type=_param, metavar="KEY=VALUE",
+                   help="a method option (repeatable; `prunekit methods` lists them), e.g. --param ranking=global")
+    _add_data_args(p)
+    p.add_argument("--seed", type=int, default=0, help="seed of the validation split held out of --data")
     p.add_argument("--speedup", type=float, help="target MACs ratio base/pruned (structured methods)")
     p.add_argument("--sparsity", type=float, help="fraction of weights to zero (unstructured methods)")
     p.add_argument("--percentile", type=float, help="net-slim: global |γ| percentile instead of --speedup")
     p.add_argument("--q", type=float, help="magnitude: per-layer threshold q·σ(W) instead of --sparsity")
     p.add_argument("--ignore", help="comma-separated module names never pruned (structured methods never prune "
                    "the classifier's outputs)")
-    p.add_argument("--min-keep", type=int, default=1)
+    p.add_argument("--min-keep", type=int)
     p.add_argument("--round-to", type=int)
     p.add_argument("--out", required=True)
     p.add_argument("--force", action="store_true")

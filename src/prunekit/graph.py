@@ -23,8 +23,9 @@ from torch_pruning.pruner import function as F_
 
 from .errors import PrunekitError
 from .io import set_module
+from .measure import LAYERS, hooked, layer_macs
 
-CONV_LINEAR = (nn.Conv2d, nn.Conv1d, nn.Linear)
+CONV_LINEAR = LAYERS
 # Torch-Pruning handlers that shrink a conv/linear layer's outputs or inputs (methods read group members by them).
 OUT_CHANNEL_FNS = {F_.prune_conv_out_channels, F_.prune_linear_out_channels, F_.prune_depthwise_conv_out_channels}
 IN_CHANNEL_FNS = {F_.prune_conv_in_channels, F_.prune_linear_in_channels, F_.prune_depthwise_conv_in_channels}
@@ -50,31 +51,23 @@ class Group:
         return self.tp_group[0].dep.target.module
 
 
-def _module_stack_tracker(model: nn.Module):
-    """Forward hooks that remember the innermost running module and the last finished one."""
+def run_checked(model: nn.Module, example_inputs: torch.Tensor, what: str) -> torch.Tensor:
+    """Forward ``example_inputs``; on failure raise a PrunekitError naming the module that failed."""
     stack: list[str] = []
     done: list[str] = []
     names = {m: n for n, m in model.named_modules()}
 
-    def pre(m, _inp):
+    def pre(m, _inp):  # the innermost running module, and the last one that finished
         stack.append(names.get(m, "?"))
 
     def post(m, _inp, _out):
         if stack:
             done[:] = [stack.pop()]
 
-    handles = []
-    for m in model.modules():
-        handles.append(m.register_forward_pre_hook(pre))
-        handles.append(m.register_forward_hook(post))
-    return stack, done, handles
-
-
-def run_checked(model: nn.Module, example_inputs: torch.Tensor, what: str) -> torch.Tensor:
-    """Forward ``example_inputs``; on failure raise a PrunekitError naming the module that failed."""
-    stack, done, handles = _module_stack_tracker(model)
+    mods = list(model.modules())
     try:
-        return model(example_inputs)
+        with hooked(model, [(m, post) for m in mods], [(m, pre) for m in mods], grad=torch.is_grad_enabled()):
+            return model(example_inputs)
     except Exception as exc:
         where = stack[-1] if stack and stack[-1] else type(model).__name__
         after = f" just after module {done[0]!r}" if done else ""
@@ -84,9 +77,6 @@ def run_checked(model: nn.Module, example_inputs: torch.Tensor, what: str) -> to
             f"logic that tracing cannot follow (e.g. a hard-coded reshape): make it shape-agnostic or pass the "
             "layers feeding it in ignored_layers"
         ) from exc
-    finally:
-        for h in handles:
-            h.remove()
 
 
 class PruneGraph:
@@ -105,15 +95,12 @@ class PruneGraph:
         self.names = {m: n for n, m in model.named_modules()}
         self.ignored = [self._resolve(x) for x in (ignored_layers or [])]
         self._probe()
-        was = model.training
-        model.eval()
         try:
-            self.DG = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+            with hooked(model, grad=True):  # Torch-Pruning traces the autograd graph
+                self.DG = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
         except Exception as exc:
             run_checked(model, example_inputs, "tracing")  # names the module if forward itself fails
             raise PrunekitError(f"Torch-Pruning could not trace this model: {str(exc).splitlines()[0][:200]}") from exc
-        finally:
-            model.train(was)
         self.groups = self._collect_groups()
 
     def _resolve(self, layer) -> nn.Module:
@@ -131,16 +118,9 @@ class PruneGraph:
         measured MACs, and the layers producing the output (the classifier head, added to the
         ignored layers), and it refuses layers the example input never reaches.
         """
-        self.unit: dict[str, int] = {}
-        order: list[nn.Module] = []
-
-        def hook(m, inp, out):
-            order.append(m)
-            k = math.prod(m.kernel_size) if hasattr(m, "kernel_size") else 1
-            spatial = out[0].numel() // m.weight.shape[0] if isinstance(m, nn.Linear) else math.prod(out.shape[2:])
-            self.unit[self.names[m]] = self.unit.get(self.names[m], 0) + k * spatial
-
-        out = self._forward_with_hooks(hook, "tracing")
+        out, macs = self._layer_macs("tracing")
+        self.unit = {n: m // max(1, self._units(self.model.get_submodule(n))) for n, m in macs.items()}
+        order = [self.model.get_submodule(n) for n in macs]
         self._shapes = {name: self._shape(self.model.get_submodule(name)) for name in self.unit}
         self.base_macs = self.macs()
         if order:  # the last layer to run, and any linear sized like the output, form the head
@@ -197,18 +177,14 @@ class PruneGraph:
         step = group.chunks * (self.round_to or 1)  # grouped convs: whole positions across every block
         return min(group.size, int(math.ceil(keep / step) * step))
 
-    def _forward_with_hooks(self, hook, what: str):
-        """One eval-mode, no-grad forward of the example input with ``hook`` on every conv/linear."""
-        hs = [m.register_forward_hook(hook) for m in self.model.modules() if isinstance(m, CONV_LINEAR)]
-        was = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                return run_checked(self.model, self.example_inputs[:1], what)
-        finally:
-            self.model.train(was)
-            for h in hs:
-                h.remove()
+    def _layer_macs(self, what: str) -> tuple[torch.Tensor, dict[str, int]]:
+        """Per-layer MACs of one image, from a forward that names the failing module if it breaks."""
+        return layer_macs(self.model, self.example_inputs[:1], run=lambda m, x: run_checked(m, x, what))
+
+    @staticmethod
+    def _units(m: nn.Module) -> int:
+        o, i, g = PruneGraph._shape(m)
+        return o * (i // max(g, 1))
 
     @staticmethod
     def _shape(m: nn.Module) -> list[int]:
@@ -260,8 +236,8 @@ class PruneGraph:
     def apply(self, remove: dict[int, list[int]]) -> int:
         """Physically remove channels ``remove[group index]`` (indices into that group's channels).
 
-        Returns the pruned model's conv/linear MACs as counted by hooks on the forward pass that checks
-        it still runs (the same convention as ``prunekit.measure``, without its per-op dispatch cost).
+        Returns the pruned model's conv/linear MACs as counted (``measure.layer_macs``) on the forward
+        pass that checks it still runs.
         """
         for gi, idxs in remove.items():
             idxs = sorted(set(int(i) for i in idxs))
@@ -277,15 +253,7 @@ class PruneGraph:
                     raise PrunekitError(f"group {g.name} feeds a grouped conv ({g.chunks} groups): remove the same "
                                         "positions from every channel block and keep at least one per block")
             g.tp_group.prune(idxs=idxs)
-        counted: dict[str, int] = {}
-
-        def hook(m, inp, out):  # conv/linear MACs of the pruned layers as they actually ran
-            shape = self._shape(m)
-            k = math.prod(m.kernel_size) if hasattr(m, "kernel_size") else 1
-            counted[self.names[m]] = counted.get(self.names[m], 0) + out[0].numel() * (shape[1] // shape[2]) * k
-
-        self._forward_with_hooks(hook, "after pruning")
-        return int(sum(counted.values()))
+        return int(sum(self._layer_macs("after pruning")[1].values()))
 
 
 # ---- residual blocks ----
@@ -316,12 +284,8 @@ def find_blocks(model: nn.Module, example_inputs: torch.Tensor) -> list[Block]:
 
     candidates = {n: m for n, m in model.named_modules() if n and any(
         isinstance(c, nn.modules.batchnorm._BatchNorm) for c in m.modules()) and len(list(m.children())) > 0}
-    hs = [m.register_forward_hook(hook) for m in candidates.values()]
-    was = model.training
-    model.eval()
-    model(example_inputs)
-    for h in hs:
-        h.remove()
+    with hooked(model, [(m, hook) for m in candidates.values()]):
+        model(example_inputs)
     blocks: list[Block] = []
     for name, x in captured.items():
         m = candidates[name]
@@ -331,14 +295,14 @@ def find_blocks(model: nn.Module, example_inputs: torch.Tensor) -> list[Block]:
         bn.weight.zero_()
         bn.bias.zero_()
         try:
-            y = m(x)
+            with hooked(model):
+                y = m(x)
         finally:
             bn.weight.copy_(saved[0])
             bn.bias.copy_(saved[1])
         scale = float(x.abs().max())  # a tolerance relative to x, so a vanishing x cannot pass trivially
         if scale > 0 and y.shape == x.shape and torch.allclose(y, x, atol=1e-5 * scale, rtol=1e-5):
             blocks.append(Block(name, bn_name))
-    model.train(was)
     # Keep the innermost block when a container (e.g. a one-block stage) shares its closing BN.
     by_bn: dict[str, Block] = {}
     for b in blocks:
@@ -393,6 +357,12 @@ class Masks:
     def __init__(self, masks: dict[str, torch.Tensor]):
         self.masks = masks
         self._handles: list = []
+
+    @classmethod
+    def from_zeros(cls, model: nn.Module) -> Masks:
+        """Masks that freeze the zero pattern of a pruned model (e.g. loaded from a sparse file) for training."""
+        return cls({f"{name}.weight": m.weight.detach() != 0 for name, m in model.named_modules()
+                    if isinstance(m, LAYERS) and m.weight.requires_grad and bool((m.weight == 0).any())})
 
     @torch.no_grad()
     def apply(self, model: nn.Module) -> None:

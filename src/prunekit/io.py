@@ -1,10 +1,12 @@
 """Atomic files and portable model files.
 
-A model file holds an architecture *recipe* (zoo or torchvision name, its kwargs, and the
-shape attributes of every layer, plus which blocks were replaced by identity) next to the
-state dict. Only plain Python values and tensors are stored, so ``torch.load(path,
-weights_only=True)`` reads it and no pickled code ever runs. Pruned models load by building
-the base architecture and shrinking each layer to the recorded shapes.
+A model file holds an architecture *recipe* (zoo or torchvision name and kwargs, or for a user's own
+``nn.Module`` its class name; the shape attributes of every layer, integers and tuples such as
+``normalized_shape``; which blocks were replaced by identity) next to the state dict. Only plain
+Python values and tensors are stored, so ``torch.load(path, weights_only=True)`` reads it and no
+pickled code ever runs. Pruned models load by building the base architecture (or taking the
+user's unpruned instance, ``load(path, model=MyNet())``) and shrinking each layer to the recorded
+shapes; a parameter the state holds where the base has none (a bias added by compensation) is created.
 """
 
 from __future__ import annotations
@@ -21,7 +23,12 @@ from .errors import PrunekitError
 
 FORMAT = "prunekit-model"
 VERSION = 1
-_SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "num_features", "in_features", "out_features")
+# Attributes that shape a layer and that pruning changes; nothing else is ever set on a loaded module.
+_SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "num_features", "in_features", "out_features",
+                "num_channels", "num_groups", "num_parameters", "embed_dim", "kdim", "vdim", "num_heads", "head_dim")
+_TUPLE_ATTRS = ("normalized_shape",)
+# Other file formats ``load`` reads (e.g. prunekit-sparse): format name -> loader(obj, path, model).
+DECODERS: dict[str, Any] = {}
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
@@ -60,21 +67,19 @@ def safe_load(path: str | Path) -> dict:
 
 def arch_of(model: nn.Module) -> dict:
     """The recipe that rebuilds ``model``'s architecture, including any pruning applied to it."""
-    base = getattr(model, "prunekit_arch", None)
-    if base is None:
-        raise PrunekitError(
-            "this model was not created by prunekit.models.create, so its architecture cannot be recorded; "
-            "create it with prunekit.models.create (zoo or 'tv:<name>') or save its state_dict yourself"
-        )
-    layers: dict[str, dict[str, int]] = {}
+    base = getattr(model, "prunekit_arch", None) or {"name": None, "num_classes": None, "kwargs": {}}
+    layers: dict[str, dict[str, Any]] = {}
     identities: list[str] = []
     for name, m in model.named_modules():
         if isinstance(m, nn.Identity) and name:
             identities.append(name)
-        attrs = {a: int(getattr(m, a)) for a in _SHAPE_ATTRS if isinstance(getattr(m, a, None), int)}
+        attrs: dict[str, Any] = {a: int(getattr(m, a)) for a in _SHAPE_ATTRS
+                                 if isinstance(getattr(m, a, None), int) and not isinstance(getattr(m, a), bool)}
+        attrs |= {a: [int(v) for v in getattr(m, a)] for a in _TUPLE_ATTRS if isinstance(getattr(m, a, None), tuple)}
         if attrs:
             layers[name] = attrs
     return {"name": base["name"], "num_classes": base["num_classes"], "kwargs": dict(base["kwargs"]),
+            "class": f"{type(model).__module__}.{type(model).__qualname__}",
             "input_shape": list(base.get("input_shape") or []), "layers": layers, "identities": identities}
 
 
@@ -84,38 +89,79 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
-def build(arch: dict, state: dict[str, torch.Tensor] | None = None) -> nn.Module:
-    """Rebuild a (possibly pruned) model from ``arch_of``'s recipe and load ``state`` into it."""
+def _check_recipe(arch: dict, modules: dict[str, nn.Module], what: str) -> None:
+    """Refuse a recipe that names unknown layers or attributes before anything is changed."""
+    for name, attrs in arch.get("layers", {}).items():
+        if name not in modules or not isinstance(attrs, dict):
+            raise PrunekitError(f"model file does not match {what}: no layer {name!r}")
+        for a, v in attrs.items():
+            ok = (a in _SHAPE_ATTRS and isinstance(v, int) and v >= 0) or \
+                (a in _TUPLE_ATTRS and isinstance(v, list) and all(isinstance(i, int) for i in v))
+            if not ok:
+                raise PrunekitError(f"model file sets {name}.{a}={v!r}, which is not a layer shape the loader allows")
+    for name in arch.get("identities", []):
+        if name not in modules or not name:
+            raise PrunekitError(f"model file does not match {what}: no block {name!r} to replace by identity")
+
+
+def build(arch: dict, state: dict[str, torch.Tensor] | None = None, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild a (possibly pruned) model from ``arch_of``'s recipe and load ``state`` into it.
+
+    ``model``: an unpruned instance of the architecture, required for a user's own ``nn.Module``
+    (the file records its class name, not its code); it is changed in place and returned.
+    """
     from . import models  # models sit beside io; imported late to keep io importable on its own
 
-    model = models.create(arch["name"], num_classes=arch["num_classes"], **arch["kwargs"])
+    if model is None:
+        if arch.get("name") is None:
+            raise PrunekitError(f"this file holds a user-defined model ({arch.get('class', 'unknown class')}): "
+                                "pass an unpruned instance, prunekit.load(path, model=MyNet(...))")
+        model = models.create(arch["name"], num_classes=arch["num_classes"], **arch["kwargs"])
+    what = f"architecture {arch.get('name') or arch.get('class')}"
+    modules = dict(model.named_modules())
+    _check_recipe(arch, modules, what)
     for name in arch.get("identities", []):
         set_module(model, name, nn.Identity())
     modules = dict(model.named_modules())
     for name, attrs in arch.get("layers", {}).items():
         m = modules.get(name)
-        if m is None:
-            raise PrunekitError(f"model file does not match architecture {arch['name']}: no layer {name!r}")
+        if m is None:  # inside a block that became an identity
+            continue
         for a, v in attrs.items():
-            setattr(m, a, v)
+            setattr(m, a, tuple(v) if a in _TUPLE_ATTRS else v)
     if state is not None:
-        # Resize every tensor to the recorded shape, then load values; requires_grad is preserved.
-        for key, value in state.items():
-            mod_name, _, attr = key.rpartition(".")
-            mod = model.get_submodule(mod_name) if mod_name else model
-            cur = getattr(mod, attr, None)
-            if isinstance(cur, torch.Tensor) and cur.shape != value.shape:
-                if isinstance(cur, nn.Parameter):
-                    setattr(mod, attr, nn.Parameter(torch.empty_like(value), requires_grad=cur.requires_grad))
-                else:
-                    mod.register_buffer(attr, torch.empty_like(value))
+        _resize_to(model, state, what)
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
-            raise PrunekitError(f"weights do not fit architecture {arch['name']}: {str(exc).splitlines()[0]}") from exc
-    model.prunekit_arch = {"name": arch["name"], "num_classes": arch["num_classes"], "kwargs": dict(arch["kwargs"]),
-                           "input_shape": list(arch.get("input_shape") or [])}
+            raise PrunekitError(f"weights do not fit {what}: {str(exc).splitlines()[0]}") from exc
+    if arch.get("name") is not None:
+        model.prunekit_arch = {"name": arch["name"], "num_classes": arch["num_classes"],
+                               "kwargs": dict(arch["kwargs"]), "input_shape": list(arch.get("input_shape") or [])}
+    elif arch.get("input_shape"):
+        model.prunekit_arch = {"name": None, "num_classes": None, "kwargs": {}, "input_shape": arch["input_shape"]}
     return model
+
+
+def _resize_to(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Give every parameter and buffer the shape ``state`` holds (requires_grad kept); create missing ones
+    that the module declares empty (a bias added by compensation where the layer had none)."""
+    for key, value in state.items():
+        mod_name, _, attr = key.rpartition(".")
+        try:
+            mod = model.get_submodule(mod_name) if mod_name else model
+        except AttributeError:
+            raise PrunekitError(f"weights do not fit {what}: no module {mod_name!r} for {key!r}") from None
+        if not isinstance(value, torch.Tensor):
+            raise PrunekitError(f"weights do not fit {what}: {key!r} is not a tensor")
+        cur = getattr(mod, attr, None)
+        if isinstance(cur, torch.Tensor) and cur.shape == value.shape:
+            continue
+        if isinstance(cur, nn.Parameter) or (cur is None and attr in mod._parameters):
+            grad = cur.requires_grad if cur is not None else True
+            setattr(mod, attr, nn.Parameter(torch.empty_like(value), requires_grad=grad))
+        elif isinstance(cur, torch.Tensor) or (cur is None and attr in mod._buffers):
+            mod.register_buffer(attr, torch.empty_like(value))
 
 
 def model_record(model: nn.Module) -> dict:
@@ -129,21 +175,28 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def save(model: nn.Module, path: str | Path, **meta: Any) -> None:
-    """Save a zoo/torchvision model (pruned or not) so that ``load`` rebuilds it in a fresh process."""
+    """Save any model (pruned or not) so that ``load`` rebuilds it in a fresh process.
+
+    Zoo and torchvision models load by name; a user's own ``nn.Module`` loads with
+    ``load(path, model=<an unpruned instance>)``.
+    """
+    if not isinstance(model, nn.Module):
+        raise PrunekitError(f"save takes an nn.Module, got {type(model).__name__}")
     atomic_save({"format": FORMAT, "version": VERSION, **model_record(model), "meta": meta}, path)
 
 
-def load(path: str | Path) -> nn.Module:
-    """Load a model written by ``save`` (or a training checkpoint) with weights_only semantics."""
+def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
+    """Load a model written by ``save`` (or a training checkpoint) with weights_only semantics.
+
+    ``model``: an unpruned instance of a user-defined architecture (see ``build``).
+    """
     obj = safe_load(path)
-    if obj.get("format") == "prunekit-sparse":  # written by `prunekit export --format sparse`
-        from .sparse import load_sparse
-
-        return load_sparse(path)
-    return build_from_record(obj, path)
+    if obj.get("format") in DECODERS:  # e.g. written by `prunekit export --format sparse`
+        return DECODERS[obj["format"]](path, model)
+    return build_from_record(obj, path, model)
 
 
-def build_from_record(obj: dict, path: str | Path = "<memory>") -> nn.Module:
+def build_from_record(obj: dict, path: str | Path = "<memory>", model: nn.Module | None = None) -> nn.Module:
     """Rebuild the model held in a loaded prunekit file (model file or training checkpoint)."""
     fmt = obj.get("format")
     if fmt not in (FORMAT, "prunekit-train"):
@@ -155,6 +208,8 @@ def build_from_record(obj: dict, path: str | Path = "<memory>") -> nn.Module:
     record = obj if "arch" in obj else obj.get("model", {})
     if "arch" not in record or "state" not in record:
         raise PrunekitError(f"{path} holds no model; it may be truncated")
-    model = build(record["arch"], record["state"])
+    if not isinstance(record["arch"], dict) or not isinstance(record["state"], dict):
+        raise PrunekitError(f"{path} is corrupt (architecture or state is not a mapping); re-create it")
+    model = build(record["arch"], record["state"], model)
     model.eval()
     return model

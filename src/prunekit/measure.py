@@ -11,7 +11,9 @@ from __future__ import annotations
 import io as _io
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,14 +27,60 @@ def count_params(model: nn.Module, nonzero: bool = False) -> int:
     return int(sum(p.numel() for p in model.parameters()))
 
 
+LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)  # the layers whose MACs pruning changes
+
+
+@contextmanager
+def hooked(model: nn.Module, hooks: Iterable[tuple[nn.Module, Callable]] = (),
+           pre_hooks: Iterable[tuple[nn.Module, Callable]] = (), *, grad: bool = False) -> Iterator[nn.Module]:
+    """Eval mode, no grad and forward hooks for the ``with`` block; all restored whatever the forward raises.
+
+    Every module's own training flag is restored (a frozen BN inside a training model stays frozen),
+    so probing a model never changes it.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    handles = []
+    try:
+        handles += [m.register_forward_hook(fn) for m, fn in hooks]
+        handles += [m.register_forward_pre_hook(fn) for m, fn in pre_hooks]
+        model.eval()
+        with torch.set_grad_enabled(grad):
+            yield model
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes:
+            m.training = mode
+
+
+def layer_macs(model: nn.Module, example_inputs: torch.Tensor, *, nonzero: bool = False,
+               run: Callable[[nn.Module, torch.Tensor], Any] | None = None) -> tuple[Any, dict[str, int]]:
+    """(output, MACs per conv/linear layer) of one eval forward on ``example_inputs`` (batch as given).
+
+    The one layer counter that pruning uses: a layer's MACs are its weight entries (only the non-zero
+    ones with ``nonzero``, what an ideal sparse kernel would do) times the output positions it ran at.
+    Layers appear in the order they first ran; ``run(model, x)`` replaces ``model(x)`` (e.g. a forward
+    that names the module that fails).
+    """
+    names = {m: n for n, m in model.named_modules()}
+    counts: dict[str, int] = {}
+
+    def hook(m: nn.Module, _inp: Any, out: torch.Tensor) -> None:
+        weights = int((m.weight != 0).sum()) if nonzero else m.weight.numel()
+        positions = out.numel() // (out.shape[-1] if isinstance(m, nn.Linear) else out.shape[1])
+        counts[names[m]] = counts.get(names[m], 0) + weights * positions
+
+    layers = [(m, hook) for m in model.modules() if isinstance(m, LAYERS)]
+    with hooked(model, layers):
+        out = run(model, example_inputs) if run is not None else model(example_inputs)
+    return out, counts
+
+
 @torch.no_grad()
 def count_macs(model: nn.Module, example_inputs: torch.Tensor) -> int:
     """Multiply-accumulates of one forward pass on ``example_inputs`` (batch as given)."""
-    was_training = model.training
-    model.eval()
-    with FlopCounterMode(display=False) as counter:
+    with hooked(model), FlopCounterMode(display=False) as counter:
         model(example_inputs)
-    model.train(was_training)
     return int(counter.get_total_flops() // 2)
 
 
@@ -47,27 +95,27 @@ def size_bytes(model: nn.Module) -> int:
 def latency(model: nn.Module, example_input: torch.Tensor, *, repeats: int = 30, warmup: int = 5,
             threads: int | None = None) -> dict[str, float]:
     """Median (and quartiles) in milliseconds of ``repeats`` forward passes after ``warmup``."""
-    model.eval()
     dev = example_input.device
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        for _ in range(warmup):
-            model(example_input)
-        times = []
-        for _ in range(repeats):
-            if dev.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
+        with hooked(model):
+            for _ in range(warmup):
                 model(example_input)
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                model(example_input)
-                times.append(1e3 * (time.perf_counter() - t0))
+            times = []
+            for _ in range(repeats):
+                if dev.type == "cuda":
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    model(example_input)
+                    end.record()
+                    torch.cuda.synchronize()
+                    times.append(start.elapsed_time(end))
+                else:
+                    t0 = time.perf_counter()
+                    model(example_input)
+                    times.append(1e3 * (time.perf_counter() - t0))
     finally:
         torch.set_num_threads(old_threads)
     q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3

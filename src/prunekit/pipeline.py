@@ -5,11 +5,18 @@ recurrent methods), so a run is a list of stages in a YAML file. Each stage writ
 and a ``done.json`` marker into ``RUN_DIR/stages/<n>-<name>/``; re-running the same command
 skips finished stages and resumes an interrupted training stage from its last epoch. A run
 directory belongs to one config: a changed config is refused unless ``force``.
+
+Data: a seeded, class-stratified share of the *training* split (``data.val_fraction``) is held out
+as the validation split (recorded in ``split.json``). Training stages select on it, methods score
+their decisions on it, cycles stop on it; the test split is touched only for the final
+before/after metrics. The pipeline knows methods only by what they declare (``methods.Method``):
+their options, their sparsity regulariser, whether zeros must stay zero.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import shutil
 import time
@@ -23,19 +30,23 @@ import yaml
 from . import data as pkdata
 from . import io, methods, models
 from .errors import PrunekitError
+from .graph import Masks
 from .measure import measure
+from .tasks import CLASSIFICATION
 from .train import TrainConfig, dist_info, evaluate, fit, resolve_device
 
 TRAIN_KEYS = {f.name for f in fields(TrainConfig)}
 STAGES = ("train", "sparsify", "prune", "finetune", "cycle")
 TOP_KEYS = {"name": str, "model": dict, "data": dict, "method": dict, "target": dict, "stages": list,
-            "device": str, "seed": int, "out": str}
+            "device": str, "seed": int, "out": str, "budget": int}
 MODEL_KEYS = {"name": str, "checkpoint": str, "num_classes": int, "kwargs": dict}
-DATA_KEYS = {"name": str, "root": str, "limit": int, "image_size": int, "batch_size": int, "download": bool}
+DATA_KEYS = {"name": str, "root": str, "limit": int, "image_size": int, "batch_size": int, "download": bool,
+             "val_fraction": float, "calibration_batches": int}
 METHOD_KEYS = {"name": str, "params": dict}
 TARGET_KEYS = {"speedup": (int, float), "sparsity": (int, float), "learned": bool, "schedule": list}
 CYCLE_KEYS = {"stage", "stages", "max_cycles", "stop_below", "tolerance"}
-SPARSIFY_KEYS = {"s", "decay"}
+VAL_FRACTION = 0.1
+REST = "rest"  # `epochs: rest` = what the run's `budget` has left
 
 
 def _err(key: str, msg: str) -> PrunekitError:
@@ -55,7 +66,7 @@ def _check_keys(section: dict, allowed: dict | set, where: str) -> None:
                 raise _err(f"{where}.{k}" if where else k, f"must be {names}, got {v!r}")
 
 
-def _check_stage(stage: Any, where: str) -> None:
+def _check_stage(stage: Any, where: str, method: methods.Method | None, budget: int | None) -> None:
     if not isinstance(stage, dict) or "stage" not in stage:
         raise _err(where, f"each stage is a mapping with 'stage: <one of {', '.join(STAGES)}>'")
     kind = stage["stage"]
@@ -67,17 +78,37 @@ def _check_stage(stage: Any, where: str) -> None:
         if not isinstance(inner, list) or not inner:
             raise _err(f"{where}.stages", "a cycle needs a non-empty list of stages")
         for i, s in enumerate(inner):
-            _check_stage(s, f"{where}.stages[{i}]")
+            _check_stage(s, f"{where}.stages[{i}]", method, budget)
             if s["stage"] == "cycle":
                 raise _err(f"{where}.stages[{i}]", "cycles cannot be nested")
-        if int(stage.get("max_cycles", 3)) < 1:
+            if s.get("epochs") == REST:
+                raise _err(f"{where}.stages[{i}].epochs", "'rest' is for a stage after the cycles")
+        for key, typ in (("max_cycles", int), ("stop_below", (int, float)), ("tolerance", (int, float))):
+            v = stage.get(key)
+            if v is not None and (not isinstance(v, typ) or isinstance(v, bool) or v < 0):
+                raise _err(f"{where}.{key}", f"must be a non-negative number, got {v!r}")
+        if stage.get("max_cycles", 3) < 1:
             raise _err(f"{where}.max_cycles", "must be >= 1")
         return
-    allowed = {"stage"} | (set() if kind == "prune" else TRAIN_KEYS) | (SPARSIFY_KEYS if kind == "sparsify" else set())
+    reg: dict = {}
+    if kind == "sparsify":
+        if method is None:
+            raise _err(f"{where}.stage", "a sparsify stage needs a method with a sparsity regulariser")
+        reg = method.regularizer_options
+        try:
+            method.check_regularizer_options({k: v for k, v in stage.items() if k in reg})
+        except PrunekitError as exc:
+            raise _err(where, str(exc)) from exc
+    allowed = {"stage"} | (set() if kind == "prune" else TRAIN_KEYS) | set(reg)
     _check_keys(stage, allowed, where)
     if kind != "prune":
+        settings = {k: v for k, v in stage.items() if k in TRAIN_KEYS}
+        if settings.get("epochs") == REST:
+            if budget is None:
+                raise _err(f"{where}.epochs", "'rest' needs a top-level budget (total training epochs of the run)")
+            settings["epochs"] = 0
         try:
-            TrainConfig.from_dict({k: v for k, v in stage.items() if k in TRAIN_KEYS})
+            TrainConfig.from_dict(settings)
         except PrunekitError as exc:
             raise _err(where, str(exc)) from exc
 
@@ -124,18 +155,29 @@ def validate(cfg: Any) -> dict:
     sched = cfg["target"].get("schedule", [])
     if any(not isinstance(v, int | float) or not 0 <= v < 1 for v in sched) or sched != sorted(sched):
         raise _err("target.schedule", f"must be increasing sparsities in [0, 1) (one per cycle), got {sched!r}")
-    if not cfg["stages"]:
+    vf = cfg["data"].get("val_fraction", VAL_FRACTION)
+    if isinstance(vf, bool) or not isinstance(vf, int | float) or not 0 < vf < 1:
+        raise _err("data.val_fraction", f"must be a fraction in (0, 1) of the training data, got {vf!r}")
+    budget = cfg.get("budget")
+    if budget is not None and budget < 0:
+        raise _err("budget", f"must be >= 0 epochs, got {budget}")
+    if not isinstance(cfg["stages"], list) or not cfg["stages"]:
         raise _err("stages", "needs at least one stage")
-    for i, st in enumerate(cfg["stages"]):
-        _check_stage(st, f"stages[{i}]")
-    kinds = [s["stage"] for s in cfg["stages"]] + [t["stage"] for s in cfg["stages"] for t in s.get("stages", [])]
-    uses_prune = "prune" in kinds
-    if uses_prune:
-        if "name" not in cfg["method"]:
-            raise _err("method.name", "a prune stage needs a method; see `prunekit methods`")
+    method = None
+    if cfg["method"].get("name") is not None:
         names = [m.name for m in methods.available()]
         if cfg["method"]["name"] not in names:
             raise _err("method.name", f"unknown method {cfg['method']['name']!r}; allowed: {', '.join(names)}")
+        method = methods.get(cfg["method"]["name"])
+        try:
+            method.check_options(cfg["method"].get("params") or {})
+        except PrunekitError as exc:
+            raise _err("method.params", str(exc)) from exc
+    for i, st in enumerate(cfg["stages"]):
+        _check_stage(st, f"stages[{i}]", method, budget)
+    kinds = [s["stage"] for s in cfg["stages"]] + [t["stage"] for s in cfg["stages"] for t in s.get("stages", [])]
+    if "prune" in kinds and method is None:
+        raise _err("method.name", "a prune stage needs a method; see `prunekit methods`")
     cfg.setdefault("device", "auto")
     cfg.setdefault("seed", 0)
     cfg.setdefault("name", Path(cfg["out"]).name)
@@ -153,6 +195,9 @@ class Run:
         self.dev = resolve_device(self.cfg["device"])
         self.log = self.dir / "log.jsonl"
         self.stage_no = 0
+        self.spent = 0  # epochs of training stages other than `train` so far (what `budget` counts)
+        self.task = CLASSIFICATION
+        self.method = methods.get(self.cfg["method"]["name"]) if self.cfg["method"].get("name") else None
 
     def _claim(self, force: bool) -> None:
         """Bind the directory to this config; refuse another config's directory unless ``force``."""
@@ -166,7 +211,8 @@ class Run:
                         f"run directory {self.dir} belongs to another config (differs at: {', '.join(diff)}); "
                         "use --force to restart it with this config, or choose another out")
                 if self.rank == 0:
-                    for p in ("stages", "log.jsonl", "metrics.json", "report.md", "report.html", "report_files"):
+                    for p in ("stages", "log.jsonl", "metrics.json", "report.md", "report.html", "report_files",
+                              "split.json"):
                         target = self.dir / p
                         shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
         if self.rank == 0:
@@ -190,6 +236,8 @@ class Run:
 
     def _train_cfg(self, stage: dict) -> TrainConfig:
         settings = {k: v for k, v in stage.items() if k in TRAIN_KEYS}
+        if settings.get("epochs") == REST:
+            settings["epochs"] = max(0, self.cfg["budget"] - self.spent)
         settings.setdefault("batch_size", self.cfg["data"].get("batch_size", 128))
         settings.setdefault("seed", self.cfg["seed"])
         return TrainConfig.from_dict(settings)
@@ -205,14 +253,46 @@ class Run:
     def _done(sdir: Path) -> dict | None:
         return io.safe_load(sdir / "done.pt") if (sdir / "done.pt").exists() else None
 
+    def _metric(self, model: torch.nn.Module, loader) -> float:
+        return evaluate(model, loader, self.dev, self.task)[self.task.metric]
+
+    # ---- data ----
+    def _data(self) -> None:
+        """Train / held-out validation / test loaders; the split is recorded (and checked on resume)."""
+        d = self.cfg["data"]
+        bundle = pkdata.load(d["name"], d.get("root"), image_size=d.get("image_size"), limit=d.get("limit"),
+                             download=bool(d.get("download")), seed=self.cfg["seed"])
+        self.full = bundle
+        bundle = bundle.holdout(d.get("val_fraction", VAL_FRACTION), seed=self.cfg["seed"])
+        split = {"val_fraction": d.get("val_fraction", VAL_FRACTION), "seed": self.cfg["seed"],
+                 "train": len(bundle.train), "val": len(bundle.val), "test": len(bundle.test),
+                 "val_indices": bundle.val_indices.tolist()}
+        path = self.dir / "split.json"
+        if self.rank == 0:
+            if path.exists() and json.loads(path.read_text()) != split:
+                raise PrunekitError(f"{path} records another validation split than this data gives now (the data "
+                                    "set changed?); use --force to restart the run")
+            path.write_text(json.dumps(split))
+        rank, world = dist_info()
+        bs = d.get("batch_size", 128)
+        self.bundle = bundle
+        self.train_loader, _ = bundle.loaders(batch_size=bs, device=self.dev, seed=self.cfg["seed"], rank=rank,
+                                              world_size=world)
+        self.val_loader = bundle.eval_loader(bundle.val, 256, self.dev, rank=rank, world_size=world)
+        self.test_loader = bundle.eval_loader(bundle.test, 256, self.dev)
+        # calibration: un-augmented training batches in a fixed, seeded order (methods take the first n)
+        self.calib_loader = bundle.eval_loader(bundle.train, bs, self.dev, shuffle=True, seed=self.cfg["seed"])
+        self.x = pkdata.example_inputs(bundle, seed=self.cfg["seed"])
+
     # ---- stages ----
-    def _initial_model(self, bundle: pkdata.DataBundle) -> torch.nn.Module:
-        mc = self.cfg["model"]
+    def _initial_model(self) -> torch.nn.Module:
+        mc, bundle = self.cfg["model"], self.bundle
         if mc.get("checkpoint"):
             model = io.load(mc["checkpoint"])
-            if model.prunekit_arch["num_classes"] != bundle.num_classes:
+            classes = model.prunekit_arch["num_classes"]
+            if classes != bundle.num_classes:
                 raise PrunekitError(
-                    f"checkpoint {mc['checkpoint']} has {model.prunekit_arch['num_classes']} classes but data "
+                    f"checkpoint {mc['checkpoint']} has {classes} classes but data "
                     f"{self.cfg['data']['name']} has {bundle.num_classes}; use a matching checkpoint")
             return model
         torch.manual_seed(self.cfg["seed"])
@@ -221,87 +301,74 @@ class Run:
         model.prunekit_arch["input_shape"] = list(bundle.input_shape)
         return model
 
-    def _train(self, stage: dict, model, loaders, name: str) -> torch.nn.Module:
+    def _train(self, stage: dict, model, name: str) -> torch.nn.Module:
         sdir = self._stage_dir(name)
+        cfg = self._train_cfg(stage)
         done = self._done(sdir)
         if done is not None:
+            self.spent += done.get("epochs", cfg.epochs) if stage["stage"] != "train" else 0
             return io.load(sdir / "model.pt")
-        cfg = self._train_cfg(stage)
         hook = None
-        if name.startswith("sparsify"):
-            hook = self._regularizer(stage, cfg, len(loaders[0]))
-        masks = self._masks(model)
-        model, res = fit(model, loaders[0], loaders[1], cfg, device=self.dev, run_dir=sdir, resume=True,
-                         desc=name, log_path=self.log, after_backward=hook,
+        if stage["stage"] == "sparsify":
+            settings = self.method.check_regularizer_options({k: stage[k] for k in self.method.regularizer_options
+                                                              if k in stage})
+            hook = self.method.regularizer(model, settings, max(1, cfg.epochs * len(self.train_loader)))
+        masks = None
+        if self.method is not None and self.method.keeps_zeros:  # unstructured: zeros stay zero in training
+            masks = Masks.from_zeros(model.to(self.dev))
+            masks.attach(model)
+        model, res = fit(model, self.train_loader, self.val_loader, cfg, device=self.dev, run_dir=sdir, resume=True,
+                         desc=name, log_path=self.log, after_backward=hook, task=self.task,
                          after_step=masks.after_step if masks is not None else None)
         if masks is not None:
             masks.detach()
-        self._finish(sdir, model, {"stage": name, "metric": res.final.get("val_top1"), "epochs": cfg.epochs})
+        if stage["stage"] != "train":
+            self.spent += cfg.epochs
+        self._finish(sdir, model, {"stage": name, "metric": res.final.get(f"val_{self.task.metric}"),
+                                   "epochs": cfg.epochs})
         return model
 
-    def _regularizer(self, stage: dict, cfg: TrainConfig, steps: int):
-        """The sparsity term of the method: L1 on BN scales (network slimming / adaptive-slim)."""
-        from .methods.adaptive_slim import DEFAULT_S, BNSparsity
-
-        return BNSparsity(s=stage.get("s", DEFAULT_S), decay=stage.get("decay", "constant"),
-                          total_steps=cfg.epochs * steps)
-
-    def _masks(self, model):
-        """Unstructured methods keep their zeros through later training."""
-        name = self.cfg["method"].get("name")
-        if name and methods.get(name).kind == "unstructured":
-            from .methods.magnitude import masks_from_zeros
-
-            masks = masks_from_zeros(model)
-            masks.attach(model)
-            return masks
-        return None
-
-    def _prune(self, model, bundle, name: str, test_loader, cycle: int = 1) -> tuple[torch.nn.Module, dict]:
+    def _prune(self, model, name: str, cycle: int = 1) -> tuple[torch.nn.Module, dict]:
         sdir = self._stage_dir(name)
         done = self._done(sdir)
         if done is not None:
             return io.load(sdir / "model.pt"), done
-        x = pkdata.example_inputs(bundle).to(self.dev)
         model = model.to(self.dev)
         tgt = self.cfg["target"]
         sparsity = tgt.get("sparsity")
         if tgt.get("schedule"):  # iterative pruning: cycle c prunes to the c-th level of the schedule
             sparsity = tgt["schedule"][min(cycle, len(tgt["schedule"])) - 1]
-        result = methods.prune(model, self.cfg["method"]["name"], x, speedup=tgt.get("speedup"),
-                               sparsity=sparsity, data=test_loader, **self.cfg["method"].get("params", {}))
-        metric = evaluate(result.model, test_loader, self.dev)["top1"]
-        record = {"stage": name, "metric": metric, "prune": result.to_dict(),
+        ctx = methods.Context(self.x, _First(self.calib_loader, self.cfg["data"].get("calibration_batches", 64)),
+                              self.val_loader, self.dev, self.task)
+        result = methods.prune(model, self.method.name, speedup=tgt.get("speedup"), sparsity=sparsity, ctx=ctx,
+                               **self.cfg["method"].get("params", {}))
+        record = {"stage": name, "metric": self._metric(result.model, self.val_loader), "prune": result.to_dict(),
                   "macs_removed": 1 - result.after["macs"] / max(result.before["macs"], 1)}
         self._finish(sdir, result.model, record)
         return result.model, record
 
     def execute(self) -> dict:
         t0 = time.perf_counter()
-        d = self.cfg["data"]
-        bundle = pkdata.load(d["name"], d.get("root"), image_size=d.get("image_size"), limit=d.get("limit"),
-                             download=bool(d.get("download")), seed=self.cfg["seed"])
-        _, world = dist_info()
-        loaders = bundle.loaders(batch_size=d.get("batch_size", 128), device=self.dev, seed=self.cfg["seed"],
-                                 rank=self.rank, world_size=world)
-        model = self._initial_model(bundle)
-        x = pkdata.example_inputs(bundle)
+        self._data()
+        model = self._initial_model()
         before_model = None
         for st in self.cfg["stages"]:
             kind = st["stage"]
-            if kind == "prune" and before_model is None:
+            if kind in ("prune", "cycle") and before_model is None:
                 before_model = copy.deepcopy(model)
             if kind in ("train", "finetune", "sparsify"):
-                model = self._train(st, model, loaders, kind)
+                model = self._train(st, model, kind)
             elif kind == "prune":
-                model, _ = self._prune(model, bundle, "prune", loaders[1])
+                model, _ = self._prune(model, "prune")
             else:
-                before_model = before_model or copy.deepcopy(model)
-                model = self._cycle(st, model, bundle, loaders)
+                model = self._cycle(st, model)
         before_model = before_model or model
         metrics = {"name": self.cfg["name"], "method": self.cfg["method"].get("name"), "run_dir": str(self.dir),
-                   "before": self._metrics(before_model, loaders[1], x),
-                   "after": self._metrics(model, loaders[1], x), "wall_s": round(time.perf_counter() - t0, 1)}
+                   "metric": self.task.metric, "metric_label": self.task.metric_label,
+                   "split": {"train": len(self.bundle.train), "val": len(self.bundle.val),
+                             "test": len(self.bundle.test)},
+                   "before": self._metrics(before_model), "after": self._metrics(model),
+                   "wall_s": round(time.perf_counter() - t0, 1)}
         if self.rank == 0:
             io.atomic_save(metrics, self.dir / "metrics.pt")
             (self.dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
@@ -310,34 +377,59 @@ class Run:
             write_report([self.dir])
         return metrics
 
-    def _cycle(self, st: dict, model, bundle, loaders) -> torch.nn.Module:
-        """Repeat the inner stages until a round removes < stop_below of MACs, the metric falls by
-        more than ``tolerance`` points, or ``max_cycles`` rounds ran."""
-        start_metric = evaluate(model, loaders[1], self.dev)["top1"]
+    def _cycle_epochs(self, st: dict) -> int:
+        return sum(self._train_cfg(s).epochs for s in st["stages"] if s["stage"] != "prune")
+
+    def _cycle(self, st: dict, model) -> torch.nn.Module:
+        """Repeat the inner stages until a round removes < stop_below of MACs, the validation metric falls by
+        more than ``tolerance`` points, ``max_cycles`` rounds ran, or (with a ``budget``) another round would
+        leave no epoch for the stages after the cycle."""
+        start_metric = self._metric(model, self.val_loader)
+        sign = 1 if self.task.higher_is_better else -1
         for c in range(1, int(st.get("max_cycles", 3)) + 1):
+            if c > 1 and self.cfg.get("budget") is not None and \
+                    self.cfg["budget"] - self.spent - self._cycle_epochs(st) < 1:
+                self._event({"event": "cycle_skipped", "cycle": c, "reason": "budget"})
+                break
             removed = None
             for inner in st["stages"]:
                 kind = inner["stage"]
                 if kind == "prune":
-                    model, rec = self._prune(model, bundle, f"prune-c{c}", loaders[1], cycle=c)
+                    model, rec = self._prune(model, f"prune-c{c}", cycle=c)
                     removed = rec["macs_removed"]
                 else:
-                    model = self._train(inner, model, loaders, f"{kind}-c{c}")
-            metric = evaluate(model, loaders[1], self.dev)["top1"]
+                    model = self._train(inner, model, f"{kind}-c{c}")
+            metric = self._metric(model, self.val_loader)
             self._event({"event": "cycle_done", "cycle": c, "macs_removed": removed, "metric": metric})
-            kind = methods.get(self.cfg["method"]["name"]).kind if self.cfg["method"].get("name") else None
-            if kind != "unstructured" and removed is not None and removed < float(st.get("stop_below", 0.01)):
+            if self.method.kind != "unstructured" and removed is not None and \
+                    removed < float(st.get("stop_below", 0.01)):
                 break
-            if start_metric - metric > float(st.get("tolerance", 100.0)):
+            if sign * (start_metric - metric) > float(st.get("tolerance", 100.0)):
                 break
         return model
 
-    def _metrics(self, model, test_loader, x) -> dict:
-        stats = measure(model.cpu(), x, repeats=10, warmup=2, threads=1)
-        return {"top1": evaluate(model, test_loader, "cpu")["top1"], "params": stats["params"],
+    def _metrics(self, model) -> dict:
+        """Final table: the test split's metric (the only use of the test split), cost and latency."""
+        stats = measure(model.cpu(), self.x[:1], repeats=10, warmup=2, threads=1)
+        return {self.task.metric: self._metric(model, self.test_loader), "params": stats["params"],
                 "nonzero_params": stats["nonzero_params"], "macs": stats["macs"], "size_bytes": stats["size_bytes"],
                 "latency_b1_ms": stats["latency"]["b1"]["median_ms"],
                 "latency_b64_ms": stats["latency"]["b64"]["median_ms"], "latency_threads": 1}
+
+
+class _First:
+    """The first ``n`` batches of a loader, the same ones on every pass (a fixed calibration set)."""
+
+    def __init__(self, loader, n: int):
+        self.loader, self.n = loader, n
+
+    def __iter__(self):
+        if hasattr(self.loader, "set_epoch"):
+            self.loader.set_epoch(0)
+        return itertools.islice(iter(self.loader), self.n)
+
+    def __len__(self) -> int:
+        return min(self.n, len(self.loader))
 
 
 def run(config: str | Path | dict, *, force: bool = False, out: str | Path | None = None) -> dict:

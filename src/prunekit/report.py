@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io as _io
 import json
 from pathlib import Path
 
@@ -21,11 +20,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from . import io  # noqa: E402
+from . import io, methods  # noqa: E402
 from .errors import PrunekitError  # noqa: E402
+from .plots import png  # noqa: E402
 
-ROWS = [
-    ("top-1 (%)", "top1", "{:.2f}"),
+ROWS = [  # the task's metric comes first (see _rows)
     ("parameters", "params", "{:,}"),
     ("non-zero parameters", "nonzero_params", "{:,}"),
     ("MACs", "macs", "{:,}"),
@@ -33,13 +32,6 @@ ROWS = [
     ("latency b1 (ms, 1 thread)", "latency_b1_ms", "{:.3f}"),
     ("latency b64 (ms, 1 thread)", "latency_b64_ms", "{:.2f}"),
 ]
-
-
-def _png(fig) -> bytes:
-    buf = _io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
 
 
 def _stage_dirs(run: Path) -> list[Path]:
@@ -77,100 +69,68 @@ def _channels_plot(run: dict) -> bytes | None:
     ax.set_ylabel("channels")
     ax.set_title("channels per coupled group (named by its first layer)")
     ax.legend()
-    return _png(fig)
+    return png(fig)
 
 
-def _gamma_plot(run: dict) -> bytes | None:
-    """Histogram of log10|γ| before the first prune, with the threshold (and fitted mixture if any)."""
+def _metric(run: dict) -> tuple[str, str]:
+    """(key, label) of the task's metric the run recorded."""
+    m = run["metrics"]
+    return m.get("metric", "top1"), m.get("metric_label", "top-1 (%)")
+
+
+def _method_figures(run: dict) -> list[tuple[str, bytes]]:
+    """The figures the run's method declares, drawn from its first prune stage's ``info``."""
     prunes = [s for s in run["stages"] if "prune" in s]
-    if not prunes:
-        return None
-    info = dict(prunes[0]["prune"].get("info", {}))
-    fit = info.get("channel_fit")
-    if fit and fit.get("samples"):  # adaptive-slim: the learned two-component fit and its cut
-        info = {"gamma_log10": fit["samples"], "threshold_log10": fit.get("cut"),
-                "components": {k: fit[k] for k in ("weights", "means", "stds")} if fit.get("weights") else None}
-    if "gamma_log10" not in info:
-        return None
-    vals = np.asarray(info["gamma_log10"])
-    fig, ax = plt.subplots(figsize=(6, 3.2))
-    ax.hist(vals, bins=60, density=True, color="#9bb7d4", label="log10 |γ| (all prunable channels)")
-    if info.get("components"):
-        xs = np.linspace(vals.min(), vals.max(), 300)
-        comp = info["components"]
-        for i, (w, mu, sd) in enumerate(zip(comp["weights"], comp["means"], comp["stds"], strict=True)):
-            dens = w * np.exp(-0.5 * ((xs - mu) / sd) ** 2) / (sd * np.sqrt(2 * np.pi))
-            ax.plot(xs, dens, label=f"component {i + 1}")
-    if info.get("threshold_log10") is not None:
-        ax.axvline(info["threshold_log10"], color="crimson", ls="--", label=f"threshold {info['threshold_log10']:.2f}")
-    ax.set_xlabel("log10 |γ|")
-    ax.legend(fontsize=7)
-    ax.set_title("BN scale factors and the pruning threshold" if info.get("threshold_log10") is not None
-                 else "BN scale factors: no threshold learned (unimodal, nothing pruned)")
-    return _png(fig)
-
-
-def _norms_plot(run: dict) -> bytes | None:
-    """dist-fit: one layer's norm histogram, kept by dist-fit vs. kept by l1-norm (largest norms)."""
-    prunes = [s for s in run["stages"] if "prune" in s]
-    if not prunes or "norms" not in prunes[0]["prune"].get("info", {}):
-        return None
-    norms = prunes[0]["prune"]["info"]["norms"]
-    name = max(norms, key=lambda n: len(norms[n]["norms"]) - len(norms[n]["kept"]))
-    all_n = np.asarray(norms[name]["norms"])
-    k = len(norms[name]["kept"])
-    fit = all_n[norms[name]["kept"]]
-    l1 = np.sort(all_n)[-k:]
-    fig, axes = plt.subplots(1, 3, figsize=(9, 2.8), sharex=True, sharey=True)
-    bins = np.linspace(all_n.min(), all_n.max(), 16)
-    for ax, vals, title in zip(axes, (all_n, fit, l1), (f"original ({len(all_n)})", f"dist-fit keeps {k}",
-                                                         f"l1-norm keeps {k}"), strict=True):
-        ax.hist(vals, bins=bins, color="#2f6db3")
-        ax.set_title(title, fontsize=9)
-    fig.suptitle(f"filter norms of {name}", fontsize=10, y=1.06)
-    return _png(fig)
+    name = run["metrics"].get("method")
+    if not prunes or not name:
+        return []
+    method = methods.get(name)
+    return method.figures(prunes[0]["prune"].get("info", {})) if method.figures else []
 
 
 def _curves_plot(runs: list[dict]) -> bytes | None:
     fig, ax = plt.subplots(figsize=(6, 3.2))
     drawn = False
     for run in runs:
-        epochs = [r for r in run["log"] if "epoch" in r and r.get("val_top1") is not None]
+        key = f"val_{_metric(run)[0]}"
+        epochs = [r for r in run["log"] if "epoch" in r and r.get(key) is not None]
         if epochs:
-            ax.plot(range(1, len(epochs) + 1), [r["val_top1"] for r in epochs], marker=".",
+            ax.plot(range(1, len(epochs) + 1), [r[key] for r in epochs], marker=".",
                     label=run["metrics"]["name"])
             drawn = True
     if not drawn:
         plt.close(fig)
         return None
     ax.set_xlabel("epoch (all stages in order)")
-    ax.set_ylabel("validation top-1 (%)")
+    ax.set_ylabel(f"validation {_metric(runs[0])[1]} (held out of the training data)")
     ax.legend(fontsize=7)
     ax.set_title("training curves")
-    return _png(fig)
+    return png(fig)
 
 
 def _tradeoff_plot(runs: list[dict]) -> bytes | None:
     if len(runs) < 2:
         return None
     fig, ax = plt.subplots(figsize=(5, 3.4))
+    key, label = _metric(runs[0])
     for run in runs:
         a = run["metrics"]["after"]
-        ax.scatter(a["macs"] / 1e6, a["top1"], s=30)
-        ax.annotate(run["metrics"]["name"], (a["macs"] / 1e6, a["top1"]), fontsize=7)
+        ax.scatter(a["macs"] / 1e6, a[key], s=30)
+        ax.annotate(run["metrics"]["name"], (a["macs"] / 1e6, a[key]), fontsize=7)
     b = runs[0]["metrics"]["before"]
-    ax.scatter(b["macs"] / 1e6, b["top1"], marker="*", s=80, color="k", label="base")
+    ax.scatter(b["macs"] / 1e6, b[key], marker="*", s=80, color="k", label="base")
     ax.set_xlabel("MACs (M)")
-    ax.set_ylabel("top-1 (%)")
+    ax.set_ylabel(f"test {label}")
     ax.legend(fontsize=7)
     ax.set_title("metric vs. MACs, one point per run")
-    return _png(fig)
+    return png(fig)
 
 
 def _table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
     header = ["", "base"] + [r["metrics"]["name"] for r in runs]
     rows = []
-    for label, key, fmt in ROWS:
+    metric, metric_label = _metric(runs[0])
+    for label, key, fmt in [(f"test {metric_label}", metric, "{:.2f}"), *ROWS]:
         base = runs[0]["metrics"]["before"].get(key)
         cells = [label, fmt.format(base) if base is not None else "–"]
         cells += [fmt.format(r["metrics"]["after"][key]) if r["metrics"]["after"].get(key) is not None else "–"
@@ -187,13 +147,11 @@ def write_report(run_dirs: list[str | Path], out: str | Path | None = None) -> t
     title = "prunekit report — " + ", ".join(r["metrics"]["name"] for r in runs)
     plots: list[tuple[str, bytes]] = []
     for r in runs:
-        for label, fn in (("channels", _channels_plot), ("gamma", _gamma_plot), ("norms", _norms_plot)):
-            png = fn(r)
-            if png:
-                plots.append((f"{r['metrics']['name']}-{label}", png))
-    for label, png in (("curves", _curves_plot(runs)), ("tradeoff", _tradeoff_plot(runs))):
-        if png:
-            plots.append((label, png))
+        figures = [("channels", _channels_plot(r)), *_method_figures(r)]
+        plots += [(f"{r['metrics']['name']}-{label}", fig) for label, fig in figures if fig]
+    for label, fig in (("curves", _curves_plot(runs)), ("tradeoff", _tradeoff_plot(runs))):
+        if fig:
+            plots.append((label, fig))
     header, rows = _table(runs)
     files = out / "report_files"
     files.mkdir(exist_ok=True)
@@ -204,11 +162,11 @@ def write_report(run_dirs: list[str | Path], out: str | Path | None = None) -> t
             "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
     body += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows]
     body.append("</table><p>Latency: median of timed CPU runs at one thread after warm-up.</p>")
-    for name, png in plots:
-        (files / f"{name}.png").write_bytes(png)
+    for name, image in plots:
+        (files / f"{name}.png").write_bytes(image)
         md.append(f"![{name}](report_files/{name}.png)")
         md.append("")
-        uri = "data:image/png;base64," + base64.b64encode(png).decode()
+        uri = "data:image/png;base64," + base64.b64encode(image).decode()
         body.append(f"<figure><img alt='{html.escape(name)}' src='{uri}'><figcaption>{html.escape(name)}"
                     "</figcaption></figure>")
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"

@@ -158,8 +158,8 @@ def _read(path: str | Path) -> dict:
     return obj
 
 
-def load_sparse(path: str | Path) -> nn.Module:
-    """Rebuild the dense model (in eval mode) from a file written by ``export_sparse``."""
+def load_sparse(path: str | Path, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild the dense model (in eval mode) from a file written by ``export_sparse`` (``model``: see io.build)."""
     obj = _read(path)
     state = dict(obj["dense"])
     start = row = 0
@@ -175,9 +175,12 @@ def load_sparse(path: str | Path) -> nn.Module:
         raise PrunekitError(f"{path} is corrupt (bad layer table: {exc}); re-export it") from exc
     if start != obj["values"].numel() or row != obj["rowptr"].numel():
         raise PrunekitError(f"{path} is corrupt (layer table and sparse arrays disagree); re-export it")
-    model = io.build(obj["arch"], state)
+    model = io.build(obj["arch"], state, model)
     model.eval()
     return model
+
+
+io.DECODERS[FORMAT] = load_sparse
 
 
 class SparseLinear(nn.Module):

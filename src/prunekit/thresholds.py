@@ -11,6 +11,7 @@ score distribution itself (a two-component mixture, S0 adaptive-slim).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -165,41 +166,34 @@ def _otsu(x: np.ndarray, bins: int = 128) -> tuple[float, float]:
     return float(edges[k + 1]), float(between[k] / x.var())
 
 
-def _em(x: np.ndarray, floor: float, iters: int = 200, tol: float = 1e-7):
-    """Best of a few EM runs of a 1-D two-Gaussian mixture started from splits of the data; None if all degenerate.
+def _em(x: np.ndarray, floor: float):
+    """Best of a few EM fits of a 1-D two-Gaussian mixture (scikit-learn), started from splits of the data.
 
-    Beyond a thousand values EM runs on a fine histogram (bin centres weighted by counts), which costs
-    the same for any size and changes nothing at the scale of the components.
+    Starts: Otsu's split and the 10/50/90 % quantiles (EM finds a thin low mode from a split near it,
+    not from k-means). A fit whose smaller component holds almost nothing has collapsed and is
+    skipped; None if every start did. ``floor`` keeps a component from shrinking onto one value.
     """
-    pts, c = x, np.ones_like(x)
-    if x.size > 1024:
-        counts, edges = np.histogram(x, 1024)
-        pts, c = ((edges[:-1] + edges[1:]) / 2)[counts > 0], counts[counts > 0].astype(float)
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.mixture import GaussianMixture
+
+    col = x[:, None]
     best = None
     for t in (_otsu(x)[0], *np.quantile(x, (0.1, 0.5, 0.9))):
         lo, hi = x[x < t], x[x >= t]
         if lo.size == 0 or hi.size == 0:
             continue
-        w, mu = np.array([lo.size, hi.size]) / x.size, np.array([lo.mean(), hi.mean()])
         sd = np.maximum([lo.std(), hi.std()], floor)
-        prev = -np.inf
-        for _ in range(iters):
-            lp = np.log(w / sd)[:, None] - 0.5 * ((pts - mu[:, None]) / sd[:, None]) ** 2
-            top = lp.max(0)
-            norm = top + np.log(np.exp(lp - top).sum(0))
-            r = np.exp(lp - norm) * c
-            nk = r.sum(1)
-            ll = float(norm @ c) / x.size
-            if not np.isfinite(ll) or nk.min() < 1e-9 * x.size:
-                ll = -np.inf  # a component collapsed: this start failed
-                break
-            w, mu = nk / x.size, (r @ pts) / nk
-            sd = np.maximum(np.sqrt((r * (pts - mu[:, None]) ** 2).sum(1) / nk), floor)
-            if ll - prev < tol:
-                break
-            prev = ll
-        if np.isfinite(ll) and (best is None or ll > best[0]):
-            best = (ll, w, mu, sd)
+        gm = GaussianMixture(2, covariance_type="spherical", reg_covar=floor ** 2, max_iter=200, tol=1e-7,
+                             weights_init=np.array([lo.size, hi.size]) / x.size,
+                             means_init=[[lo.mean()], [hi.mean()]], precisions_init=1 / sd ** 2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            gm.fit(col)
+        ll = float(gm.score(col))
+        if not np.isfinite(ll) or gm.weights_.min() < 1e-9:
+            continue
+        if best is None or ll > best[0]:
+            best = (ll, gm.weights_, gm.means_[:, 0], np.sqrt(gm.covariances_))
     if best is None:
         return None
     order = np.argsort(best[2])
@@ -257,7 +251,7 @@ def learn_threshold(values: torch.Tensor | np.ndarray | Sequence[float], *, log:
     if x.size < 4 or np.ptp(x) == 0:
         return ThresholdFit(None, None, (1.0, 0.0), (float(x.mean()) if x.size else 0.0,) * 2, (0.0, 0.0), False,
                             "em", 0.0, 1.0, "fewer than 4 distinct values", log, samples)
-    fitted = _em(x, floor=max(1e-2 * float(x.std()), 1e-9))
+    fitted = _em(x, floor=max(1e-2 * float(x.std()), 1e-6))
     method, eta = "em", 1.0
     if fitted is None:
         method, (t, eta) = "otsu", _otsu(x)

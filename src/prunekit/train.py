@@ -20,12 +20,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 from . import io
 from .errors import PrunekitError
+from .tasks import CLASSIFICATION, Task
 
 CKPT = "last.pt"
 LOG = "log.jsonl"
@@ -135,28 +135,55 @@ def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: in
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, device: str | torch.device | None = None) -> dict[str, float]:
-    """Top-1 accuracy and mean cross-entropy; sums across ranks under DDP."""
+def evaluate(model: nn.Module, loader, device: str | torch.device | None = None,
+             task: Task = CLASSIFICATION) -> dict[str, float]:
+    """The task's metrics (classification: top-1 and mean cross-entropy); sums across ranks under DDP."""
     dev = resolve_device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    correct = torch.zeros((), dtype=torch.float64, device=dev)
-    loss = torch.zeros((), dtype=torch.float64, device=dev)
-    n = torch.zeros((), dtype=torch.float64, device=dev)
-    for x, y in loader:
-        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-        with torch.autocast(dev.type, enabled=dev.type == "cuda"):
-            out = model(x)
-        loss += F.cross_entropy(out.float(), y, reduction="sum").double()
-        correct += (out.argmax(1) == y).sum()
-        n += y.numel()
-    if dist.is_initialized():
-        for t in (correct, loss, n):
-            dist.all_reduce(t)
-    model.train(was_training)
-    total = max(n.item(), 1.0)
-    return {"top1": 100.0 * correct.item() / total, "loss": loss.item() / total, "n": int(n.item())}
+    return task.evaluate(model, loader, dev)
+
+
+class BNSparsity:
+    """``after_backward`` hook for ``fit``: add s_t·sign(γ) to the gradient of BN scale factors.
+
+    The sub-gradient of the L1 penalty s·Σ|γ| of network slimming (Liu et al. 2017), the sparsity
+    training of adaptive-slim and imp-sim. Added after ``fit`` has unscaled the gradients and before
+    the optimiser step, so it works under AMP and alongside weight decay. ``bns`` (module names)
+    restricts it to the BNs of prunable groups, otherwise every BatchNorm (any ``_BatchNorm``, so
+    SyncBatchNorm too). s_t stays at ``s`` or decays to 0 over ``total_steps`` calls (linear / cosine).
+    """
+
+    DECAYS = ("constant", "linear", "cosine")
+
+    def __init__(self, s: float, decay: str = "constant", total_steps: int | None = None,
+                 bns: list[str] | None = None) -> None:
+        if not s >= 0:
+            raise PrunekitError(f"sparsity s must be >= 0, got {s}")
+        if decay not in self.DECAYS:
+            raise PrunekitError(f"sparsity decay must be one of {', '.join(self.DECAYS)}, got {decay!r}")
+        if decay != "constant" and not total_steps:
+            raise PrunekitError(f"sparsity decay {decay!r} needs total_steps (optimiser steps of the run)")
+        self.s, self.decay, self.total_steps = s, decay, total_steps
+        self.bns = None if bns is None else list(bns)
+        self.step = 0
+
+    def rate(self) -> float:
+        """s_t for the next call."""
+        if self.decay == "constant":
+            return self.s
+        p = min(self.step / self.total_steps, 1.0)
+        return self.s * (1 - p) if self.decay == "linear" else self.s * 0.5 * (1 + math.cos(math.pi * p))
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module) -> None:
+        s = self.rate()
+        self.step += 1
+        if s == 0:
+            return
+        bns = ([model.get_submodule(n) for n in self.bns] if self.bns is not None
+               else [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)])
+        for bn in bns:
+            if bn.weight is not None and bn.weight.grad is not None:
+                bn.weight.grad.add_(torch.sign(bn.weight), alpha=s)
 
 
 def _append_log(path: Path, record: dict) -> None:
@@ -180,6 +207,7 @@ def fit(
     after_step: Callable[[nn.Module], None] | None = None,
     desc: str = "train",
     log_path: str | Path | None = None,
+    task: Task = CLASSIFICATION,
 ) -> tuple[nn.Module, TrainResult]:
     """Train ``model`` for ``cfg.epochs``; returns the (possibly resumed) model and per-epoch history.
 
@@ -215,7 +243,6 @@ def fit(
         sched.load_state_dict(ckpt_state["scheduler"])
     use_amp = cfg.amp and dev.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     show = rank == 0
     for epoch in range(start_epoch, cfg.epochs):
         if hasattr(train_loader, "set_epoch"):
@@ -231,7 +258,7 @@ def fit(
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(dev.type, enabled=use_amp):
                 out = net(x)
-                loss = criterion(out, y)
+                loss = task.loss(out, y, cfg.label_smoothing)
                 if extra_loss is not None:
                     loss = loss + extra_loss(model, out, y)
             if not torch.isfinite(loss):
@@ -249,17 +276,18 @@ def fit(
                 after_step(model)
             seen += y.numel()
             loss_sum += loss.item() * y.numel()
-            correct += (out.argmax(1) == y).sum().item()
+            correct += task.hits(out, y).item()
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}")
-        val = evaluate(model, val_loader, dev) if val_loader is not None else {}
+        val = task.evaluate(model, val_loader, dev) if val_loader is not None else {}
+        metric = task.metric
         record = {"stage": desc, "epoch": epoch + 1, "epochs": cfg.epochs, "train_loss": loss_sum / max(seen, 1),
-                  "train_top1": 100.0 * correct / max(seen, 1), "val_top1": val.get("top1"),
+                  f"train_{metric}": 100.0 * correct / max(seen, 1), f"val_{metric}": val.get(metric),
                   "val_loss": val.get("loss"), "lr": opt.param_groups[0]["lr"],
                   "epoch_s": round(time.perf_counter() - t0, 2), "world_size": world}
         result.history.append(record)
         if show:
             tqdm.write(f"{desc} epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.3f} "
-                       f"train {record['train_top1']:.2f}% val {val.get('top1', float('nan')):.2f}% "
+                       f"train {record[f'train_{metric}']:.2f} val {metric} {val.get(metric, float('nan')):.2f} "
                        f"({record['epoch_s']:.0f}s)")
             if run_dir is not None:
                 io.atomic_save({"format": "prunekit-train", "version": io.VERSION, "epoch": epoch,

@@ -7,7 +7,7 @@ CIFAR-10, any ImageFolder tree, synthetic tensors) is decoded once into one uint
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -35,6 +35,8 @@ class DataBundle:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     hflip: bool = True  # False where mirrored images change the class (digits)
+    val: ImageSet | None = None  # held out of the *training* data by ``holdout``, for decisions
+    val_indices: torch.Tensor | None = None  # positions of ``val`` in the original training split
 
     @property
     def num_classes(self) -> int:
@@ -71,10 +73,42 @@ class DataBundle:
         )
         return make(self.train, shuffle=True, augment=augment, pad=pad, flip=self.hflip), make(self.test)
 
+    def holdout(self, fraction: float, seed: int = 0) -> DataBundle:
+        """This bundle with a seeded, class-stratified ``fraction`` of the training split moved to ``val``.
 
-def example_inputs(bundle: DataBundle, batch: int = 1) -> torch.Tensor:
-    """A normalised-dtype input of the right shape, for tracing and dependency graphs."""
-    return torch.zeros(batch, *bundle.input_shape, dtype=torch.float32)
+        Data-driven methods and model selection score on ``val``; the test split stays untouched
+        until the final table. The same ``seed`` always holds out the same images.
+        """
+        if not 0 < fraction < 1:
+            raise PrunekitError(f"validation fraction must be in (0, 1), got {fraction}")
+        n = len(self.train)
+        n_val = max(1, round(fraction * n))
+        if n - n_val < 1:
+            raise PrunekitError(f"the training split has {n} images: too few to hold out a validation split")
+        val_idx = stratified_first(self.train.labels, n_val, seed)
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[val_idx] = False
+        return replace(self, train=self.train.subset(keep.nonzero().squeeze(1)), val=self.train.subset(val_idx),
+                       val_indices=val_idx)
+
+    def eval_loader(self, split: ImageSet, batch_size: int = 256, device: str | torch.device = "cpu",
+                    *, shuffle: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1) -> Loader:
+        """Batches of ``split`` as the model sees them at test time (no augmentation)."""
+        return Loader(split, self.mean, self.std, batch_size=batch_size, device=device, shuffle=shuffle, seed=seed,
+                      rank=rank, world_size=world_size)
+
+
+def example_inputs(bundle: DataBundle, batch: int = 8, seed: int = 0) -> torch.Tensor:
+    """Real, normalised training images (a seeded, class-stratified pick) for tracing and probing.
+
+    Methods probe activations on them (β compensation, residual-block discovery), so they must look
+    like what the model sees, not an all-zero image.
+    """
+    idx = stratified_first(bundle.train.labels, min(batch, len(bundle.train)), seed)
+    x = bundle.train.images[idx].float().div_(255)
+    mean = torch.tensor(bundle.mean).view(1, -1, 1, 1)
+    std = torch.tensor(bundle.std).view(1, -1, 1, 1)
+    return (x - mean) / std
 
 
 def load(

@@ -1,13 +1,26 @@
 """Pruning methods by name: the registry behind ``prunekit.prune`` and ``prunekit methods``.
 
 Each method is a module in this package that reads like its paper and registers itself with
-``register``. A method receives the model and example inputs and returns a ``PruneResult``.
+``register``, declaring everything the layers above need to know about it: its kind and target,
+its options (type, default, one line of help), whether it needs data, the sparsity regulariser its
+training stages use, whether zeros must stay zero through training, and the figures it adds to a
+report. The pipeline, CLI and report read only these declarations, so adding a method touches its
+own module and nothing else.
+
+A method is called as ``fn(model, ctx, speedup=… | sparsity=…, **options)`` with the options
+checked and their defaults filled in, and returns a ``PruneResult``. ``ctx`` (a ``Context``) holds
+what the method may use besides the model: example inputs drawn from the real data, calibration
+batches from the training split, a held-out validation split of the training data (never the test
+split), the task's ``evaluate`` and the device.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+import itertools
+import math
+import pkgutil
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +29,8 @@ from torch import nn
 
 from ..errors import PrunekitError
 from ..measure import count_params
+from ..tasks import CLASSIFICATION, Task
+from ..train import BNSparsity
 
 
 @dataclass
@@ -48,31 +63,158 @@ class PruneResult:
                 f"params {b['params'] / 1e6:.3f}M -> {a['params'] / 1e6:.3f}M")
 
 
+# ---- declared options ----
+@dataclass(frozen=True)
+class Option:
+    """One option of a method: name, accepted type(s), default, one line of help, allowed values."""
+
+    name: str
+    type: type | tuple[type, ...]
+    default: Any
+    help: str
+    choices: tuple | None = None
+
+    def type_name(self) -> str:
+        types = self.type if isinstance(self.type, tuple) else (self.type,)
+        return " or ".join("null" if t is type(None) else t.__name__ for t in types)
+
+    def check(self, value: Any, method: str) -> Any:
+        """The value, or a PrunekitError naming the option, its type and the allowed values."""
+        types = self.type if isinstance(self.type, tuple) else (self.type,)
+        ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+        if ok and isinstance(value, float) and not math.isfinite(value):
+            ok = False
+        if not ok:
+            raise PrunekitError(f"method {method!r}: option {self.name} must be {self.type_name()}, got {value!r}")
+        if self.choices is not None and value not in self.choices:
+            raise PrunekitError(f"method {method!r}: option {self.name}={value!r} is not one of "
+                                f"{', '.join(map(str, self.choices))}")
+        return value
+
+
+_LAYER_LIST = (list, tuple, type(None))
+# Options every structured method takes (they shape the PruneGraph).
+STRUCTURED_OPTIONS = (
+    Option("ignored_layers", _LAYER_LIST, None, "module names (or modules) never pruned; the output layers never are"),
+    Option("min_keep", int, 1, "channels every coupled group keeps at least"),
+    Option("round_to", (int, type(None)), None, "round kept channel counts up to a multiple of this (e.g. 8)"),
+)
+
+
+# Sparsity training on BN scale factors (network slimming's L1 on γ), shared by the BN-|γ| methods.
+DEFAULT_S = 2e-3
+BN_SPARSITY_OPTIONS = (
+    Option("s", (int, float), DEFAULT_S, "L1 strength on BN γ (sub-gradient s·sign(γ) added each step)"),
+    Option("decay", str, "constant", "how s falls over the stage", BNSparsity.DECAYS),
+)
+
+
+def bn_sparsity(model: nn.Module, settings: dict, total_steps: int) -> BNSparsity:
+    """The ``sparsify`` stage's regulariser for methods that rank channels by BN |γ|."""
+    return BNSparsity(s=settings["s"], decay=settings["decay"], total_steps=total_steps)
+
+
+# ---- what a method receives ----
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class Context:
+    """Everything a method may use besides the model and its options.
+
+    ``data`` yields ``(inputs, targets)`` batches of the training split (calibration, statistics);
+    ``val`` is a held-out split of the *training* data for scoring decisions; ``evaluate(model, batches)``
+    returns the task's metrics (``task.metric`` among them, e.g. ``top1``). Any of them may be missing
+    for methods that need no data; ``require`` turns that into one clear error.
+    """
+
+    example_inputs: torch.Tensor
+    data: Batches | None = None
+    val: Batches | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    task: Task = CLASSIFICATION
+
+    def evaluate(self, model: nn.Module, batches: Batches | None = None) -> dict[str, float]:
+        """The task's metrics of ``model`` on ``batches`` (default: the validation split)."""
+        batches = batches if batches is not None else self.require("val", "evaluation")
+        return self.task.evaluate(model, batches, self.device)
+
+    def require(self, what: str, method: str) -> Batches:
+        """``data`` or ``val``, or a PrunekitError saying what the method needs and how to give it."""
+        value = getattr(self, what)
+        if value is None:
+            need = "calibration batches from the training data" if what == "data" else \
+                "a held-out validation split of the training data"
+            raise PrunekitError(f"method {method!r} needs {need}: pass data=<a DataLoader or a list of "
+                                "(inputs, targets) batches> to prunekit.prune, --data to the CLI, or use a pipeline")
+        return value
+
+    def batches(self, n: int, source: str = "data", method: str = "this method") -> list[tuple[torch.Tensor, ...]]:
+        """The first ``n`` batches of ``source`` on the context's device (a fixed calibration set)."""
+        taken = list(itertools.islice(iter(self.require(source, method)), n))
+        if not taken:
+            raise PrunekitError(f"method {method!r}: the {source} batches are empty")
+        return [tuple(t.to(self.device) if isinstance(t, torch.Tensor) else t for t in b) for b in taken]
+
+
+# ---- the registry ----
 @dataclass
 class Method:
+    """A registered method and what it declares (see the module docstring)."""
+
     name: str
     summary: str
     kind: str  # "structured" (speedup target), "unstructured" (sparsity), "adaptive" (learned threshold)
     fn: Callable[..., PruneResult]
+    options: dict[str, Option]
+    needs_data: bool = False
+    # (model, stage settings, optimiser steps) -> train.fit's after_backward hook, for `sparsify` stages
+    regularizer: Callable[[nn.Module, dict, int], Callable[[nn.Module], None]] | None = None
+    regularizer_options: dict[str, Option] = field(default_factory=dict)
+    keeps_zeros: bool = False  # unstructured: training after pruning keeps pruned weights at zero
+    figures: Callable[[dict], list[tuple[str, bytes]]] | None = None  # PruneResult.info -> report PNGs
+
+    @property
+    def target(self) -> str:
+        return {"structured": "speedup", "unstructured": "sparsity", "adaptive": "learned (speedup caps)"}[self.kind]
+
+    def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """Options with defaults filled in; one clear error for an unknown or ill-typed one."""
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            raise PrunekitError(f"method {self.name!r} has no option {', '.join(unknown)}; valid options: "
+                                f"{', '.join(self.options) or 'none'} (see `prunekit methods`)")
+        return {k: o.check(options[k], self.name) if k in options else o.default for k, o in self.options.items()}
+
+    def check_regularizer_options(self, settings: dict[str, Any]) -> dict[str, Any]:
+        if self.regularizer is None:
+            raise PrunekitError(f"method {self.name!r} has no sparsity regulariser, so a sparsify stage means "
+                                "nothing for it; use train or finetune")
+        return {k: o.check(settings[k], self.name) if k in settings else o.default
+                for k, o in self.regularizer_options.items()}
 
 
 REGISTRY: dict[str, Method] = {}
-_MODULES = ("baselines", "dist_fit", "magnitude", "adaptive_slim")
 
 
-def register(name: str, summary: str, kind: str = "structured") -> Callable:
-    """Decorator: make ``fn(model, example_inputs, **opts) -> PruneResult`` available by ``name``."""
+def register(name: str, summary: str, kind: str = "structured", *, options: Iterable[Option] = (),
+             needs_data: bool = False, regularizer: Callable | None = None,
+             regularizer_options: Iterable[Option] = (), keeps_zeros: bool = False,
+             figures: Callable | None = None) -> Callable:
+    """Decorator: make ``fn(model, ctx, **options) -> PruneResult`` available by ``name``."""
 
     def deco(fn: Callable[..., PruneResult]) -> Callable[..., PruneResult]:
-        REGISTRY[name] = Method(name, summary, kind, fn)
+        REGISTRY[name] = Method(name, summary, kind, fn, {o.name: o for o in options}, needs_data, regularizer,
+                                {o.name: o for o in regularizer_options}, keeps_zeros, figures)
         return fn
 
     return deco
 
 
 def _load_all() -> None:
-    for mod in _MODULES:
-        importlib.import_module(f"{__name__}.{mod}")
+    """Import every module of this package: each registers its methods (no list to keep in step)."""
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
 
 
 def available() -> list[Method]:
@@ -93,19 +235,69 @@ def cost(model: nn.Module, macs: int) -> dict[str, int]:
     return {"params": count_params(model), "macs": macs}
 
 
-def prune(model: nn.Module, method: str, example_inputs: torch.Tensor, *, speedup: float | None = None,
-          sparsity: float | None = None, data: Any = None, **options: Any) -> PruneResult:
-    """Prune ``model`` in place with ``method``; see ``prunekit methods`` for names and targets."""
+def _number(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise PrunekitError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _as_batches(data: Any) -> Batches | None:
+    """A DataLoader, a prunekit Loader or any re-iterable of (inputs, targets) batches; one batch alone is wrapped."""
+    if data is None:
+        return None
+    if isinstance(data, torch.Tensor):
+        raise PrunekitError("data must be (inputs, targets) batches, e.g. a DataLoader or [(x, y), ...], "
+                            "not a bare tensor")
+    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        return [data]
+    if not hasattr(data, "__iter__"):
+        raise PrunekitError(f"data must be an iterable of (inputs, targets) batches, got {type(data).__name__}")
+    if iter(data) is data:  # a one-shot iterator: keep what it yields so every pass sees the same batches
+        data = list(data)
+    return data
+
+
+def prune(model: nn.Module, method: str, example_inputs: torch.Tensor | None = None, *,
+          speedup: float | None = None, sparsity: float | None = None, data: Any = None, val: Any = None,
+          ctx: Context | None = None, **options: Any) -> PruneResult:
+    """Prune ``model`` in place with ``method``; see ``prunekit methods`` for names, targets and options.
+
+    ``data`` (calibration batches of the training split) and ``val`` (a held-out split of it) are needed
+    only by data-driven methods; ``example_inputs`` default to the first batch of ``data``. A pipeline
+    passes a ready ``ctx`` instead.
+    """
     m = get(method)
-    if m.kind == "structured" and speedup is None and options.get("percentile") is None:
+    opts = m.check_options(options)
+    speedup, sparsity = _number("speedup", speedup), _number("sparsity", sparsity)
+    if m.kind == "structured" and speedup is None and opts.get("percentile") is None:
         raise PrunekitError(f"method {method!r} needs a speedup target (e.g. speedup=2.0)")
-    if m.kind == "unstructured" and sparsity is None and options.get("q") is None:
-        raise PrunekitError(f"method {method!r} needs a sparsity target (e.g. sparsity=0.9) or a per-layer q")
+    if m.kind == "unstructured" and sparsity is None and opts.get("rule") != "layer-std":
+        raise PrunekitError(f"method {method!r} needs a sparsity target (e.g. sparsity=0.9) or rule='layer-std'")
+    if speedup is not None and m.kind == "unstructured":
+        raise PrunekitError(f"method {method!r} is unstructured: give sparsity, not speedup")
+    if sparsity is not None and m.kind != "unstructured":
+        raise PrunekitError(f"method {method!r} removes channels: give speedup, not sparsity")
     if speedup is not None and speedup < 1.0:
-        raise PrunekitError(f"speedup must be >= 1.0 (base MACs / pruned MACs), got {speedup}")
+        raise PrunekitError(f"speedup must be >= 1.0 (base MACs / pruned MACs), got {speedup:g}")
     if sparsity is not None and not 0.0 <= sparsity < 1.0:
-        raise PrunekitError(f"sparsity must be in [0, 1), got {sparsity}")
-    if not isinstance(example_inputs, torch.Tensor):
-        raise PrunekitError("example_inputs must be a tensor batch shaped like the model's input")
-    dev = next(model.parameters()).device
-    return m.fn(model, example_inputs.to(dev), speedup=speedup, sparsity=sparsity, data=data, **options)
+        raise PrunekitError(f"sparsity must be in [0, 1), got {sparsity:g}")
+    params = list(model.parameters()) if isinstance(model, nn.Module) else []
+    if not params:
+        raise PrunekitError("model must be an nn.Module with parameters")
+    dev = params[0].device
+    if ctx is None:
+        data, val = _as_batches(data), _as_batches(val)
+        if example_inputs is None and data is not None:
+            example_inputs = next(iter(data))[0]
+        ctx = Context(example_inputs, data, val, dev)
+    if not isinstance(ctx.example_inputs, torch.Tensor):
+        raise PrunekitError("example_inputs must be a tensor batch shaped like the model's input "
+                            "(or pass data= and the first batch is used)")
+    ctx.example_inputs = ctx.example_inputs.to(dev)
+    ctx.device = dev
+    if m.needs_data:
+        ctx.require("data", method)
+    target = {"sparsity": sparsity} if m.kind == "unstructured" else {"speedup": speedup}
+    return m.fn(model, ctx, **target, **opts)

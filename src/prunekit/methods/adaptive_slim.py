@@ -33,7 +33,6 @@ of the channels (``min_weight``) so that the thin early mode already counts.
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -43,60 +42,26 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import criteria, thresholds
-from ..errors import PrunekitError
 from ..graph import IN_CHANNEL_FNS, PruneGraph, find_blocks, fold_constant_into, remove_block, set_module
-from ..measure import count_macs
+from ..measure import hooked, layer_macs
 from ..thresholds import ThresholdFit, learn_threshold
-from ..train import TrainConfig, TrainResult, fit
-from . import PruneResult, cost, register
+from ..train import BNSparsity, TrainConfig, TrainResult, fit
+from . import (
+    BN_SPARSITY_OPTIONS,
+    DEFAULT_S,
+    STRUCTURED_OPTIONS,
+    Context,
+    Option,
+    PruneResult,
+    bn_sparsity,
+    cost,
+    register,
+)
 
-DEFAULT_S = 2e-3
-DECAYS = ("constant", "linear", "cosine")
 _ADDS_BIAS = {nn.Conv1d.forward, nn.Conv2d.forward, nn.Linear.forward}  # forwards that add self.bias
 
 
-# ---- 1. sparsity training ----
-class BNSparsity:
-    """``after_backward`` hook for ``train.fit``: add s_t·sign(γ) to the gradient of BN scale factors.
-
-    It is the sub-gradient of s·Σ|γ|, added after ``fit`` has unscaled the gradients and before the
-    optimiser step, so it works under AMP and alongside weight decay. ``bns`` (module names)
-    restricts it to the BNs of prunable groups, otherwise every BatchNorm (any ``_BatchNorm``, so
-    SyncBatchNorm too). s_t stays at ``s`` or decays to 0 over ``total_steps`` calls (linear / cosine).
-    """
-
-    def __init__(self, s: float = DEFAULT_S, decay: str = "constant", total_steps: int | None = None,
-                 bns: Sequence[str] | None = None) -> None:
-        if s < 0:
-            raise PrunekitError(f"sparsity s must be >= 0, got {s}")
-        if decay not in DECAYS:
-            raise PrunekitError(f"sparsity decay must be one of {', '.join(DECAYS)}, got {decay!r}")
-        if decay != "constant" and not total_steps:
-            raise PrunekitError(f"sparsity decay {decay!r} needs total_steps (optimiser steps of the run)")
-        self.s, self.decay, self.total_steps = s, decay, total_steps
-        self.bns = None if bns is None else list(bns)
-        self.step = 0
-
-    def rate(self) -> float:
-        """s_t for the next call."""
-        if self.decay == "constant":
-            return self.s
-        p = min(self.step / self.total_steps, 1.0)
-        return self.s * (1 - p) if self.decay == "linear" else self.s * 0.5 * (1 + math.cos(math.pi * p))
-
-    @torch.no_grad()
-    def __call__(self, model: nn.Module) -> None:
-        s = self.rate()
-        self.step += 1
-        if s == 0:
-            return
-        bns = ([model.get_submodule(n) for n in self.bns] if self.bns is not None
-               else [m for m in model.modules() if isinstance(m, _BatchNorm)])
-        for bn in bns:
-            if bn.weight is not None and bn.weight.grad is not None:
-                bn.weight.grad.add_(torch.sign(bn.weight), alpha=s)
-
-
+# ---- 1. sparsity training: train.BNSparsity, the L1 sub-gradient s·sign(γ) on BN scale factors ----
 def prunable_bns(model: nn.Module, example_inputs: torch.Tensor, ignored_layers: list | None = None) -> list[str]:
     """Names of the BNs of prunable coupled groups: the γ that decide what this method removes."""
     pg = PruneGraph(model, example_inputs, ignored_layers=ignored_layers)
@@ -137,14 +102,17 @@ def prune_blocks(model: nn.Module, example_inputs: torch.Tensor, *, protected: S
     fitted = learn_threshold(list(scores.values()), **learner) if scores else None
     if fitted is None or fitted.threshold is None:
         return [], scores, fitted
-    base = count_macs(model, example_inputs[:1]) if speedup else 0
+    def macs() -> int:
+        return sum(layer_macs(model, example_inputs[:1])[1].values())
+
+    base = macs() if speedup else 0
     removed: list[str] = []
     for b in sorted(blocks, key=lambda b: scores[b.name]):
         if scores[b.name] >= fitted.threshold:
             break
         block = model.get_submodule(b.name)
         remove_block(model, b)
-        if speedup and base / max(count_macs(model, example_inputs[:1]), 1) > speedup:
+        if speedup and base / max(macs(), 1) > speedup:
             set_module(model, b.name, block)
             break
         removed.append(b.name)
@@ -204,15 +172,8 @@ def compensate_beta(pg: PruneGraph, remove: dict[int, list[int]]) -> list[str]:
     x = pg.example_inputs  # plus a noise image: a value constant over 2+ inputs does not depend on the input
     noise = torch.randn(x[:1].shape, generator=torch.Generator(x.device).manual_seed(0), device=x.device)
     probe = torch.cat([x, noise.to(x.dtype) * x.std() + x.mean()])
-    hooks = [m.register_forward_hook(record) for m in chans]
-    was = pg.model.training
-    pg.model.eval()
-    try:
+    with hooked(pg.model, [(m, record) for m in chans]):
         pg.model(probe)
-    finally:
-        pg.model.train(was)
-        for h in hooks:
-            h.remove()
     left = []
     for m, idx in chans.items():
         if getattr(m, "groups", 1) > 1:
@@ -245,13 +206,34 @@ def _capped(pg: PruneGraph, scores: dict[int, torch.Tensor], keep: dict[int, int
     return keep_at(lo)
 
 
+def _figures(info: dict) -> list[tuple[str, bytes]]:
+    from ..plots import threshold_histogram  # matplotlib only when a report is drawn
+
+    fit = info.get("channel_fit")
+    if not fit or not fit.get("samples"):
+        return []
+    comps = (fit["weights"], fit["means"], fit["stds"])
+    return [("gamma", threshold_histogram(fit["samples"], fit["cut"], "log10 |γ| (all prunable channels)", comps))]
+
+
+LEARNER_OPTIONS = (
+    Option("min_weight", (int, float), 0.01, "learner: least share of values in the negligible component"),
+    Option("min_separation", (int, float), 2.0, "learner: least Ashman's D between the two components"),
+    Option("max_valley", (int, float), 0.5, "learner: highest density dip between the modes (1 = none)"),
+    Option("min_ratio", (int, float), 3.0, "learner: least factor between the component centres"),
+)
+
+
 @register("adaptive-slim", "S0: channels and residual blocks below a BN-|γ| threshold learned by EM; one round",
-          kind="adaptive")
-def adaptive_slim(model: nn.Module, example_inputs: torch.Tensor, *, speedup: float | None = None,
-                  ignored_layers: list | None = None, min_keep: int = 1, round_to: int | None = None,
-                  layers: bool = True, channels: bool = True, compensate: bool = True, min_weight: float = 0.01,
-                  min_separation: float = 2.0, max_valley: float = 0.5, min_ratio: float = 3.0,
-                  **_: Any) -> PruneResult:
+          kind="adaptive", regularizer=bn_sparsity, regularizer_options=BN_SPARSITY_OPTIONS, figures=_figures,
+          options=(*STRUCTURED_OPTIONS,
+                   Option("layers", bool, True, "also replace negligible residual blocks by identity"),
+                   Option("channels", bool, True, "prune channels below the learned threshold"),
+                   Option("compensate", bool, True, "fold removed channels' constant output (β) into consumers"),
+                   *LEARNER_OPTIONS))
+def adaptive_slim(model: nn.Module, ctx: Context, *, speedup: float | None, ignored_layers: list | None,
+                  min_keep: int, round_to: int | None, layers: bool, channels: bool, compensate: bool,
+                  min_weight: float, min_separation: float, max_valley: float, min_ratio: float) -> PruneResult:
     """One prune round (steps 2–4); ``speedup``, if given, caps how much it removes.
 
     ``info`` holds what the report plots: both threshold fits (with the log10 scores behind them),
@@ -261,6 +243,7 @@ def adaptive_slim(model: nn.Module, example_inputs: torch.Tensor, *, speedup: fl
     learner = {"min_weight": min_weight, "min_separation": min_separation, "max_valley": max_valley,
                "min_ratio": min_ratio}
     opts = {"ignored_layers": ignored_layers, "min_keep": min_keep, "round_to": round_to}
+    example_inputs = ctx.example_inputs
     pg = PruneGraph(model, example_inputs, **opts)
     before = cost(model, pg.base_macs)
     blocks_removed, block_scores, block_fit = [], {}, None

@@ -8,6 +8,7 @@ slimming, Liu et al. 2017), and physically remove the rest.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -15,13 +16,17 @@ from torch import nn
 
 from .. import criteria, thresholds
 from ..graph import PruneGraph
-from . import PruneResult, cost, register
+from . import BN_SPARSITY_OPTIONS, STRUCTURED_OPTIONS, Context, Option, PruneResult, bn_sparsity, cost, register
+
+RANKING = Option("ranking", str, "local", "local: same ratio per layer; global: one normalised ranking",
+                 ("local", "global"))
+SEED = Option("seed", int, 0, "random generator seed (random criterion)")
 
 
 def structured_prune(model: nn.Module, example_inputs: torch.Tensor, *, method: str, criterion: str,
                      speedup: float, ranking: str = "local", ignored_layers: list | None = None,
                      min_keep: int = 1, round_to: int | None = None, seed: int = 0,
-                     percentile: float | None = None, **_: Any) -> PruneResult:
+                     percentile: float | None = None) -> PruneResult:
     """Score → keep counts for the target → remove the lowest-scoring channels of each group."""
     pg = PruneGraph(model, example_inputs, ignored_layers=ignored_layers, min_keep=min_keep, round_to=round_to)
     before = cost(model, pg.base_macs)
@@ -29,14 +34,12 @@ def structured_prune(model: nn.Module, example_inputs: torch.Tensor, *, method: 
     scores = {g.index: s for g in pg.groups if (s := criteria.scores(g, criterion, gen)) is not None}
     if ranking == "local":
         keep = {gi: k for gi, k in thresholds.local_keep_for_speedup(pg, speedup).items() if gi in scores}
-    elif ranking == "global":
+    else:
         ranked = scores if criterion == "net-slim" else thresholds.normalise(scores)
         if percentile is not None:
             keep = thresholds.percentile_keep(pg, ranked, percentile)
         else:
             keep = thresholds.global_keep_for_speedup(pg, ranked, speedup)
-    else:
-        raise ValueError(f"ranking must be 'local' or 'global', got {ranking!r}")
     remove = {gi: thresholds.lowest(scores[gi], k, pg.groups[gi].chunks) for gi, k in keep.items()}
     channels = {pg.groups[gi].name: (pg.groups[gi].size, keep[gi]) for gi in keep}
     removed = {pg.groups[gi].name: idx for gi, idx in remove.items()}
@@ -51,17 +54,29 @@ def structured_prune(model: nn.Module, example_inputs: torch.Tensor, *, method: 
                        info=info)
 
 
-def _baseline(name: str, criterion: str, ranking: str, summary: str) -> None:
-    @register(name, summary)
-    def run(model: nn.Module, example_inputs: torch.Tensor, *, speedup: float | None = None,
-            ranking: str = ranking, **opts: Any) -> PruneResult:
-        return structured_prune(model, example_inputs, method=name, criterion=criterion,
-                                speedup=speedup or 1.0, ranking=ranking, **opts)
+def _net_slim_figures(info: dict) -> list[tuple[str, bytes]]:
+    from ..plots import threshold_histogram  # matplotlib only when a report is drawn
+
+    if "gamma_log10" not in info:
+        return []
+    return [("gamma", threshold_histogram(info["gamma_log10"], info.get("threshold_log10"),
+                                          "log10 |γ| (all prunable channels)"))]
+
+
+def _baseline(name: str, criterion: str, ranking: str, summary: str, *extra: Option, **declared: Any) -> None:
+    @register(name, summary, options=(*STRUCTURED_OPTIONS, replace(RANKING, default=ranking),
+                                      *extra), **declared)
+    def run(model: nn.Module, ctx: Context, *, speedup: float | None, **opts: Any) -> PruneResult:
+        return structured_prune(model, ctx.example_inputs, method=name, criterion=criterion,
+                                speedup=speedup or 1.0, **opts)
 
 
 _baseline("l1-norm", "l1-norm", "local", "smallest group L1-norm filters removed, same ratio per layer (Li 2017)")
 _baseline("l2-norm", "l2-norm", "local", "smallest group L2-norm filters removed, same ratio per layer")
 _baseline("fpgm", "fpgm", "local", "filters nearest the geometric median removed (He 2019)")
 _baseline("net-slim", "net-slim", "global",
-          "BN scale |γ| below one global threshold removed (Liu 2017); percentile= or speedup=")
-_baseline("random", "random", "local", "random filters removed, same ratio per layer (sanity baseline)")
+          "BN scale |γ| below one global threshold removed (Liu 2017); percentile= or speedup=",
+          Option("percentile", (int, float, type(None)), None, "remove channels below this global |γ| percentile "
+                 "(0-100) instead of reaching speedup"),
+          regularizer=bn_sparsity, regularizer_options=BN_SPARSITY_OPTIONS, figures=_net_slim_figures)
+_baseline("random", "random", "local", "random filters removed, same ratio per layer (sanity baseline)", SEED)

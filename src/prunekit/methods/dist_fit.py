@@ -16,21 +16,34 @@ Steps, as in the paper (our reading, SPEC §4 S1):
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
 from torch import nn
 
 from .. import criteria, thresholds
 from ..graph import PruneGraph
-from . import PruneResult, cost, register
+from . import STRUCTURED_OPTIONS, Context, Option, PruneResult, cost, register
 
 
-@register("dist-fit", "S1: keep filters whose norms fit the original norm distribution (quantile picks)")
-def dist_fit(model: nn.Module, example_inputs: torch.Tensor, *, speedup: float | None = None,
-             ignored_layers: list | None = None, min_keep: int = 1, round_to: int | None = None,
-             tol: float = 0.1, **_: Any) -> PruneResult:
-    pg = PruneGraph(model, example_inputs, ignored_layers=ignored_layers, min_keep=min_keep, round_to=round_to)
+def _figures(info: dict) -> list[tuple[str, bytes]]:
+    """One layer's norm histogram: what dist-fit keeps against what l1-norm (largest norms) would keep."""
+    from ..plots import kept_histograms  # matplotlib only when a report is drawn
+
+    norms = info.get("norms")
+    if not norms:
+        return []
+    name = max(norms, key=lambda n: len(norms[n]["norms"]) - len(norms[n]["kept"]))
+    values, kept = norms[name]["norms"], norms[name]["kept"]
+    k = len(kept)
+    return [("norms", kept_histograms(name, values, [(f"dist-fit keeps {k}", [values[i] for i in kept]),
+                                                      (f"l1-norm keeps {k}", sorted(values)[-k:])]))]
+
+
+@register("dist-fit", "S1: keep filters whose norms fit the original norm distribution (quantile picks)",
+          figures=_figures,
+          options=(*STRUCTURED_OPTIONS,
+                   Option("tol", (int, float), 0.1, "redundancy tie-break window, in standard deviations of norm")))
+def dist_fit(model: nn.Module, ctx: Context, *, speedup: float | None, ignored_layers: list | None,
+             min_keep: int, round_to: int | None, tol: float) -> PruneResult:
+    pg = PruneGraph(model, ctx.example_inputs, ignored_layers=ignored_layers, min_keep=min_keep, round_to=round_to)
     before = cost(model, pg.base_macs)
     keep = thresholds.local_keep_for_speedup(pg, speedup or 1.0)
     remove: dict[int, list[int]] = {}

@@ -41,8 +41,8 @@ from torch import nn
 
 from ..errors import PrunekitError
 from ..graph import Masks
-from ..measure import count_params
-from . import PruneResult, register
+from ..measure import count_params, layer_macs
+from . import Context, Option, PruneResult, register
 
 _LAYERS = (nn.Conv2d, nn.Linear)
 
@@ -105,50 +105,27 @@ def magnitude_masks(model: nn.Module, *, sparsity: float | None = None, rule: st
     return Masks({f"{n}.weight": k.view_as(w).to(w.device) for (n, w), k in zip(weights.items(), parts, strict=True)})
 
 
-def masks_from_zeros(model: nn.Module) -> Masks:
-    """Masks that freeze the zero pattern of a pruned model (e.g. loaded from a sparse file) for fine-tuning."""
-    masks = {}
-    for name, m in model.named_modules():
-        if isinstance(m, _LAYERS) and m.weight.requires_grad and bool((m.weight == 0).any()):
-            masks[f"{name}.weight"] = m.weight.detach() != 0
-    return Masks(masks)
-
-
 @torch.no_grad()
 def conv_linear_macs(model: nn.Module, example_inputs: torch.Tensor) -> tuple[int, int]:
     """(dense, non-zero) conv/linear MACs of one forward pass: what dense kernels do, and an ideal sparse kernel."""
-    dense = nonzero = 0
-
-    def hook(m: nn.Module, _inp: Any, out: torch.Tensor) -> None:
-        nonlocal dense, nonzero
-        positions = out.numel() // (out.shape[1] if isinstance(m, nn.Conv2d) else out.shape[-1])
-        dense += m.weight.numel() * positions
-        nonzero += int((m.weight != 0).sum()) * positions
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _LAYERS)]
-    was_training = model.training
-    model.eval()
-    try:
-        model(example_inputs)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    return dense, nonzero
+    return tuple(sum(layer_macs(model, example_inputs, nonzero=nz)[1].values()) for nz in (False, True))
 
 
 @register("magnitude", "S4: zero the smallest-magnitude conv/FC weights (global percentile or q·σ per layer)",
-          kind="unstructured")
-def magnitude(model: nn.Module, example_inputs: torch.Tensor, *, sparsity: float | None = None,
-              rule: str = "global", q: float | dict[str, float] = 1.0,
-              ignored_layers: Iterable[str | nn.Module] | None = None, include_classifier: bool = True,
-              **_: Any) -> PruneResult:
-    """Prune in place; ``before``/``after`` params count non-zero parameters. Masks: ``masks_from_zeros``."""
+          kind="unstructured", keeps_zeros=True,
+          options=(Option("rule", str, "global", "global: one magnitude percentile; layer-std: |w| < q·σ per layer",
+                          ("global", "layer-std")),
+                   Option("q", (int, float, dict), 1.0, "layer-std: threshold in standard deviations (or per layer)"),
+                   Option("ignored_layers", (list, tuple, type(None)), None, "layers never pruned"),
+                   Option("include_classifier", bool, True, "prune the output layer's weights too (as the paper)")))
+def magnitude(model: nn.Module, ctx: Context, *, sparsity: float | None, rule: str, q: float | dict[str, float],
+              ignored_layers: Iterable[str | nn.Module] | None, include_classifier: bool) -> PruneResult:
+    """Prune in place; ``before``/``after`` params count non-zero parameters. Masks: ``graph.Masks.from_zeros``."""
     nonzero_before = count_params(model, nonzero=True)
     masks = magnitude_masks(model, sparsity=sparsity, rule=rule, q=q, ignored_layers=ignored_layers,
                             include_classifier=include_classifier)
     masks.apply(model)
-    macs, macs_nonzero = conv_linear_macs(model, example_inputs)  # zeros do not change dense MACs
+    macs, macs_nonzero = conv_linear_macs(model, ctx.example_inputs)  # zeros do not change dense MACs
     after = {"params": count_params(model, nonzero=True), "macs": macs}
     per_layer = {n.removesuffix(".weight"): round(1.0 - float(m.sum()) / m.numel(), 6) for n, m in masks.masks.items()}
     info = {"sparsity": masks.sparsity(), "nonzero_params": after["params"], "params": count_params(model),
