@@ -8,14 +8,18 @@ training included):
 - ``adaptive-slim``: round 1 prunes the shared checkpoint with the threshold learned from its |γ|;
   each further round first sparsifies the pruned network for ``--cycle-epochs`` (out of the budget),
   until a round removes < ``--stop-below`` of the MACs or ``--max-cycles``; the rest of the budget
-  fine-tunes.
+  fine-tunes. This runs as a ``prunekit run`` pipeline (``prune`` → ``cycle`` of ``sparsify`` →
+  ``prune`` → ``finetune`` with ``epochs: rest`` of the run's ``budget``), the shipped recurrence.
 - ``adaptive-slim channels-only``: the same without block removal (an ablation: net-slim cannot
   remove blocks).
 - ``net-slim`` at three fixed global percentiles bracketing adaptive-slim's choice, and at the
   speedups both adaptive-slim runs reached; each fine-tunes for the whole rest of the budget.
 
-One JSON line per run is appended to ``--out`` as it finishes (a crash loses only the run in
-progress); ``--table`` prints the Markdown table and ``--plot`` draws top-1 against MACs.
+Every run is a pipeline run under ``--runs`` (its config, log, report and held-out validation split
+there); the pipelines hold out 10 % of the training split for their decisions and fine-tune on the
+rest, and the test split gives the table. One JSON line per run is appended to ``--out`` as it
+finishes (a crash loses only the run in progress); ``--table`` prints the Markdown table and
+``--plot`` draws top-1 against MACs.
 
     python benchmarks/adaptive_slim_resnet20.py --data-root ../shared/data/cifar10/cifar10-jpeg.tar.gz \\
         --out benchmarks/results/s0-resnet20.jsonl
@@ -42,63 +46,82 @@ from prunekit.errors import PrunekitError
 from prunekit.graph import PruneGraph
 from prunekit.measure import measure
 from prunekit.methods.adaptive_slim import sparsify
+from prunekit.pipeline import run as pk_run
 from prunekit.thresholds import learn_threshold
-from prunekit.train import TrainConfig, evaluate, fit, resolve_device
+from prunekit.train import TrainConfig, evaluate, resolve_device
 
 
 def sparsify_cfg(args, epochs: int) -> TrainConfig:
     return TrainConfig(**dict(BASE_CFG, epochs=epochs, lr=args.sparsify_lr, schedule="constant", seed=args.seed))
 
 
-def sparse_model(args, base, loaders, x, dev) -> tuple[torch.nn.Module, dict]:
-    """The shared sparsified checkpoint, trained once and cached beside the base."""
+def sparse_model(args, base, bundle, x, dev) -> tuple[torch.nn.Module, dict, Path]:
+    """The shared sparsified checkpoint, trained once and cached beside the base (validated on a held-out split)."""
     path = Path(args.cache) / f"{args.model}-e{args.base_epochs}-s{args.base_seed}-sparse-s{args.s:g}" \
                               f"-e{args.sparsify_epochs}.pt"
     meta_path = path.with_suffix(".json")
     if path.exists():
-        return pk.load(path), json.loads(meta_path.read_text())
+        return pk.load(path), json.loads(meta_path.read_text()), path
     t0 = time.perf_counter()
-    model, res = sparsify(copy.deepcopy(base), *loaders, sparsify_cfg(args, args.sparsify_epochs), s=args.s,
-                          example_inputs=x, device=dev, run_dir=path.parent / f"{path.stem}-run", resume=True,
-                          desc=f"sparsify s={args.s:g}")
+    held = bundle.holdout(0.1, seed=args.seed)
+    train_loader, _ = held.loaders(batch_size=BASE_CFG["batch_size"], device=dev, seed=args.seed)
+    model, res = sparsify(copy.deepcopy(base), train_loader, held.eval_loader(held.val, 256, dev),
+                          sparsify_cfg(args, args.sparsify_epochs), s=args.s, example_inputs=x, device=dev,
+                          run_dir=path.parent / f"{path.stem}-run", resume=True, desc=f"sparsify s={args.s:g}")
     pg = PruneGraph(model, x.to(dev))
     gammas = torch.cat([g for grp in pg.groups if (g := bn_gamma(model, grp)) is not None])
     fitted = learn_threshold(gammas)
     below = float((gammas < fitted.threshold).float().mean()) if fitted.threshold is not None else 0.0
-    meta = {"top1": res.final["val_top1"], "epochs": args.sparsify_epochs, "s": args.s, "lr": args.sparsify_lr,
+    meta = {"top1": evaluate(model, bundle.eval_loader(bundle.test, 256, dev), dev)["top1"],
+            "epochs": args.sparsify_epochs, "s": args.s, "lr": args.sparsify_lr,
             "wall_s": round(time.perf_counter() - t0, 1), "channels": int(gammas.numel()),
             "learned_threshold": fitted.threshold, "fraction_below": below, "fit_reason": fitted.reason}
     pk.save(model, path)
     meta_path.write_text(json.dumps(meta))
-    return model, meta
+    return model, meta, path
 
 
-def adaptive_run(args, sparse, loaders, x, dev, layers: bool = True) -> tuple[torch.nn.Module, dict, int]:
-    """Recurrent rounds (prune; then sparsify → prune ...) within the budget; returns epochs left to fine-tune.
+def pipeline_config(args, name: str, sparse_path: Path, method: str, params: dict, target: dict,
+                    stages: list[dict]) -> dict:
+    """A ``prunekit run`` config starting from the shared sparsified checkpoint, within the same budget."""
+    data = {"name": "cifar10", "root": args.data_root, "batch_size": BASE_CFG["batch_size"]}
+    if args.limit:
+        data["limit"] = args.limit
+    return {"name": name, "model": {"checkpoint": str(sparse_path)}, "data": data,
+            "method": {"name": method, "params": params}, "target": target,
+            "budget": args.budget - args.sparsify_epochs, "device": args.device, "seed": args.seed,
+            "out": str(Path(args.runs) / name.replace(" ", "-")), "stages": stages}
+
+
+def finetune_rest(args) -> dict:
+    return {"stage": "finetune", "epochs": "rest", "lr": args.ft_lr,
+            **{k: v for k, v in FT_CFG.items() if k not in ("epochs", "lr")}}
+
+
+def adaptive_config(args, name: str, sparse_path: Path, layers: bool) -> dict:
+    """Round 1 prunes the shared checkpoint; each further round sparsifies first (``cycle``); the rest fine-tunes.
 
     ``layers=False`` is the ablation without block removal: channels only, as net-slim.
     """
-    model, left, cycles = copy.deepcopy(sparse), args.budget - args.sparsify_epochs, []
-    for c in range(1, args.max_cycles + 1):
-        if c > 1:
-            if left - args.cycle_epochs < 1:  # keep at least one fine-tune epoch
-                break
-            model, _ = sparsify(model, *loaders, sparsify_cfg(args, args.cycle_epochs), s=args.s, example_inputs=x,
-                                device=dev, desc=f"sparsify c{c}")
-            left -= args.cycle_epochs
-        top1_before = evaluate(model, loaders[1], dev)["top1"]
-        result = pk.prune(model, "adaptive-slim", x, layers=layers)
-        info = result.info
-        cycles.append({"cycle": c, "threshold": info["threshold"], "top1_before": top1_before,
-                       "top1_after": evaluate(model, loaders[1], dev)["top1"],
-                       "channels_removed": sum(info["channels_removed"].values()),
-                       "blocks_removed": info["blocks_removed"], "macs_removed": info["macs_removed"],
-                       "reason": (info["channel_fit"] or {}).get("reason")})
-        print(f"cycle {c}: threshold {info['threshold']}, {cycles[-1]['channels_removed']} channels and "
-              f"{len(info['blocks_removed'])} blocks removed, MACs -{info['macs_removed']:.1%}", flush=True)
-        if info["macs_removed"] < args.stop_below:
-            break
-    return model, {"cycles": cycles}, left
+    stages: list[dict] = [{"stage": "prune"}]
+    if args.max_cycles > 1:
+        sparsify = {"stage": "sparsify", "epochs": args.cycle_epochs, "lr": args.sparsify_lr, "schedule": "constant",
+                    "s": args.s}
+        stages.append({"stage": "cycle", "max_cycles": args.max_cycles - 1, "stop_below": args.stop_below,
+                       "stages": [sparsify, {"stage": "prune"}]})
+    stages.append(finetune_rest(args))
+    return pipeline_config(args, name, sparse_path, "adaptive-slim", {"layers": layers}, {"learned": True}, stages)
+
+
+def cycles_of(run_dir: Path) -> list[dict]:
+    """What each prune round of a pipeline run learned and removed, from its stage records."""
+    out = []
+    for i, d in enumerate(sorted(p for p in (run_dir / "stages").iterdir() if "-prune" in p.name), start=1):
+        info = json.loads((d / "stage.json").read_text())["prune"]["info"]
+        out.append({"cycle": i, "threshold": info["threshold"], "blocks_removed": info["blocks_removed"],
+                    "channels_removed": sum(info["channels_removed"].values()), "macs_removed": info["macs_removed"],
+                    "reason": (info["channel_fit"] or {}).get("reason")})
+    return out
 
 
 def closest_percentile(sparse, x, speedup: float) -> float:
@@ -128,73 +151,78 @@ def run(args) -> None:
     dev = resolve_device(args.device)
     bundle = pk.data.load("cifar10", args.data_root, limit=args.limit)
     loaders = bundle.loaders(batch_size=BASE_CFG["batch_size"], device=dev, seed=args.seed)
-    x = torch.zeros(1, *bundle.input_shape)
+    x = pk.data.example_inputs(bundle)
     base, base_meta = base_model(args, bundle, *loaders, dev)
-    sparse, sparse_meta = sparse_model(args, base, loaders, x, dev)
+    sparse, sparse_meta, sparse_path = sparse_model(args, base, bundle, x, dev)
     print(f"base {base_meta['top1']:.2f}, sparsified {sparse_meta['top1']:.2f} "
           f"({sparse_meta['fraction_below']:.1%} of channels below the learned threshold)", flush=True)
-    base_cost = measure(base.cpu(), x, repeats=args.repeats, threads=args.threads)
+    base_cost = measure(base.cpu(), x[:1], repeats=args.repeats, threads=args.threads)
+    test_loader = bundle.eval_loader(bundle.test, 256, dev)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = [json.loads(r) for r in out.read_text().splitlines()] if out.exists() else []
 
-    def record(name: str, model, target: dict, top1_pruned: float, ft_epochs: int, extra: dict, t0: float) -> dict:
-        model, res = fit(model, *loaders, TrainConfig(**dict(FT_CFG, epochs=ft_epochs, lr=args.ft_lr, seed=args.seed)),
-                         device=dev, desc=f"fine-tune {name}") if ft_epochs else (model, None)
-        cost = measure(model.cpu(), x, repeats=args.repeats, threads=args.threads)
-        row = {"run": name, "target": target, "model": args.model, "dataset": "cifar10 (shared jpeg copy)",
-               "base_top1": base_meta["top1"], "sparse_top1": sparse_meta["top1"], "top1_pruned": top1_pruned,
-               "top1_finetuned": res.final["val_top1"] if res else evaluate(model, loaders[1], "cpu")["top1"],
-               "speedup_macs": base_cost["macs"] / cost["macs"],
+    def record(cfg: dict, extra=lambda model: {}) -> dict:
+        """Run the pipeline ``cfg`` and append its row; ``extra(final model)`` adds run-specific fields."""
+        t0 = time.perf_counter()
+        metrics = pk_run(cfg)
+        run_dir = Path(cfg["out"])
+        last_prune = sorted(p for p in (run_dir / "stages").iterdir() if "-prune" in p.name)[-1]
+        pruned = pk.load(last_prune / "model.pt")
+        model = pk.load(sorted((run_dir / "stages").iterdir())[-1] / "model.pt")
+        cost = measure(model.cpu(), x[:1], repeats=args.repeats, threads=args.threads)
+        epochs = [json.loads(r) for r in (run_dir / "log.jsonl").read_text().splitlines() if '"epoch"' in r]
+        row = {"run": cfg["name"], "target": cfg["target"] | cfg["method"]["params"], "model": args.model,
+               "dataset": "cifar10 (shared jpeg copy)", "base_top1": base_meta["top1"],
+               "sparse_top1": sparse_meta["top1"], "top1_pruned": evaluate(pruned, test_loader, dev)["top1"],
+               "top1_finetuned": metrics["after"]["top1"], "speedup_macs": base_cost["macs"] / cost["macs"],
                "macs_before": base_cost["macs"], "macs_after": cost["macs"],
                "params_before": base_cost["params"], "params_after": cost["params"],
                "latency_ms_before_after": {b: (base_cost["latency"][b]["median_ms"], cost["latency"][b]["median_ms"])
                                            for b in cost["latency"]},
                "latency_threads": args.threads,
                "epochs": {"base": base_meta["epochs"], "sparsify_shared": args.sparsify_epochs,
-                          "finetune": ft_epochs, "budget": args.budget},
+                          "after_shared": len(epochs), "budget": args.budget},
                "sparsify": {k: sparse_meta[k] for k in ("s", "lr", "learned_threshold", "fraction_below")},
-               "seed": args.seed, "train_device": str(dev), "host": platform.node(),
-               "wall_s": round(time.perf_counter() - t0, 1),
-               "command": "python " + " ".join(shlex.quote(a) for a in sys.argv)} | extra
+               "split": metrics["split"], "run_dir": str(run_dir), "seed": args.seed, "train_device": str(dev),
+               "host": platform.node(), "wall_s": round(time.perf_counter() - t0, 1),
+               "command": "python " + " ".join(shlex.quote(a) for a in sys.argv)} | extra(model)
         with open(out, "a") as f:
             f.write(json.dumps(row) + "\n")
         rows.append(row)
-        print(f"{name}: {row['speedup_macs']:.2f}x MACs, top1 {top1_pruned:.2f} -> {row['top1_finetuned']:.2f}",
-              flush=True)
+        print(f"{row['run']}: {row['speedup_macs']:.2f}x MACs, top1 {row['top1_pruned']:.2f} -> "
+              f"{row['top1_finetuned']:.2f}", flush=True)
         return row
 
+    n_before = sum(g.size for g in PruneGraph(copy.deepcopy(sparse), x).groups)
     for name, layers in (("adaptive-slim", True), ("adaptive-slim channels-only", False)):
         if any(r["run"] == name for r in rows):
             continue
-        t0 = time.perf_counter()
-        model, extra, left = adaptive_run(args, sparse, loaders, x, dev, layers=layers)
-        n_before = sum(g.size for g in PruneGraph(copy.deepcopy(sparse), x).groups)
-        n_after = sum(g.size for g in PruneGraph(copy.deepcopy(model).cpu(), x).groups)
-        extra["channel_fraction_removed"] = 1 - n_after / n_before
-        record(name, model, {"learned": True, "layers": layers}, evaluate(model, loaders[1], dev)["top1"], left,
-               extra, t0)
+        cfg = adaptive_config(args, name, sparse_path, layers)
+        record(cfg, lambda final, cfg=cfg: {
+            "cycles": cycles_of(Path(cfg["out"])),
+            "channel_fraction_removed": 1 - sum(g.size for g in PruneGraph(final, x).groups) / n_before})
     ada = next(r for r in rows if r["run"] == "adaptive-slim")
     pcts = args.percentiles or percentiles_around(ada["channel_fraction_removed"])
-    todo = [(f"net-slim p{p:g}", {"percentile": p}) for p in pcts]
-    todo.append(("net-slim same-speedup", {"speedup": round(ada["speedup_macs"], 3)}))
+    todo = [(f"net-slim p{p:g}", {"percentile": p}, {}) for p in pcts]
+    todo.append(("net-slim same-speedup", {}, {"speedup": round(ada["speedup_macs"], 3)}))
     chan = next(r for r in rows if r["run"] == "adaptive-slim channels-only")
-    todo.append(("net-slim same-speedup as channels-only", {"speedup": round(chan["speedup_macs"], 3)}))
-    for name, target in todo:
+    todo.append(("net-slim same-speedup as channels-only", {}, {"speedup": round(chan["speedup_macs"], 3)}))
+    for name, params, target in todo:
         if any(r["run"] == name for r in rows):
             continue
-        t0 = time.perf_counter()
-        model = copy.deepcopy(sparse)
-        try:
-            pk.prune(model, "net-slim", x, **target)
-        except PrunekitError as e:  # the global threshold steps over the target: take its nearest step
-            p = closest_percentile(sparse, x, target["speedup"])
-            print(f"{name}: {e}; using percentile {p:.3f}", flush=True)
-            target = target | {"percentile": p, "note": "nearest reachable step of the global threshold"}
-            model = copy.deepcopy(sparse)
-            pk.prune(model, "net-slim", x, percentile=p)
-        record(name, model, target, evaluate(model, loaders[1], dev)["top1"], args.budget - args.sparsify_epochs,
-               {}, t0)
+        note = {}
+        if target:
+            try:
+                pk.prune(copy.deepcopy(sparse), "net-slim", x, **target)
+            except PrunekitError as e:  # the global threshold steps over the target: take its nearest step
+                p = closest_percentile(sparse, x, target["speedup"])
+                print(f"{name}: {e}; using percentile {p:.3f}", flush=True)
+                params, target = {"percentile": p}, {}
+                note = {"note": "nearest reachable step of the global threshold"}
+        record(pipeline_config(args, name, sparse_path, "net-slim", params, target,
+                               [{"stage": "prune"}, finetune_rest(args)]), lambda _model, note=note: note)
+
 
 def table(path: Path) -> str:
     rows = [json.loads(x) for x in path.read_text().splitlines()]
@@ -261,6 +289,7 @@ def main() -> None:
     p.add_argument("--percentiles", type=lambda s: [float(v) for v in s.split(",")],
                    help="net-slim percentiles (default: three steps of 10 bracketing adaptive-slim)")
     p.add_argument("--out", default="benchmarks/results/s0-resnet20.jsonl")
+    p.add_argument("--runs", default="runs/s0-bench", help="directory of the pipeline runs")
     p.add_argument("--plot", nargs=2, metavar=("JSONL", "PNG"), help="only draw top-1 vs MACs")
     args = p.parse_args()
     if args.table:

@@ -1,7 +1,9 @@
-"""Prunability sweep: every torchvision classification model, l1-norm at 1.5x fewer MACs, then forward.
+"""Prunability sweep: every torchvision classification model, l1-norm at 1.5x fewer MACs, then forward,
+then a save/load round trip in a fresh process that must give the same outputs.
 
-Each model runs in its own subprocess (a crash or out-of-memory in one cannot stop the sweep) and
-one JSON line per model is appended to --out as it finishes; re-running skips finished models.
+Each model runs in its own subprocess (a crash or out-of-memory in one cannot stop the sweep), the
+reload in a second one, and one JSON line per model is appended to --out as it finishes; re-running
+skips finished models.
 
     python benchmarks/tv_sweep.py --out benchmarks/results/tv_sweep.jsonl
 """
@@ -10,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,7 +23,7 @@ import torchvision
 
 CHILD = r"""
 import json, sys, time, torch, prunekit as pk
-name, size = sys.argv[1], int(sys.argv[2])
+name, size, tmp = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 torch.manual_seed(0)
 t0 = time.perf_counter()
 m = pk.models.create("tv:" + name, num_classes=10).eval()
@@ -30,11 +34,22 @@ except Exception:
     size = 299 if name == "inception_v3" else 224
     x = torch.randn(1, 3, size, size)
 r = pk.prune(m, "l1-norm", x, speedup=1.5)
+x2 = torch.randn(2, 3, size, size)
 with torch.no_grad():
-    y = r.model(torch.randn(2, 3, size, size))
+    y = r.model(x2)
 assert y.shape == (2, 10)
+pk.save(r.model, tmp + "/m.pt")
+torch.save({"x": x2, "y": y}, tmp + "/io.pt")
 print(json.dumps({"model": name, "ok": True, "input": size, "speedup": r.speedup,
                   "params": [r.before["params"], r.after["params"]], "s": time.perf_counter() - t0}))
+"""
+RELOAD = r"""
+import sys, torch, prunekit as pk
+m, d = pk.load(sys.argv[1] + "/m.pt"), torch.load(sys.argv[1] + "/io.pt", weights_only=True)
+with torch.no_grad():
+    diff = (m(d["x"]) - d["y"]).abs().max().item()
+print(diff)
+sys.exit(0 if diff <= 1e-5 * (1 + d["y"].abs().max().item()) else 1)
 """
 
 
@@ -45,8 +60,9 @@ def summary(path: Path) -> str:
     ok = [n for n in names if rows.get(n, {}).get("ok")]
     failed = [rows[n] for n in names if n in rows and not rows[n]["ok"]]
     missing = [n for n in names if n not in rows]
-    lines = [f"{len(ok)} of {len(names)} torchvision classification models pruned with l1-norm to 1.5x fewer MACs "
-             f"and ran forward ({len(failed)} failed, {len(missing)} not run)."]
+    lines = [f"{len(ok)} of {len(names)} torchvision classification models pruned with l1-norm to 1.5x fewer MACs, "
+             f"ran forward and reloaded in a fresh process with the same outputs ({len(failed)} failed, "
+             f"{len(missing)} not run)."]
     lines += [f"- fails: `{r['model']}`: {r['reason']}" for r in failed]
     if missing:
         lines.append("- not run yet: " + ", ".join(f"`{n}`" for n in missing))
@@ -72,18 +88,28 @@ def main() -> None:
         if name in done:
             continue
         t0 = time.perf_counter()
+        tmp = tempfile.mkdtemp(prefix="tv-sweep-")
         try:
-            r = subprocess.run([sys.executable, "-c", CHILD, name, str(args.size)], capture_output=True, text=True,
-                               timeout=args.timeout)
+            r = subprocess.run([sys.executable, "-c", CHILD, name, str(args.size), tmp], capture_output=True,
+                               text=True, timeout=args.timeout)
             lines = [x for x in r.stdout.splitlines() if x.startswith("{")]
             if r.returncode == 0 and lines:
                 row = json.loads(lines[-1])
+                back = subprocess.run([sys.executable, "-c", RELOAD, tmp], capture_output=True, text=True,
+                                      timeout=args.timeout)
+                row["roundtrip"] = back.returncode == 0
+                row["roundtrip_max_diff"] = back.stdout.strip() or back.stderr.strip().splitlines()[-1][:300]
+                row["ok"] = row["roundtrip"]
+                if not row["ok"]:
+                    row["reason"] = f"save/load round trip differs or fails: {row['roundtrip_max_diff']}"
             else:
                 err = [x for x in r.stderr.strip().splitlines() if x.strip()] or ["(no message)"]
                 row = {"model": name, "ok": False, "reason": err[-1][:300], "s": time.perf_counter() - t0}
         except subprocess.TimeoutExpired:
             row = {"model": name, "ok": False, "reason": f"timeout after {args.timeout}s",
                    "s": time.perf_counter() - t0}
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         with open(out, "a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)

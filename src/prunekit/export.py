@@ -17,13 +17,13 @@ import torch
 from torch import nn
 
 from .errors import PrunekitError
+from .measure import hooked
 
 TOLERANCE = 1e-4
 
 
 def _to_onnx(model: nn.Module, x: torch.Tensor, path: Path, opset: int) -> None:
-    model.eval()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), hooked(model):
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (x,), str(path), opset_version=opset, input_names=["input"],
                           output_names=["output"], dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
@@ -49,13 +49,13 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor, out: str | Path,
         raise PrunekitError(f"opset {opset} is too old: use 17 or newer")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    model = model.cpu().eval()
+    model = model.cpu()
     x = torch.randn(2, *example_inputs.shape[1:], generator=torch.Generator().manual_seed(0))
     tmp = out.with_name(f".{out.name}.tmp")
     try:
         _to_onnx(model, x, tmp, opset)
         onnx.checker.check_model(onnx.load(str(tmp)), full_check=True)
-        with torch.no_grad():
+        with hooked(model):
             ref = model(x).numpy()
         got = _session(tmp).run(None, {"input": x.numpy()})[0]
         err = float(np.abs(ref - got).max())
@@ -72,7 +72,7 @@ def onnx_latency(model: nn.Module, example_inputs: torch.Tensor, *, batch_sizes=
     """Median ONNX Runtime latency (ms) per batch size, same protocol as ``measure.latency``."""
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "m.onnx"
-        _to_onnx(model.cpu().eval(), example_inputs[:1].cpu(), path, 17)
+        _to_onnx(model.cpu(), example_inputs[:1].cpu(), path, 17)
         sess = _session(path, threads)
         res = {}
         for b in batch_sizes:

@@ -170,9 +170,19 @@ def validate(cfg: Any) -> dict:
             raise _err("method.name", f"unknown method {cfg['method']['name']!r}; allowed: {', '.join(names)}")
         method = methods.get(cfg["method"]["name"])
         try:
-            method.check_options(cfg["method"].get("params") or {})
+            params = method.check_options(cfg["method"].get("params") or {})
         except PrunekitError as exc:
             raise _err("method.params", str(exc)) from exc
+        tgt = cfg["target"]
+        if method.kind == "unstructured" and "speedup" in tgt:
+            raise _err("target.speedup", f"method {method.name} is unstructured: give target.sparsity or schedule")
+        if method.kind != "unstructured" and ("sparsity" in tgt or "schedule" in tgt):
+            raise _err("target", f"method {method.name} removes channels: give target.speedup, not sparsity")
+        if method.kind == "structured" and "speedup" not in tgt and params.get("percentile") is None:
+            raise _err("target.speedup", f"method {method.name} needs a speedup target")
+        if method.kind == "unstructured" and not ({"sparsity", "schedule"} & set(tgt)) and \
+                params.get("rule") != "layer-std":
+            raise _err("target.sparsity", f"method {method.name} needs target.sparsity or target.schedule")
     for i, st in enumerate(cfg["stages"]):
         _check_stage(st, f"stages[{i}]", method, budget)
     kinds = [s["stage"] for s in cfg["stages"]] + [t["stage"] for s in cfg["stages"] for t in s.get("stages", [])]
@@ -262,7 +272,6 @@ class Run:
         d = self.cfg["data"]
         bundle = pkdata.load(d["name"], d.get("root"), image_size=d.get("image_size"), limit=d.get("limit"),
                              download=bool(d.get("download")), seed=self.cfg["seed"])
-        self.full = bundle
         bundle = bundle.holdout(d.get("val_fraction", VAL_FRACTION), seed=self.cfg["seed"])
         split = {"val_fraction": d.get("val_fraction", VAL_FRACTION), "seed": self.cfg["seed"],
                  "train": len(bundle.train), "val": len(bundle.val), "test": len(bundle.test),
@@ -382,13 +391,12 @@ class Run:
 
     def _cycle(self, st: dict, model) -> torch.nn.Module:
         """Repeat the inner stages until a round removes < stop_below of MACs, the validation metric falls by
-        more than ``tolerance`` points, ``max_cycles`` rounds ran, or (with a ``budget``) another round would
-        leave no epoch for the stages after the cycle."""
+        more than ``tolerance`` points, ``max_cycles`` rounds ran, or (with a ``budget``) a round would leave
+        no epoch of the budget for the stages after the cycle."""
         start_metric = self._metric(model, self.val_loader)
         sign = 1 if self.task.higher_is_better else -1
         for c in range(1, int(st.get("max_cycles", 3)) + 1):
-            if c > 1 and self.cfg.get("budget") is not None and \
-                    self.cfg["budget"] - self.spent - self._cycle_epochs(st) < 1:
+            if self.cfg.get("budget") is not None and self.cfg["budget"] - self.spent - self._cycle_epochs(st) < 1:
                 self._event({"event": "cycle_skipped", "cycle": c, "reason": "budget"})
                 break
             removed = None

@@ -35,7 +35,7 @@ from torch import nn
 
 from . import io
 from .errors import PrunekitError
-from .measure import latency, size_bytes
+from .measure import hooked, latency, size_bytes
 
 FORMAT = "prunekit-sparse"
 VERSION = 1
@@ -245,8 +245,8 @@ def sparse_latency(model: nn.Module, example_input: torch.Tensor, *, repeats: in
     Each sparse variant also reports its largest output deviation from the dense model, so a fast
     but wrong path cannot go unnoticed.
     """
-    model = model.eval()
-    ref = model(example_input)
+    with hooked(model):
+        ref = model(example_input)
     result: dict[str, Any] = {"dense": latency(model, example_input, repeats=repeats, warmup=warmup, threads=threads)}
     for key, convs in (("sparse_linear", False), ("sparse_conv_linear", True)):
         sparse = to_torch_sparse(model, convs=convs)
