@@ -117,8 +117,10 @@ def cycles_of(run_dir: Path) -> list[dict]:
     """What each prune round of a pipeline run learned and removed, from its stage records."""
     out = []
     for i, d in enumerate(sorted(p for p in (run_dir / "stages").iterdir() if "-prune" in p.name), start=1):
-        info = json.loads((d / "stage.json").read_text())["prune"]["info"]
+        rec = json.loads((d / "stage.json").read_text())
+        info = rec["prune"]["info"]
         out.append({"cycle": i, "threshold": info["threshold"], "blocks_removed": info["blocks_removed"],
+                    "val_top1_after": rec["metric"],
                     "channels_removed": sum(info["channels_removed"].values()), "macs_removed": info["macs_removed"],
                     "reason": (info["channel_fit"] or {}).get("reason")})
     return out
@@ -237,10 +239,12 @@ def table(path: Path) -> str:
     for r in rows:
         for c in r.get("cycles", []):
             cut = f"|γ| < {c['threshold']:.4f}" if c["threshold"] is not None else "none learned"
+            top1 = (f"top-1 {c['top1_before']:.2f} → {c['top1_after']:.2f}" if "top1_before" in c  # older rows
+                    else f"held-out val top-1 after {c['val_top1_after']:.2f}")
             lines.append(f"- {r['run']}, cycle {c['cycle']}: threshold {cut}, "
                          f"{c['channels_removed']} channels and {len(c['blocks_removed'])} blocks "
-                         f"{c['blocks_removed']} removed, MACs −{c['macs_removed']:.1%}, top-1 {c['top1_before']:.2f} "
-                         f"→ {c['top1_after']:.2f}" + (f" ({c['reason']})" if c["reason"] else ""))
+                         f"{c['blocks_removed']} removed, MACs −{c['macs_removed']:.1%}, {top1}"
+                         + (f" ({c['reason']})" if c["reason"] else ""))
     return "\n".join(lines)
 
 

@@ -79,6 +79,48 @@ def run_checked(model: nn.Module, example_inputs: torch.Tensor, what: str) -> to
         ) from exc
 
 
+def flat_tensors(out) -> list[torch.Tensor]:
+    """Every tensor in a model output (a tensor, or tuples / lists / dicts of them, nested)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, list | tuple):
+        return [t for o in out for t in flat_tensors(o)]
+    return []
+
+
+def output_layers(model: nn.Module, example_inputs: torch.Tensor) -> list[nn.Module]:
+    """The conv/linear layers whose results reach a model output without passing through another one.
+
+    Their output channels *are* output channels (a classifier, every head of a detector, every branch
+    concatenated into an output), so pruning them would change an output's shape. Found by walking the
+    autograd graph back from every output tensor to the nearest conv/linear node on each path.
+    """
+    produced: dict = {}
+
+    def hook(m: nn.Module, _inp, out) -> None:
+        if isinstance(out, torch.Tensor) and out.grad_fn is not None:
+            produced[out.grad_fn] = m
+
+    x = example_inputs[:1].detach().clone().requires_grad_(True)
+    with hooked(model, [(m, hook) for m in model.modules() if isinstance(m, LAYERS)], grad=True):
+        out = model(x)
+    heads: dict[nn.Module, None] = {}
+    seen: set = set()
+    stack = [t.grad_fn for t in flat_tensors(out) if t.grad_fn is not None]
+    while stack:
+        fn = stack.pop()
+        if fn in seen:
+            continue
+        seen.add(fn)
+        if fn in produced:
+            heads[produced[fn]] = None
+        else:
+            stack += [f for f, _ in fn.next_functions if f is not None]
+    return list(heads)
+
+
 class PruneGraph:
     """Coupled channel groups of ``model`` and the analytic MACs of any keep decision."""
 
@@ -115,18 +157,17 @@ class PruneGraph:
         """One forward pass that learns what tracing needs besides the graph.
 
         It records per conv/linear the MACs per (out·in/groups) unit for the analytic MACs, the
-        measured MACs, and the layers producing the output (the classifier head, added to the
+        measured MACs, and the layers producing any output (``output_layers``: the heads, added to the
         ignored layers), and it refuses layers the example input never reaches.
         """
-        out, macs = self._layer_macs("tracing")
+        _, macs = self._layer_macs("tracing")
         self.unit = {n: m // max(1, self._units(self.model.get_submodule(n))) for n, m in macs.items()}
         order = [self.model.get_submodule(n) for n in macs]
         self._shapes = {name: self._shape(self.model.get_submodule(name)) for name in self.unit}
         self.base_macs = self.macs()
-        if order:  # the last layer to run, and any linear sized like the output, form the head
-            n_out = out.shape[1] if isinstance(out, torch.Tensor) and out.dim() > 1 else None
-            heads = [order[-1]] + [m for m in order if isinstance(m, nn.Linear) and m.out_features == n_out]
-            self.ignored += [m for m in dict.fromkeys(heads) if m not in self.ignored]
+        heads = output_layers(self.model, self.example_inputs) or order[-1:]  # no autograd path: the last layer
+        self.heads = [self.names[m] for m in heads]
+        self.ignored += [m for m in heads if m not in self.ignored]
         unreached = [self.names[m] for m in self.model.modules() if isinstance(m, CONV_LINEAR)
                      and m not in order and m not in self.ignored]
         if unreached:

@@ -113,6 +113,20 @@ def _check_stage(stage: Any, where: str, method: methods.Method | None, budget: 
             raise _err(where, str(exc)) from exc
 
 
+def _check_target(method: methods.Method, params: dict, tgt: dict) -> None:
+    """The target a prune stage gives must be the kind the method takes."""
+    if method.kind == "unstructured":
+        if "speedup" in tgt:
+            raise _err("target.speedup", f"method {method.name} is unstructured: give target.sparsity or schedule")
+        if not ({"sparsity", "schedule"} & set(tgt)) and params.get("rule") != "layer-std":
+            raise _err("target.sparsity", f"method {method.name} needs target.sparsity or target.schedule")
+        return
+    if "sparsity" in tgt or "schedule" in tgt:
+        raise _err("target", f"method {method.name} removes channels: give target.speedup, not sparsity")
+    if method.kind == "structured" and "speedup" not in tgt and params.get("percentile") is None:
+        raise _err("target.speedup", f"method {method.name} needs a speedup target")
+
+
 def load_config(path: str | Path) -> dict:
     """Read and validate a run config; every problem names its key and the allowed values."""
     path = Path(path)
@@ -164,6 +178,9 @@ def validate(cfg: Any) -> dict:
     if not isinstance(cfg["stages"], list) or not cfg["stages"]:
         raise _err("stages", "needs at least one stage")
     method = None
+    kinds = [s.get("stage") for s in cfg["stages"] if isinstance(s, dict)]
+    kinds += [t.get("stage") for s in cfg["stages"] if isinstance(s, dict) and isinstance(s.get("stages"), list)
+              for t in s["stages"] if isinstance(t, dict)]
     if cfg["method"].get("name") is not None:
         names = [m.name for m in methods.available()]
         if cfg["method"]["name"] not in names:
@@ -173,19 +190,10 @@ def validate(cfg: Any) -> dict:
             params = method.check_options(cfg["method"].get("params") or {})
         except PrunekitError as exc:
             raise _err("method.params", str(exc)) from exc
-        tgt = cfg["target"]
-        if method.kind == "unstructured" and "speedup" in tgt:
-            raise _err("target.speedup", f"method {method.name} is unstructured: give target.sparsity or schedule")
-        if method.kind != "unstructured" and ("sparsity" in tgt or "schedule" in tgt):
-            raise _err("target", f"method {method.name} removes channels: give target.speedup, not sparsity")
-        if method.kind == "structured" and "speedup" not in tgt and params.get("percentile") is None:
-            raise _err("target.speedup", f"method {method.name} needs a speedup target")
-        if method.kind == "unstructured" and not ({"sparsity", "schedule"} & set(tgt)) and \
-                params.get("rule") != "layer-std":
-            raise _err("target.sparsity", f"method {method.name} needs target.sparsity or target.schedule")
+        if "prune" in kinds:
+            _check_target(method, params, cfg["target"])
     for i, st in enumerate(cfg["stages"]):
         _check_stage(st, f"stages[{i}]", method, budget)
-    kinds = [s["stage"] for s in cfg["stages"]] + [t["stage"] for s in cfg["stages"] for t in s.get("stages", [])]
     if "prune" in kinds and method is None:
         raise _err("method.name", "a prune stage needs a method; see `prunekit methods`")
     cfg.setdefault("device", "auto")

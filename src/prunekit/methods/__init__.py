@@ -16,6 +16,7 @@ split), the task's ``evaluate`` and the device.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import itertools
 import math
@@ -28,8 +29,10 @@ import torch
 from torch import nn
 
 from ..errors import PrunekitError
-from ..measure import count_params
+from ..graph import flat_tensors
+from ..measure import count_macs, count_params, hooked
 from ..tasks import CLASSIFICATION, Task
+from ..thresholds import TOLERANCE
 from ..train import BNSparsity
 
 
@@ -173,6 +176,7 @@ class Method:
     regularizer_options: dict[str, Option] = field(default_factory=dict)
     keeps_zeros: bool = False  # unstructured: training after pruning keeps pruned weights at zero
     figures: Callable[[dict], list[tuple[str, bytes]]] | None = None  # PruneResult.info -> report PNGs
+    needs_batchnorm: bool = False  # ranks channels by BN scale factors
 
     @property
     def target(self) -> str:
@@ -200,12 +204,12 @@ REGISTRY: dict[str, Method] = {}
 def register(name: str, summary: str, kind: str = "structured", *, options: Iterable[Option] = (),
              needs_data: bool = False, regularizer: Callable | None = None,
              regularizer_options: Iterable[Option] = (), keeps_zeros: bool = False,
-             figures: Callable | None = None) -> Callable:
+             figures: Callable | None = None, needs_batchnorm: bool = False) -> Callable:
     """Decorator: make ``fn(model, ctx, **options) -> PruneResult`` available by ``name``."""
 
     def deco(fn: Callable[..., PruneResult]) -> Callable[..., PruneResult]:
         REGISTRY[name] = Method(name, summary, kind, fn, {o.name: o for o in options}, needs_data, regularizer,
-                                {o.name: o for o in regularizer_options}, keeps_zeros, figures)
+                                {o.name: o for o in regularizer_options}, keeps_zeros, figures, needs_batchnorm)
         return fn
 
     return deco
@@ -299,5 +303,45 @@ def prune(model: nn.Module, method: str, example_inputs: torch.Tensor | None = N
     ctx.device = dev
     if m.needs_data:
         ctx.require("data", method)
+    if m.needs_batchnorm and not any(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in model.modules()):
+        raise PrunekitError(f"method {method!r} ranks channels by BatchNorm scale factors, but this model has no "
+                            "BatchNorm layer; use a norm-based method such as l1-norm or dist-fit")
     target = {"sparsity": sparsity} if m.kind == "unstructured" else {"speedup": speedup}
-    return m.fn(model, ctx, **target, **opts)
+    return _all_or_nothing(model, ctx, m, target, opts)
+
+
+def _all_or_nothing(model: nn.Module, ctx: Context, m: Method, target: dict, opts: dict) -> PruneResult:
+    """Run the method; keep its result only if every output keeps its shape and (for a speedup target) an
+    independent MACs count confirms the speedup within 3 %. Otherwise restore the model exactly and raise."""
+    backup = copy.deepcopy(model)
+    x = ctx.example_inputs[:1]
+    with hooked(model):
+        shapes = [t.shape for t in flat_tensors(model(x))]
+    try:
+        try:
+            result = m.fn(model, ctx, **target, **opts)
+        except PrunekitError:
+            raise
+        except Exception as exc:  # a failure inside tracing or surgery: name it, never half-prune
+            msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise PrunekitError(f"method {m.name!r} failed on this model ({type(exc).__name__}: {msg})") from exc
+        with hooked(result.model):
+            after = [t.shape for t in flat_tensors(result.model(x))]
+        if after != shapes:
+            raise PrunekitError(f"method {m.name!r} changed the model's output shapes ({_shapes(shapes)} -> "
+                                f"{_shapes(after)}); pass the layers producing them in ignored_layers")
+        if m.kind == "structured" and target.get("speedup") and opts.get("percentile") is None:
+            achieved = count_macs(backup, x) / max(count_macs(result.model, x), 1)
+            if abs(achieved - target["speedup"]) > TOLERANCE * target["speedup"]:
+                raise PrunekitError(
+                    f"method {m.name!r} reached {achieved:.2f}x by an independent MACs count, not the "
+                    f"{target['speedup']:g}x asked (the analytic model of this architecture is off, e.g. channels "
+                    "split by chunk); pass the layers concerned in ignored_layers")
+    except BaseException:
+        model.__dict__.update(backup.__dict__)  # the caller's model is exactly as it was
+        raise
+    return result
+
+
+def _shapes(shapes: list[torch.Size]) -> str:
+    return ", ".join("x".join(map(str, s)) for s in shapes)

@@ -226,6 +226,7 @@ LEARNER_OPTIONS = (
 
 @register("adaptive-slim", "S0: channels and residual blocks below a BN-|γ| threshold learned by EM; one round",
           kind="adaptive", regularizer=bn_sparsity, regularizer_options=BN_SPARSITY_OPTIONS, figures=_figures,
+          needs_batchnorm=True,
           options=(*STRUCTURED_OPTIONS,
                    Option("layers", bool, True, "also replace negligible residual blocks by identity"),
                    Option("channels", bool, True, "prune channels below the learned threshold"),

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .. import criteria, thresholds
+from ..errors import PrunekitError
 from ..graph import PruneGraph
 from . import BN_SPARSITY_OPTIONS, STRUCTURED_OPTIONS, Context, Option, PruneResult, bn_sparsity, cost, register
 
@@ -32,6 +33,9 @@ def structured_prune(model: nn.Module, example_inputs: torch.Tensor, *, method: 
     before = cost(model, pg.base_macs)
     gen = torch.Generator().manual_seed(seed)
     scores = {g.index: s for g in pg.groups if (s := criteria.scores(g, criterion, gen)) is not None}
+    if not scores:
+        raise PrunekitError(f"{method}: no prunable channel group has a {criterion} score (for net-slim: no "
+                            "BatchNorm follows a prunable layer)")
     if ranking == "local":
         keep = {gi: k for gi, k in thresholds.local_keep_for_speedup(pg, speedup).items() if gi in scores}
     else:
@@ -78,5 +82,6 @@ _baseline("net-slim", "net-slim", "global",
           "BN scale |γ| below one global threshold removed (Liu 2017); percentile= or speedup=",
           Option("percentile", (int, float, type(None)), None, "remove channels below this global |γ| percentile "
                  "(0-100) instead of reaching speedup"),
-          regularizer=bn_sparsity, regularizer_options=BN_SPARSITY_OPTIONS, figures=_net_slim_figures)
+          regularizer=bn_sparsity, regularizer_options=BN_SPARSITY_OPTIONS, figures=_net_slim_figures,
+          needs_batchnorm=True)
 _baseline("random", "random", "local", "random filters removed, same ratio per layer (sanity baseline)", SEED)
