@@ -18,7 +18,7 @@ import yaml
 from . import data as pkdata
 from . import io, methods, models
 from .errors import PrunekitError
-from .graph import Masks
+from .graph import Masks, run_checked
 from .measure import measure
 from .train import TrainConfig, dist_info, evaluate, fit, resolve_device
 
@@ -27,19 +27,19 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--data", required=required, help="digits | cifar10 | synthetic | an ImageFolder directory")
     p.add_argument("--data-root", help="local path for the data set (cifar10: folder or .tar.gz)")
     p.add_argument("--download", action="store_true", help="download CIFAR-10 with torchvision if no local copy")
-    p.add_argument("--image-size", type=int, help="resize folder images to this square size")
-    p.add_argument("--limit", type=int, help="use only this many training images (quick runs)")
+    p.add_argument("--image-size", type=_positive, help="resize folder images to this square size")
+    p.add_argument("--limit", type=_positive, help="use only this many training images (quick runs)")
     p.add_argument("--cache-dir", help="where decoded images are cached (default ~/.cache/prunekit)")
 
 
 def _add_train_args(p: argparse.ArgumentParser, epochs: int, lr: float) -> None:
-    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--epochs", type=_count, default=epochs)
     p.add_argument("--lr", type=float, default=lr, help="peak learning rate")
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
     p.add_argument("--schedule", default="onecycle", choices=["onecycle", "cosine", "constant"])
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--label-smoothing", type=float, default=0.1)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=_positive, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--out", required=True, help="run directory (checkpoint, log.jsonl, model.pt)")
@@ -65,16 +65,33 @@ def _train_cfg(args: argparse.Namespace) -> TrainConfig:
 
 
 def _guard_out(out: Path, args: argparse.Namespace) -> None:
-    if (out / "model.pt").exists() and not args.resume and not args.force:
+    """Never overwrite a run: a finished or interrupted one is resumed (--resume) or replaced (--force) only."""
+    if args.force and not args.resume:
+        for name in ("model.pt", "last.pt", "log.jsonl"):
+            (out / name).unlink(missing_ok=True)
+        return
+    if (out / "model.pt").exists() and not args.resume:
         raise PrunekitError(f"{out} already holds a finished run; use --resume, --force or another --out")
+    if (out / "last.pt").exists() and not args.resume:
+        raise PrunekitError(f"{out} holds an interrupted run; continue it with --resume, or use --force to start "
+                            "over or another --out")
 
 
 def _run_training(model: torch.nn.Module, args: argparse.Namespace, bundle: pkdata.DataBundle,
                   desc: str) -> int:
     out = Path(args.out)
-    _guard_out(out, args)
     cfg = _train_cfg(args)
     dev = resolve_device(args.device)
+    run_checked(model, pkdata.example_inputs(bundle, batch=1), f"checking the model against data {bundle.name}")
+    if dist_info()[0] != 0:
+        return _train_loop(model, args, bundle, desc, out, cfg, dev)
+    with io.run_lock(out):
+        _guard_out(out, args)
+        return _train_loop(model, args, bundle, desc, out, cfg, dev)
+
+
+def _train_loop(model: torch.nn.Module, args: argparse.Namespace, bundle: pkdata.DataBundle, desc: str, out: Path,
+                cfg: TrainConfig, dev: torch.device) -> int:
     train_loader, test_loader = bundle.loaders(batch_size=cfg.batch_size, device=dev, seed=cfg.seed,
                                                **_dist_kwargs())
     masks = None
@@ -145,6 +162,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     method.check_options(opts)  # before anything is loaded
     model = io.load(args.checkpoint)
     bundle = _load_data(args).holdout(0.1, seed=args.seed) if args.data else None
+    run_checked(model, _example_inputs(model, bundle)[:1], "checking the model against its input")
     data = val = None
     if bundle is not None:
         data = bundle.eval_loader(bundle.train, 128, shuffle=True, seed=args.seed)
@@ -162,6 +180,7 @@ def _evaluate_payload(args: argparse.Namespace) -> dict[str, Any]:
     payload: dict[str, Any] = {"checkpoint": str(args.checkpoint)}
     bundle = _load_data(args) if args.data else None
     x = _example_inputs(model, bundle)[:1]
+    run_checked(model, x, "checking the model against " + (f"data {bundle.name}" if bundle else "its input shape"))
     if bundle is not None:
         payload["top1"] = evaluate(model, bundle.eval_loader(bundle.test), "cpu")["top1"]
     stats = measure(model, x, repeats=args.repeats, threads=args.threads)
@@ -292,8 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--q", type=float, help="magnitude: per-layer threshold q·σ(W) instead of --sparsity")
     p.add_argument("--ignore", help="comma-separated module names never pruned (structured methods never prune "
                    "the classifier's outputs)")
-    p.add_argument("--min-keep", type=int)
-    p.add_argument("--round-to", type=int)
+    p.add_argument("--min-keep", type=_positive)
+    p.add_argument("--round-to", type=_positive)
     p.add_argument("--out", required=True)
     p.add_argument("--force", action="store_true")
     p.set_defaults(fn=cmd_prune)
@@ -304,14 +323,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--onnx", action="store_true", help="also time ONNX Runtime")
     p.add_argument("--base", help="unpruned model file: report theoretical and measured speedup")
-    p.add_argument("--repeats", type=int, default=30)
-    p.add_argument("--threads", type=int, help="fix the number of CPU threads (default: torch's)")
+    p.add_argument("--repeats", type=_positive, default=30)
+    p.add_argument("--threads", type=_positive, help="fix the number of CPU threads (default: torch's)")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("export", help="export a model file: ONNX, or compressed sparse storage (CSR)")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--format", default="onnx", choices=["onnx", "sparse"])
-    p.add_argument("--opset", type=int, default=17, help="onnx: opset (>= 17)")
+    p.add_argument("--opset", type=int, default=17, choices=range(17, 21), metavar="{17..20}",
+                   help="onnx: opset (17 to 20)")
     p.add_argument("--values", default="fp32", choices=["fp32", "fp16"], help="sparse: value precision")
     p.add_argument("--gzip", action="store_true", help="sparse: gzip the file")
     p.add_argument("--out", required=True)
@@ -334,12 +354,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args) or 0)
     except PrunekitError as exc:
         print(f"prunekit: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the environment, not a bug: a read-only folder, a full disk, a name too long
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"prunekit: error: {exc.strerror or exc}{where}; check the path, free space and permissions",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("prunekit: interrupted; re-run with --resume to continue", file=sys.stderr)

@@ -11,8 +11,11 @@ shapes; a parameter the state holds where the base has none (a bias added by com
 
 from __future__ import annotations
 
+import fcntl
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,31 +30,77 @@ VERSION = 1
 _SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "num_features", "in_features", "out_features",
                 "num_channels", "num_groups", "num_parameters", "embed_dim", "kdim", "vdim", "num_heads", "head_dim")
 _TUPLE_ATTRS = ("normalized_shape",)
-# Other file formats ``load`` reads (e.g. prunekit-sparse): format name -> loader(obj, path, model).
+# Other file formats ``load`` reads (e.g. prunekit-sparse): format name -> loader(path, model).
 DECODERS: dict[str, Any] = {}
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """Write with torch.save to a temp file, fsync it, then rename, so a crash never leaves half a file."""
+    """Write with torch.save to a temp file, fsync it, then rename, so a crash never leaves half a file.
+
+    The file gets the permissions the umask gives a new file (mkstemp alone would make it 0600).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:200]}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError):
             reason = exc.strerror or exc
-            raise PrunekitError(f"cannot write {path}: {reason}; check free space and permissions") from exc
+            raise PrunekitError(f"cannot write {path}: {reason}; check the path, free space and permissions") from exc
         raise
+
+
+@contextmanager
+def run_lock(directory: str | Path) -> Iterator[None]:
+    """One writer per run directory: an exclusive lock on ``DIR/.lock`` for the ``with`` block.
+
+    The operating system drops the lock when its process dies, so a crashed or killed writer never
+    leaves the directory stuck; a second writer is refused at once with the holder's pid.
+    """
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise PrunekitError(f"{directory} is a file; a run needs a directory: choose another output path")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        handle = open(directory / ".lock", "a+")  # noqa: SIM115 - held for the whole block
+    except OSError as exc:
+        raise PrunekitError(f"cannot write run directory {directory}: {exc.strerror or exc}") from exc
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise PrunekitError(f"{directory} is being written by {holder}; wait for it to finish or use another "
+                                "output directory") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"prunekit pid {os.getpid()}")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
 
 
 def safe_load(path: str | Path) -> dict:
     """torch.load with weights_only=True and a clear error for missing, truncated or foreign files."""
+    if not isinstance(path, str | os.PathLike):
+        raise PrunekitError(f"a model file path must be a string or Path, got {type(path).__name__}")
     path = Path(path)
     if not path.is_file():
         raise PrunekitError(f"checkpoint {path} does not exist; check the path")
@@ -89,6 +138,30 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
+def check_arch(arch: Any, path: str | Path = "<memory>") -> None:
+    """The recipe's fields have the types ``arch_of`` writes, before any of them is used."""
+    def plain(v: Any) -> bool:
+        return v is None or isinstance(v, bool | int | float | str) or (
+            isinstance(v, list | tuple) and all(plain(x) for x in v))
+
+    fields = {
+        "name": lambda v: v is None or (isinstance(v, str) and bool(v)),
+        "num_classes": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+        "kwargs": lambda v: isinstance(v, dict) and all(isinstance(k, str) and plain(x) for k, x in v.items()),
+        "layers": lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, dict)
+                                                        for k, x in v.items()),
+        "identities": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+        "input_shape": lambda v: isinstance(v, list) and all(isinstance(x, int) and x > 0 for x in v),
+    }
+    if not isinstance(arch, dict):
+        raise PrunekitError(f"{path} is corrupt (its architecture is not a mapping); re-create it")
+    for key, ok in fields.items():
+        if key in arch and not ok(arch[key]):
+            raise PrunekitError(f"{path} is corrupt (architecture field {key}={arch[key]!r:.60}); re-create it")
+    if arch.get("name") is not None and arch.get("num_classes") is None:
+        raise PrunekitError(f"{path} is corrupt (architecture {arch['name']!r} without num_classes); re-create it")
+
+
 def _check_recipe(arch: dict, modules: dict[str, nn.Module], what: str) -> None:
     """Refuse a recipe that names unknown layers or attributes before anything is changed."""
     for name, attrs in arch.get("layers", {}).items():
@@ -112,11 +185,12 @@ def build(arch: dict, state: dict[str, torch.Tensor] | None = None, model: nn.Mo
     """
     from . import models  # models sit beside io; imported late to keep io importable on its own
 
+    check_arch(arch)
     if model is None:
         if arch.get("name") is None:
             raise PrunekitError(f"this file holds a user-defined model ({arch.get('class', 'unknown class')}): "
                                 "pass an unpruned instance, prunekit.load(path, model=MyNet(...))")
-        model = models.create(arch["name"], num_classes=arch["num_classes"], **arch["kwargs"])
+        model = models.create(arch["name"], num_classes=arch["num_classes"], **arch.get("kwargs", {}))
     what = f"architecture {arch.get('name') or arch.get('class')}"
     modules = dict(model.named_modules())
     _check_recipe(arch, modules, what)
@@ -143,6 +217,20 @@ def build(arch: dict, state: dict[str, torch.Tensor] | None = None, model: nn.Mo
     return model
 
 
+def _expected_shape(mod: nn.Module, attr: str) -> tuple[int, ...] | None:
+    """The shape a layer's recorded attributes imply for one of its tensors (None: no rule for it)."""
+    if isinstance(mod, nn.modules.conv._ConvNd) and not mod.transposed:
+        out, per_in = mod.out_channels, mod.in_channels // max(mod.groups, 1)
+        return {"weight": (out, per_in, *mod.kernel_size), "bias": (out,)}.get(attr)
+    if isinstance(mod, nn.Linear):
+        return {"weight": (mod.out_features, mod.in_features), "bias": (mod.out_features,)}.get(attr)
+    if isinstance(mod, nn.modules.batchnorm._NormBase) and attr != "num_batches_tracked":
+        return (mod.num_features,)
+    if isinstance(mod, nn.LayerNorm) and attr in ("weight", "bias"):
+        return tuple(mod.normalized_shape)
+    return None
+
+
 def _resize_to(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
     """Give every parameter and buffer the shape ``state`` holds (requires_grad kept); create missing ones
     that the module declares empty (a bias added by compensation where the layer had none)."""
@@ -154,6 +242,10 @@ def _resize_to(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> N
             raise PrunekitError(f"weights do not fit {what}: no module {mod_name!r} for {key!r}") from None
         if not isinstance(value, torch.Tensor):
             raise PrunekitError(f"weights do not fit {what}: {key!r} is not a tensor")
+        want = _expected_shape(mod, attr)
+        if want is not None and tuple(value.shape) != want:
+            raise PrunekitError(f"weights do not fit {what}: {key} has shape {tuple(value.shape)} but the layer's "
+                                f"recorded shape needs {want}; the file is damaged or was edited")
         cur = getattr(mod, attr, None)
         if isinstance(cur, torch.Tensor) and cur.shape == value.shape:
             continue
@@ -191,7 +283,7 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     ``model``: an unpruned instance of a user-defined architecture (see ``build``).
     """
     obj = safe_load(path)
-    if obj.get("format") in DECODERS:  # e.g. written by `prunekit export --format sparse`
+    if isinstance(obj.get("format"), str) and obj["format"] in DECODERS:  # e.g. `prunekit export --format sparse`
         return DECODERS[obj["format"]](path, model)
     return build_from_record(obj, path, model)
 
@@ -201,15 +293,19 @@ def build_from_record(obj: dict, path: str | Path = "<memory>", model: nn.Module
     fmt = obj.get("format")
     if fmt not in (FORMAT, "prunekit-train"):
         raise PrunekitError(f"{path} is not a prunekit model file (format {fmt!r}); save models with prunekit.save")
-    if int(obj.get("version", 0)) > VERSION:
+    version = obj.get("version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise PrunekitError(f"{path} is corrupt (format version {version!r}); re-create it")
+    if version > VERSION:
         raise PrunekitError(
-            f"{path} was written by a newer prunekit (format version {obj['version']} > {VERSION}); upgrade prunekit"
+            f"{path} was written by a newer prunekit (format version {version} > {VERSION}); upgrade prunekit"
         )
     record = obj if "arch" in obj else obj.get("model", {})
-    if "arch" not in record or "state" not in record:
+    if not isinstance(record, dict) or "arch" not in record or "state" not in record:
         raise PrunekitError(f"{path} holds no model; it may be truncated")
-    if not isinstance(record["arch"], dict) or not isinstance(record["state"], dict):
-        raise PrunekitError(f"{path} is corrupt (architecture or state is not a mapping); re-create it")
+    if not isinstance(record["state"], dict):
+        raise PrunekitError(f"{path} is corrupt (its state is not a mapping); re-create it")
+    check_arch(record["arch"], path)
     model = build(record["arch"], record["state"], model)
     model.eval()
     return model

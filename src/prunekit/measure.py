@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .errors import PrunekitError
+
 
 def count_params(model: nn.Module, nonzero: bool = False) -> int:
     """Number of parameters (or of non-zero ones, for unstructured sparsity)."""
@@ -126,7 +128,16 @@ def latency(model: nn.Module, example_input: torch.Tensor, *, repeats: int = 30,
 def measure(model: nn.Module, example_inputs: torch.Tensor, *, batch_sizes: Sequence[int] = (1, 64),
             repeats: int = 30, warmup: int = 5, threads: int | None = None, with_latency: bool = True) -> dict:
     """Params, MACs (per image), on-disk size and latency at each batch size in one dict."""
+    if not isinstance(model, nn.Module) or not isinstance(example_inputs, torch.Tensor):
+        raise PrunekitError("measure takes an nn.Module and a tensor batch shaped like the model's input")
     one = example_inputs[:1]
+    try:
+        with hooked(model):
+            model(one)
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise PrunekitError(f"the model does not run on an input of shape {tuple(one.shape)} ({msg}); pass inputs "
+                            "shaped like the model's input") from exc
     stats: dict = {"params": count_params(model), "nonzero_params": count_params(model, nonzero=True),
                    "macs": count_macs(model, one), "size_bytes": size_bytes(model)}
     if with_latency:

@@ -30,7 +30,7 @@ import yaml
 from . import data as pkdata
 from . import io, methods, models
 from .errors import PrunekitError
-from .graph import Masks
+from .graph import Masks, run_checked
 from .measure import measure
 from .tasks import CLASSIFICATION
 from .train import TrainConfig, dist_info, evaluate, fit, resolve_device
@@ -144,8 +144,16 @@ def validate(cfg: Any) -> dict:
         raise PrunekitError("config error: the file must be a mapping with model, data, method, stages, out")
     _check_keys(cfg, TOP_KEYS, "")
     for key in ("model", "data", "stages", "out"):
-        if key not in cfg:
+        if cfg.get(key) is None or cfg.get(key) == "":
             raise _err(key, "missing (required keys: model, data, stages, out)")
+    for key in ("method", "target"):
+        if key in cfg and cfg[key] is None:
+            del cfg[key]
+    if cfg.get("device") is not None:
+        try:
+            resolve_device(cfg["device"])
+        except PrunekitError as exc:
+            raise _err("device", str(exc)) from exc
     _check_keys(cfg["model"], MODEL_KEYS, "model")
     if not cfg["model"].get("name") and not cfg["model"].get("checkpoint"):
         raise _err("model", "give name (zoo or tv:<name>) or checkpoint")
@@ -220,6 +228,7 @@ class Run:
     def _claim(self, force: bool) -> None:
         """Bind the directory to this config; refuse another config's directory unless ``force``."""
         cfg_file = self.dir / "config.yaml"
+        self.fresh = not cfg_file.exists()  # a failed start must not leave a directory it claimed behind
         if cfg_file.exists():
             old = yaml.safe_load(cfg_file.read_text())
             if old != self.cfg:
@@ -364,10 +373,23 @@ class Run:
         self._finish(sdir, result.model, record)
         return result.model, record
 
+    def _unclaim(self) -> None:
+        """Give back a directory this run claimed but never started in (its data or model failed to load)."""
+        if self.rank == 0 and self.fresh and not (self.dir / "stages").exists():
+            for name in ("config.yaml", "split.json", ".lock"):
+                (self.dir / name).unlink(missing_ok=True)
+            if not any(self.dir.iterdir()):
+                self.dir.rmdir()
+
     def execute(self) -> dict:
         t0 = time.perf_counter()
-        self._data()
-        model = self._initial_model()
+        try:
+            self._data()
+            model = self._initial_model()
+            run_checked(model, self.x[:1], f"checking the model against data {self.bundle.name}")
+        except BaseException:
+            self._unclaim()
+            raise
         before_model = None
         for st in self.cfg["stages"]:
             kind = st["stage"]
@@ -449,6 +471,12 @@ class _First:
 
 
 def run(config: str | Path | dict, *, force: bool = False, out: str | Path | None = None) -> dict:
-    """Run (or resume) the pipeline a config describes; returns the final metrics."""
-    cfg = load_config(config) if not isinstance(config, dict) else config
-    return Run(cfg, force=force, out=out).execute()
+    """Run (or resume) the pipeline a config describes; returns the final metrics.
+
+    The run directory has one writer at a time (``io.run_lock``); under torchrun, rank 0 holds it.
+    """
+    cfg = load_config(config) if not isinstance(config, dict) else validate(copy.deepcopy(config))
+    if dist_info()[0] != 0:
+        return Run(cfg, force=force, out=out).execute()
+    with io.run_lock(Path(out or cfg["out"])):
+        return Run(cfg, force=force, out=out).execute()

@@ -90,7 +90,12 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """'auto' picks CUDA when present; asking for CUDA without it is a user error, not a crash."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise PrunekitError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from exc
+    if dev.type not in ("cpu", "cuda"):
+        raise PrunekitError(f"device {device!r} is not supported: use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise PrunekitError(f"device {device!r} requested but CUDA is not available on this machine; use --device cpu")
     return dev
@@ -186,6 +191,19 @@ class BNSparsity:
                 bn.weight.grad.add_(torch.sign(bn.weight), alpha=s)
 
 
+def _check_resume(ckpt: dict, model: nn.Module, cfg: TrainConfig, run_dir: Path) -> None:
+    """A resume must continue the same run: same model and same settings, or say what differs."""
+    old = ckpt.get("config") or {}
+    diff = [f"{k}: {old[k]!r} in the run, {v!r} now" for k, v in asdict(cfg).items() if k in old and old[k] != v]
+    was = (ckpt.get("model") or {}).get("arch", {}).get("name")
+    now = (getattr(model, "prunekit_arch", None) or {}).get("name")
+    if was != now:
+        diff.insert(0, f"model: {was!r} in the run, {now!r} now")
+    if diff:
+        raise PrunekitError(f"{run_dir} holds a run with other settings ({'; '.join(diff)}); resume with the same "
+                            "settings, or use --force / another output directory to start over")
+
+
 def _append_log(path: Path, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -226,7 +244,9 @@ def fit(
         ckpt_state = io.safe_load(run_dir / CKPT)
         if ckpt_state.get("format") != "prunekit-train":
             raise PrunekitError(f"{run_dir / CKPT} is not a training checkpoint; remove it or use another run dir")
-        model = io.build_from_record(ckpt_state)
+        _check_resume(ckpt_state, model, cfg, run_dir)
+        arch = getattr(model, "prunekit_arch", None) or {}
+        model = io.build_from_record(ckpt_state, model=None if arch.get("name") else model)
         start_epoch = int(ckpt_state["epoch"]) + 1
         result.history = list(ckpt_state.get("history", []))
     model.to(dev)
@@ -263,7 +283,8 @@ def fit(
                     loss = loss + extra_loss(model, out, y)
             if not torch.isfinite(loss):
                 raise PrunekitError(
-                    f"training diverged at epoch {epoch + 1} (loss {loss.item()}); lower the learning rate")
+                    f"training diverged at epoch {epoch + 1} (loss {loss.item()}); the last good checkpoint is kept: "
+                    "lower the learning rate")
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
@@ -284,6 +305,9 @@ def fit(
                   f"train_{metric}": 100.0 * correct / max(seen, 1), f"val_{metric}": val.get(metric),
                   "val_loss": val.get("loss"), "lr": opt.param_groups[0]["lr"],
                   "epoch_s": round(time.perf_counter() - t0, 2), "world_size": world}
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise PrunekitError(f"training diverged at epoch {epoch + 1} (non-finite weights); the last good "
+                                "checkpoint is kept: lower the learning rate and --resume")
         result.history.append(record)
         if show:
             tqdm.write(f"{desc} epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.3f} "

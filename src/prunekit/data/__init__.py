@@ -128,6 +128,27 @@ def load(
     with spec "folder", the data folder; `test_root` makes the folder the train split and names a
     separate test folder. `limit` keeps a seeded, class-stratified subset of each split.
     """
+    if not isinstance(spec, str) or not spec:
+        raise PrunekitError(f"data set must be a name (digits, cifar10, synthetic) or a folder path, got {spec!r}")
+    bundle = _load(spec, root, image_size=image_size, cache_dir=cache_dir, download=download, limit=limit,
+                   seed=seed, test_root=test_root)
+    if len(torch.unique(bundle.train.labels)) < 2:
+        raise PrunekitError(f"data set {bundle.name} has fewer than two classes in its training split: a "
+                            "classifier cannot learn anything from it; check the folder layout (one folder per class)")
+    return bundle
+
+
+def _load(
+    spec: str,
+    root: str | Path | None,
+    *,
+    image_size: int | None,
+    cache_dir: str | Path | None,
+    download: bool,
+    limit: int | None,
+    seed: int,
+    test_root: str | Path | None,
+) -> DataBundle:
     if limit is not None and limit < 1:
         raise PrunekitError(f"limit must be at least 1, got {limit}")
     if image_size is not None and image_size < 1:

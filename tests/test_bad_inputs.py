@@ -1,0 +1,269 @@
+"""Bad input, one row each: the CLI answers with one `prunekit: error:` line and exit code 2 (never a
+traceback), and every file that existed before is byte-identical afterwards. Plus the Python API,
+run-folder locking, permissions, and property-based tests of config validation and model-file loading."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import prunekit as pk
+from prunekit import io
+from prunekit.cli import main
+from prunekit.errors import PrunekitError
+from prunekit.pipeline import validate
+
+
+def _digits_model(path: Path, **kw) -> Path:
+    torch.manual_seed(0)
+    pk.save(pk.models.create("digits_cnn", in_channels=1, **kw), path)
+    return path
+
+
+def _edit(path: Path, change: Callable[[dict], None]) -> Path:
+    obj = torch.load(path, weights_only=True)
+    change(obj)
+    torch.save(obj, path)
+    return path
+
+
+def _config(tmp: Path, **changes) -> Path:
+    cfg = {"model": {"name": "digits_cnn"}, "data": {"name": "digits"}, "out": str(tmp / "run"),
+           "method": {"name": "l1-norm"}, "target": {"speedup": 2.0},
+           "stages": [{"stage": "train", "epochs": 1}, {"stage": "prune"}]}
+    cfg.update(changes)
+    path = tmp / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _interrupted(tmp: Path) -> Path:
+    """A training run directory whose last.pt exists but whose model.pt was never written."""
+    out = tmp / "train"
+    assert main(["train", "--model", "digits_cnn", "--data", "digits", "--epochs", "1", "--out", str(out)]) == 0
+    (out / "model.pt").unlink()
+    return out
+
+
+def _one_class(tmp: Path) -> Path:
+    from PIL import Image
+
+    for split in ("train", "test"):
+        (tmp / "one" / split / "cat").mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8), (i, 2 * i, 3 * i)).save(tmp / "one" / split / "cat" / f"{i}.png")
+    return tmp / "one"
+
+
+# (id, setup(tmp) -> argv, expected text in the error line)
+CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
+    ("train-out-is-a-file", lambda t: ["train", "--model", "digits_cnn", "--data", "digits", "--out",
+                                       str(_touch(t / "f"))], "is a file"),
+    ("train-into-interrupted-run", lambda t: ["train", "--model", "digits_cnn", "--data", "digits", "--epochs", "1",
+                                              "--out", str(_interrupted(t))], "interrupted run"),
+    ("resume-with-other-settings", lambda t: ["train", "--model", "digits_cnn", "--data", "digits", "--epochs", "3",
+                                              "--resume", "--out", str(_interrupted(t))],
+     "other settings (epochs: 1 in the run, 3 now"),
+    ("device-tpu9", lambda t: ["train", "--model", "digits_cnn", "--data", "digits", "--device", "tpu9",
+                               "--out", str(t / "o")], "unknown device 'tpu9'"),
+    ("device-gpu", lambda t: ["train", "--model", "digits_cnn", "--data", "digits", "--device", "gpu",
+                              "--out", str(t / "o")], "unknown device 'gpu'"),
+    ("lr-diverges", lambda t: ["train", "--model", "digits_cnn", "--data", "digits", "--epochs", "2", "--lr", "1e30",
+                               "--out", str(t / "o")], "training diverged"),
+    ("one-class-data", lambda t: ["train", "--model", "digits_cnn", "--data", str(_one_class(t)), "--out",
+                                  str(t / "o")], "fewer than two classes"),
+    ("channels-do-not-match-data", lambda t: ["finetune", "--checkpoint", str(_rgb_model(t)), "--data", "digits",
+                                              "--out", str(t / "o")], "checking the model against data"),
+    ("speedup-nan", lambda t: ["prune", "--checkpoint", str(_digits_model(t / "m.pt")), "--method", "l1-norm",
+                               "--speedup", "nan", "--out", str(t / "p.pt")], "speedup must be a finite number"),
+    ("unknown-method-option", lambda t: ["prune", "--checkpoint", str(_digits_model(t / "m.pt")), "--method",
+                                         "l1-norm", "--speedup", "2", "--param", "rankin=global", "--out",
+                                         str(t / "p.pt")], "no option rankin"),
+    ("option-of-another-method", lambda t: ["prune", "--checkpoint", str(_digits_model(t / "m.pt")), "--method",
+                                            "l1-norm", "--speedup", "2", "--percentile", "50", "--out",
+                                            str(t / "p.pt")], "--percentile is not an option of method 'l1-norm'"),
+    ("prune-out-exists", lambda t: ["prune", "--checkpoint", str(_digits_model(t / "m.pt")), "--method", "l1-norm",
+                                    "--speedup", "2", "--out", str(_touch(t / "p.pt"))], "already exists"),
+    ("prune-out-name-too-long", lambda t: ["prune", "--checkpoint", str(_digits_model(t / "m.pt")), "--method",
+                                           "l1-norm", "--speedup", "2", "--out", str(t / ("x" * 300 + ".pt"))],
+     "too long"),
+    ("export-under-a-file", lambda t: ["export", "--checkpoint", str(_digits_model(t / "m.pt")), "--out",
+                                       str(_touch(t / "f") / "m.onnx")], "error:"),
+    ("crafted-layer-attribute", lambda t: ["eval", "--checkpoint", str(_edit(
+        _digits_model(t / "m.pt"), lambda o: o["arch"]["layers"][next(iter(o["arch"]["layers"]))].update(
+            forward=1)))], "not a layer shape"),
+    ("wrong-tensor-shape", lambda t: ["eval", "--checkpoint", str(_edit(
+        _digits_model(t / "m.pt"), lambda o: o["state"].update({k: torch.zeros(3) for k in list(o["state"])[:1]})))],
+     "weights do not fit"),
+    ("extra-state-key", lambda t: ["eval", "--checkpoint", str(_edit(
+        _digits_model(t / "m.pt"), lambda o: o["state"].update({"ghost.weight": torch.zeros(2)})))],
+     "weights do not fit"),
+    ("foreign-file", lambda t: ["eval", "--checkpoint", str(_foreign(t))], "not a prunekit"),
+    ("config-out-null", lambda t: ["run", str(_config(t, out=None))], "config error at 'out'"),
+    ("config-model-null", lambda t: ["run", str(_config(t, model=None))], "config error at 'model'"),
+    ("config-device-tpu9", lambda t: ["run", str(_config(t, device="tpu9"))], "config error at 'device'"),
+    ("config-max-cycles-type", lambda t: ["run", str(_config(t, stages=[{"stage": "cycle", "max_cycles": "three",
+                                                                          "stages": [{"stage": "prune"}]}]))],
+     "max_cycles"),
+    ("config-stop-below-type", lambda t: ["run", str(_config(t, stages=[{"stage": "cycle", "stop_below": [1],
+                                                                          "stages": [{"stage": "prune"}]}]))],
+     "stop_below"),
+    ("config-speedup-for-unstructured", lambda t: ["run", str(_config(t, method={"name": "magnitude"}))],
+     "unstructured"),
+    ("config-rest-without-budget", lambda t: ["run", str(_config(t, stages=[{"stage": "finetune",
+                                                                              "epochs": "rest"}]))], "budget"),
+    ("config-missing-data", lambda t: ["run", str(_config(t, data={"name": str(t / "nowhere")}))], "does not exist"),
+    ("report-of-a-non-run", lambda t: ["report", str(t)], "not a finished prunekit run"),
+]
+
+
+def _touch(path: Path) -> Path:
+    path.write_text("precious")
+    return path
+
+
+def _rgb_model(tmp: Path) -> Path:
+    pk.save(pk.models.create("digits_cnn", in_channels=3), tmp / "rgb.pt")
+    return tmp / "rgb.pt"
+
+
+def _foreign(tmp: Path) -> Path:
+    torch.save({"weights": torch.zeros(2)}, tmp / "foreign.pt")
+    return tmp / "foreign.pt"
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_clear_line_and_changes_nothing(case, tmp_path, capsys, monkeypatch):
+    _, setup, expected = case
+    monkeypatch.chdir(tmp_path)
+    argv = setup(tmp_path)
+    capsys.readouterr()
+    before = _snapshot(tmp_path)
+    rc = main(argv)  # an exception escaping here is a traceback for the user: the test fails on it
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = [x for x in err.splitlines() if x.startswith("prunekit: error:")]
+    assert len(lines) == 1 and expected in lines[0], err
+    after = _snapshot(tmp_path)
+    assert {k: v for k, v in after.items() if k in before} == before  # nothing that existed was touched
+
+
+@pytest.mark.parametrize("argv", [["eval", "--checkpoint", "m.pt", "--repeats", "0"],
+                                  ["eval", "--checkpoint", "m.pt", "--threads", "-1"],
+                                  ["export", "--checkpoint", "m.pt", "--out", "x.onnx", "--opset", "99"],
+                                  ["train", "--model", "digits_cnn", "--data", "digits", "--epochs", "-1",
+                                   "--out", "o"]])
+def test_bad_numbers_are_refused_by_the_parser(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("call, expected", [
+    (lambda: pk.load(None), "must be a string or Path"),
+    (lambda: pk.prune("resnet20", "l1-norm", torch.randn(1, 3, 32, 32), speedup=2.0), "nn.Module"),
+    (lambda: pk.prune(pk.models.create("resnet20"), "l1-norm", torch.randn(1, 3, 32, 32), speedup="2"),
+     "finite number"),
+    (lambda: pk.measure(pk.models.create("resnet20"), torch.randn(1, 1, 8, 8)), "does not run on an input"),
+    (lambda: pk.data.load(None), "data set must be a name"),
+    (lambda: pk.save("not a model", "x.pt"), "nn.Module"),
+])
+def test_python_api_raises_one_prunekit_error(call, expected, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PrunekitError, match=expected):
+        call()
+
+
+def test_one_writer_per_run_folder_and_a_killed_writer_leaves_no_lock(tmp_path, capsys):
+    out = tmp_path / "run"
+    with io.run_lock(out):
+        rc = main(["train", "--model", "digits_cnn", "--data", "digits", "--epochs", "1", "--out", str(out)])
+    assert rc == 2 and "is being written by prunekit pid" in capsys.readouterr().err
+    code = f"import os, prunekit.io as io\nwith io.run_lock({str(out)!r}):\n    os.kill(os.getpid(), 9)\n"
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == -9
+    with io.run_lock(out):  # the killed writer's lock went with its process
+        pass
+
+
+def test_failed_start_does_not_claim_the_folder(tmp_path):
+    cfg = yaml.safe_load(_config(tmp_path, data={"name": str(tmp_path / "nowhere")}).read_text())
+    with pytest.raises(PrunekitError, match="does not exist"):
+        pk.pipeline.run(cfg)
+    assert not (tmp_path / "run").exists()
+    cfg["data"] = {"name": "digits"}
+    cfg["stages"] = [{"stage": "train", "epochs": 1, "lr": 0.05}]
+    pk.pipeline.run(cfg)  # the same folder is free for a good config
+
+
+def test_files_keep_the_umask_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        _digits_model(tmp_path / "m.pt")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.pt").stat().st_mode & 0o777 == 0o644
+
+
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=True), st.text(max_size=8))
+_values = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8),
+                                                                                              inner, max_size=3),
+                       max_leaves=8)
+
+
+@settings(max_examples=150, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(section=st.sampled_from(["model", "data", "method", "target", "stages", "out", "device", "seed", "budget"]),
+       value=_values)
+def test_config_validation_never_raises_anything_but_a_clear_error(section, value):
+    cfg = {"model": {"name": "digits_cnn"}, "data": {"name": "digits"}, "out": "x",
+           "method": {"name": "l1-norm"}, "target": {"speedup": 2.0}, "stages": [{"stage": "prune"}]}
+    cfg[section] = value
+    try:
+        validate(cfg)
+    except PrunekitError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> dict:
+    path = tmp_path_factory.mktemp("hyp") / "m.pt"
+    _digits_model(path)
+    return torch.load(path, weights_only=True)
+
+
+@settings(max_examples=120, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(where=st.sampled_from(["format", "version", "arch", "state", "arch.name", "arch.kwargs", "arch.layers",
+                              "arch.identities", "arch.num_classes", "layer", "tensor"]), value=_values)
+def test_model_file_loading_never_raises_anything_but_a_clear_error(saved, where, value, tmp_path_factory):
+    import copy
+
+    obj = copy.deepcopy(saved)
+    if where == "layer":
+        obj["arch"]["layers"][next(iter(obj["arch"]["layers"]))] = value
+    elif where == "tensor":
+        obj["state"][next(iter(obj["state"]))] = value
+    elif "." in where:
+        obj["arch"][where.split(".")[1]] = value
+    else:
+        obj[where] = value
+    path = tmp_path_factory.mktemp("hyp") / "bad.pt"
+    torch.save(obj, path)
+    try:
+        pk.load(path)
+    except PrunekitError:
+        pass
