@@ -199,7 +199,7 @@ def test_pipeline_under_torchrun_two_processes(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(port), "-m", "prunekit", "run", str(cfg_path)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 0, "\n".join(x for x in r.stderr.splitlines() if "Warning" not in x)[:3000]
     log = [json.loads(x) for x in (Path(cfg["out"]) / "log.jsonl").read_text().splitlines()]
     assert {x["world_size"] for x in log if "epoch" in x} == {2}
     metrics = json.loads((Path(cfg["out"]) / "metrics.json").read_text())

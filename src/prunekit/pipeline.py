@@ -278,6 +278,10 @@ class Run:
 
     @staticmethod
     def _done(sdir: Path) -> dict | None:
+        """The stage's record if it finished before. Under torchrun every rank must decide alike: the barrier
+        keeps rank 0 from finishing (and marking) this stage before another rank has looked."""
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
         return io.safe_load(sdir / "done.pt") if (sdir / "done.pt").exists() else None
 
     def _metric(self, model: torch.nn.Module, loader) -> float:
