@@ -72,11 +72,10 @@ def run_checked(model: nn.Module, example_inputs: torch.Tensor, what: str) -> to
         where = stack[-1] if stack and stack[-1] else type(model).__name__
         after = f" just after module {done[0]!r}" if done else ""
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PrunekitError(
-            f"{what}: forward failed in module {where!r}{after} ({msg[:160]}); its forward likely has shape "
-            f"logic that tracing cannot follow (e.g. a hard-coded reshape): make it shape-agnostic or pass the "
-            "layers feeding it in ignored_layers"
-        ) from exc
+        hint = ("the input does not fit the model: check its shape (channels, size) against the model's input"
+                if not done else "its forward likely has shape logic that tracing cannot follow (e.g. a hard-coded "
+                "reshape): make it shape-agnostic or pass the layers feeding it in ignored_layers")
+        raise PrunekitError(f"{what}: forward failed in module {where!r}{after} ({msg[:160]}); {hint}") from exc
 
 
 def flat_tensors(out) -> list[torch.Tensor]:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import PrunekitError
-from ..graph import flat_tensors
+from ..graph import flat_tensors, run_checked
 from ..measure import count_macs, count_params, hooked
 from ..tasks import CLASSIFICATION, Task
 from ..thresholds import TOLERANCE
@@ -315,8 +315,8 @@ def _all_or_nothing(model: nn.Module, ctx: Context, m: Method, target: dict, opt
     independent MACs count confirms the speedup within 3 %. Otherwise restore the model exactly and raise."""
     backup = copy.deepcopy(model)
     x = ctx.example_inputs[:1]
-    with hooked(model):
-        shapes = [t.shape for t in flat_tensors(model(x))]
+    with torch.no_grad():
+        shapes = [t.shape for t in flat_tensors(run_checked(model, x, "running the model on the example input"))]
     try:
         try:
             result = m.fn(model, ctx, **target, **opts)
