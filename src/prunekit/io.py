@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import os
 import tempfile
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -127,9 +128,13 @@ def arch_of(model: nn.Module) -> dict:
         attrs |= {a: [int(v) for v in getattr(m, a)] for a in _TUPLE_ATTRS if isinstance(getattr(m, a, None), tuple)}
         if attrs:
             layers[name] = attrs
+    # Modules whose state loading depends on the version they were saved with (e.g. torchvision's MNASNet).
+    versions = {prefix: int(meta["version"]) for prefix, meta in
+                getattr(model.state_dict(), "_metadata", {}).items() if isinstance(meta.get("version"), int)}
     return {"name": base["name"], "num_classes": base["num_classes"], "kwargs": dict(base["kwargs"]),
             "class": f"{type(model).__module__}.{type(model).__qualname__}",
-            "input_shape": list(base.get("input_shape") or []), "layers": layers, "identities": identities}
+            "input_shape": list(base.get("input_shape") or []), "layers": layers, "identities": identities,
+            "state_versions": versions}
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -152,6 +157,8 @@ def check_arch(arch: Any, path: str | Path = "<memory>") -> None:
                                                         for k, x in v.items()),
         "identities": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
         "input_shape": lambda v: isinstance(v, list) and all(isinstance(x, int) and x > 0 for x in v),
+        "state_versions": lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, int)
+                                                                for k, x in v.items()),
     }
     if not isinstance(arch, dict):
         raise PrunekitError(f"{path} is corrupt (its architecture is not a mapping); re-create it")
@@ -205,6 +212,8 @@ def build(arch: dict, state: dict[str, torch.Tensor] | None = None, model: nn.Mo
             setattr(m, a, tuple(v) if a in _TUPLE_ATTRS else v)
     if state is not None:
         _resize_to(model, state, what)
+        state = OrderedDict(state)
+        state._metadata = {k: {"version": v} for k, v in arch.get("state_versions", {}).items()}
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
