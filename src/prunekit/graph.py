@@ -156,15 +156,18 @@ class PruneGraph:
         """One forward pass that learns what tracing needs besides the graph.
 
         It records per conv/linear the MACs per (out·in/groups) unit for the analytic MACs, the
-        measured MACs, and the layers producing any output (``output_layers``: the heads, added to the
-        ignored layers), and it refuses layers the example input never reaches.
+        measured MACs, and the layers producing any output (the heads, added to the ignored layers: those
+        the model declares in ``prunekit_protected``, else ``output_layers``), and it refuses layers the
+        example input never reaches.
         """
         _, macs = self._layer_macs("tracing")
         self.unit = {n: m // max(1, self._units(self.model.get_submodule(n))) for n, m in macs.items()}
         order = [self.model.get_submodule(n) for n in macs]
         self._shapes = {name: self._shape(self.model.get_submodule(name)) for name in self.unit}
         self.base_macs = self.macs()
-        heads = output_layers(self.model, self.example_inputs) or order[-1:]  # no autograd path: the last layer
+        declared = getattr(self.model, "prunekit_protected", None)  # a model that knows its heads (detectors)
+        heads = ([self.model.get_submodule(n) for n in declared] if declared else
+                 output_layers(self.model, self.example_inputs) or order[-1:])  # no autograd path: the last layer
         self.heads = [self.names[m] for m in heads]
         self.ignored += [m for m in heads if m not in self.ignored]
         unreached = [self.names[m] for m in self.model.modules() if isinstance(m, CONV_LINEAR)

@@ -148,12 +148,16 @@ class Context:
         if value is None:
             need = "calibration batches from the training data" if what == "data" else \
                 "a held-out validation split of the training data"
-            raise PrunekitError(f"method {method!r} needs {need}: pass data=<a DataLoader or a list of "
+            raise PrunekitError(f"method {method!r} needs {need}: pass {what}=<a DataLoader or a list of "
                                 "(inputs, targets) batches> to prunekit.prune, --data to the CLI, or use a pipeline")
         return value
 
     def batches(self, n: int, source: str = "data", method: str = "this method") -> list[tuple[torch.Tensor, ...]]:
-        """The first ``n`` batches of ``source`` on the context's device (a fixed calibration set)."""
+        """The first ``n`` batches of ``source`` on the context's device.
+
+        Call it once and keep the list as the fixed calibration set: a shuffling loader yields other
+        batches on its next pass (the pipeline passes a loader fixed to one order).
+        """
         taken = list(itertools.islice(iter(self.require(source, method)), n))
         if not taken:
             raise PrunekitError(f"method {method!r}: the {source} batches are empty")
@@ -315,8 +319,9 @@ def _all_or_nothing(model: nn.Module, ctx: Context, m: Method, target: dict, opt
     independent MACs count confirms the speedup within 3 %. Otherwise restore the model exactly and raise."""
     backup = copy.deepcopy(model)
     x = ctx.example_inputs[:1]
+    outputs = getattr(model, "prunekit_outputs", flat_tensors)  # a model may say which outputs are its results
     with torch.no_grad():
-        shapes = [t.shape for t in flat_tensors(run_checked(model, x, "running the model on the example input"))]
+        shapes = [t.shape for t in outputs(run_checked(model, x, "running the model on the example input"))]
     try:
         try:
             result = m.fn(model, ctx, **target, **opts)
@@ -326,7 +331,7 @@ def _all_or_nothing(model: nn.Module, ctx: Context, m: Method, target: dict, opt
             msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             raise PrunekitError(f"method {m.name!r} failed on this model ({type(exc).__name__}: {msg})") from exc
         with hooked(result.model):
-            after = [t.shape for t in flat_tensors(result.model(x))]
+            after = [t.shape for t in outputs(result.model(x))]
         if after != shapes:
             raise PrunekitError(f"method {m.name!r} changed the model's output shapes ({_shapes(shapes)} -> "
                                 f"{_shapes(after)}); pass the layers producing them in ignored_layers")

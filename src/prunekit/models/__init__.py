@@ -1,7 +1,8 @@
 """Model zoo: the CIFAR-sized networks pruning papers report on, plus any torchvision classifier.
 
 ``create("resnet56")`` builds a zoo model; ``create("tv:resnet18")`` builds
-``torchvision.models.get_model("resnet18", weights=None, ...)``. Nothing is ever downloaded: pretrained
+``torchvision.models.get_model("resnet18", weights=None, ...)``; ``create("ul:yolov8n")`` an Ultralytics
+detector (``prunekit.yolo``, optional extra ``prunekit[yolo]``). Nothing is ever downloaded: pretrained
 torchvision weights come from a local state-dict file via ``weights_path``. Every model is built from
 plain modules with static control flow so Torch-Pruning can trace and prune it.
 """
@@ -40,6 +41,7 @@ __all__ = [
 ]
 
 TV_PREFIX = "tv:"
+UL_PREFIX = "ul:"
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,10 @@ def default_input_size(name: str) -> tuple[int, int, int]:
     """(C, H, W) the model was designed for, so callers can build example inputs for tracing/benchmarks."""
     if name in _ZOO:
         return _ZOO[name].input_size
+    if name.startswith(UL_PREFIX):
+        from prunekit import yolo
+
+        return (3, yolo.DEFAULT_IMGSZ, yolo.DEFAULT_IMGSZ)
     tv_name = _tv_name(name)
     return (3, 299, 299) if tv_name == "inception_v3" else (3, 224, 224)
 
@@ -93,7 +99,12 @@ def create(name: str, num_classes: int = 10, **kwargs: Any) -> nn.Module:
     (googlenet, 1 or 2). ``tv:`` kwargs: ``weights_path`` (local state dict) and ``in_channels`` (must be 3).
     Every user mistake raises ``PrunekitError`` with a one-line explanation. The returned model
     carries ``prunekit_arch`` (name, num_classes, kwargs): the recipe ``prunekit.save`` records.
+    ``ul:`` names are built by ``prunekit.yolo.create`` (kwargs ``imgsz``, ``weights_path``, ``trust_pickle``).
     """
+    if name.startswith(UL_PREFIX):
+        from prunekit import yolo  # Ultralytics is an optional extra: imported only for ul: names
+
+        return yolo.create(name, num_classes, **kwargs)
     model = _build(name, num_classes, **kwargs)
     recipe = {k: v for k, v in kwargs.items() if k != "weights_path"}
     model.prunekit_arch = {"name": name, "num_classes": num_classes, "kwargs": recipe, "input_shape": []}

@@ -1,0 +1,393 @@
+"""Ultralytics YOLO detectors as prunekit models (the optional extra ``prunekit[yolo]``).
+
+Ultralytics is AGPL-3.0, so it is never a core dependency: this module imports it only inside
+``ultralytics()``, which first switches off everything in it that reaches the network (connectivity
+probe, analytics events, pip auto-install, font download, logger integrations) and keeps its
+settings, fonts and runs in a prunekit-controlled directory.
+
+``create("ul:yolov8n", num_classes=3)`` builds the ``DetectionModel`` from the yaml shipped with
+Ultralytics (never a download) and rewrites the modules that split a tensor's channels with
+``chunk``/``split`` (``C2f``, ``C3k2``, ``C2PSA``) into equivalent ones whose halves come from two
+separate convs, so Torch-Pruning can trace which channels go where. ``head_layers`` and
+``protected_layers`` name the layers pruning must leave alone: the head's box, class and DFL outputs
+and the attention layers whose forward reshapes channels into heads.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+import pickle
+import re
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import PrunekitError
+from . import data  # prunekit.yolo.data: VOC -> YOLO layout (needs no Ultralytics)
+
+PREFIX = "ul:"
+DEFAULT_IMGSZ = 640
+_KWARGS = ("imgsz", "weights_path", "trust_pickle")
+_module: ModuleType | None = None
+
+
+# ---- importing Ultralytics without network access ----
+def config_dir() -> Path:
+    """Where Ultralytics keeps its settings, fonts and default runs: ``$PRUNEKIT_CACHE/ultralytics``."""
+    root = Path(os.environ.get("PRUNEKIT_CACHE") or Path.home() / ".cache" / "prunekit").expanduser()
+    return root / "ultralytics"
+
+
+def ultralytics() -> ModuleType:
+    """The ``ultralytics`` package, imported with everything that would reach the network switched off.
+
+    The environment is set before the first import because Ultralytics decides at import time whether
+    it is online (a DNS probe), where its settings live and whether it may pip-install packages; the
+    module-level flags are set again afterwards in case the user imported it first. Fonts for its
+    plots are matplotlib's DejaVu Sans copied under the names it would otherwise download.
+    """
+    global _module
+    if _module is not None:
+        return _module
+    cfg = config_dir()
+    cfg.mkdir(parents=True, exist_ok=True)
+    os.environ.update({"YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "false", "YOLO_CONFIG_DIR": str(cfg),
+                       "ULTRALYTICS_SKIP_REQUIREMENTS_CHECKS": "1"})
+    os.environ.pop("ULTRALYTICS_API_KEY", None)  # the Platform callbacks upload runs when a key is set
+    user_dir = cfg / "Ultralytics"  # Ultralytics' own layout under YOLO_CONFIG_DIR
+    _install_fonts(user_dir)
+    try:
+        import ultralytics as ul
+        from ultralytics import utils as ul_utils
+        from ultralytics.utils import checks, events
+    except ImportError as exc:
+        raise PrunekitError("Ultralytics detectors need the optional extra: pip install 'prunekit[yolo]' "
+                            f"(Ultralytics is AGPL-3.0, so it is not installed by default) [{exc}]") from exc
+    ul.settings.update(sync=False, api_key="", clearml=False, comet=False, dvc=False, mlflow=False, raytune=False,
+                       tensorboard=False, wandb=False, vscode_msg=False, openvino_msg=False,
+                       datasets_dir=str(cfg / "datasets"), weights_dir=str(cfg / "weights"), runs_dir=str(cfg / "runs"))
+    for mod in (ul_utils, checks, events):
+        if hasattr(mod, "ONLINE"):
+            mod.ONLINE = False
+    checks.AUTOINSTALL = False
+    checks.USER_CONFIG_DIR = user_dir  # where check_font looks before it would download
+    events.events.enabled = False
+    _module = ul
+    return ul
+
+
+def _install_fonts(folder: Path) -> None:
+    """Ultralytics downloads Arial for plot labels when it is missing; give it a bundled font instead."""
+    import matplotlib
+
+    src = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("Arial.ttf", "Arial.Unicode.ttf"):
+        if not (folder / name).exists() and src.is_file():
+            shutil.copyfile(src, folder / name)
+
+
+# ---- names ----
+def _yaml_files() -> dict[str, Path]:
+    ul = ultralytics()
+    root = Path(ul.__file__).parent / "cfg" / "models"
+    return {p.stem: p for p in sorted(root.rglob("*.yaml"))}
+
+
+def resolve(name: str) -> tuple[Path, str]:
+    """(yaml file, scale letter) of ``ul:<name>``: yolov8n -> (yolov8.yaml, n), yolov3-tinyu -> (yolov3-tiny.yaml, '').
+
+    The trailing ``u`` of Ultralytics' release names (yolov5nu, yolov3u: anchor-free heads) is optional,
+    since every yaml Ultralytics ships builds that head.
+    """
+    stem = name.removeprefix(PREFIX).removesuffix(".yaml")
+    files = _yaml_files()
+    for cand in dict.fromkeys((stem, stem[:-1] if stem.endswith("u") else stem)):
+        if cand in files:
+            return files[cand], ""
+        m = re.fullmatch(r"(yolo(?:e-)?v?\d+)([nslmx])(.*)", cand)
+        if m and f"{m[1]}{m[3]}" in files:
+            return files[f"{m[1]}{m[3]}"], m[2]
+    close = difflib.get_close_matches(stem, list(files), n=1)
+    hint = f" did you mean '{PREFIX}{close[0]}'?" if close else ""
+    raise PrunekitError(f"unknown Ultralytics model '{name}':{hint} give a yaml name Ultralytics ships, with its "
+                        "scale letter, e.g. ul:yolov8n, ul:yolo11s, ul:yolov3u, ul:yolov3-tinyu, ul:yolov5nu")
+
+
+# ---- building ----
+def create(name: str, num_classes: int = 80, **kwargs: Any) -> nn.Module:
+    """Build ``ul:<name>`` as a traceable ``DetectionModel`` with freshly initialised weights.
+
+    kwargs: ``imgsz`` (the square input size recorded as the model's input shape, default 640),
+    ``weights_path`` (a state dict, or with ``trust_pickle=True`` a trained Ultralytics ``.pt``).
+    The model carries ``prunekit_arch`` (the recipe ``prunekit.save`` records; paths and the trust flag
+    are left out) and ``prunekit_protected`` (names of the layers pruning must keep).
+    """
+    unknown = sorted(set(kwargs) - set(_KWARGS))
+    if unknown:
+        raise PrunekitError(f"model '{name}' does not take {', '.join(unknown)}; allowed kwargs: {', '.join(_KWARGS)}")
+    if num_classes < 1:
+        raise PrunekitError(f"num_classes must be >= 1, got {num_classes}")
+    imgsz = kwargs.get("imgsz", DEFAULT_IMGSZ)
+    if not isinstance(imgsz, int) or isinstance(imgsz, bool) or imgsz < 32 or imgsz % 32:
+        raise PrunekitError(f"imgsz must be a multiple of 32 (the largest YOLO stride), got {imgsz!r}")
+    model = build_detection_model(name, num_classes)
+    if kwargs.get("weights_path") is not None:
+        load_weights(model, Path(kwargs["weights_path"]), num_classes, trust_pickle=kwargs.get("trust_pickle", False))
+    make_traceable(model)
+    model.prunekit_arch = {"name": name, "num_classes": num_classes,
+                           "kwargs": {"imgsz": imgsz} if "imgsz" in kwargs else {}, "input_shape": [3, imgsz, imgsz]}
+    model.prunekit_protected = [n for n, m in model.named_modules() if m in set(protected_layers(model))]
+    model.prunekit_outputs = predictions
+    return model
+
+
+def predictions(out: Any) -> list[torch.Tensor]:
+    """The tensors of an eval forward that are the detector's results (decoded boxes and scores, raw box and
+    class maps), without the neck's feature maps Ultralytics also returns: pruning may narrow those."""
+    if isinstance(out, tuple | list) and len(out) == 2 and isinstance(out[1], dict):
+        return [out[0], *(v for k, v in out[1].items() if k != "feats" and isinstance(v, torch.Tensor))]
+    return [t for t in (out if isinstance(out, tuple | list) else [out]) if isinstance(t, torch.Tensor)]
+
+
+def build_detection_model(name: str, num_classes: int) -> nn.Module:
+    """Ultralytics' own ``DetectionModel`` for ``ul:<name>``, before any rewrite (eval mode)."""
+    ultralytics()
+    from ultralytics.nn.tasks import DetectionModel, guess_model_task
+    from ultralytics.utils import YAML
+
+    path, scale = resolve(name)
+    cfg = YAML.load(path)
+    if scale and scale not in (cfg.get("scales") or {}):
+        scales = ", ".join(cfg.get("scales") or []) or "none"
+        raise PrunekitError(f"{path.name} has no scale '{scale}'; it has {scales}")
+    cfg |= {"scale": scale, "yaml_file": f"{name.removeprefix(PREFIX).removesuffix('.yaml')}.yaml"}
+    if (task := guess_model_task(cfg)) != "detect":
+        raise PrunekitError(f"'{name}' is a {task} model; prunekit supports Ultralytics detectors only")
+    return DetectionModel(cfg, ch=3, nc=num_classes, verbose=False).eval()
+
+
+def load_weights(model: nn.Module, path: Path, num_classes: int, *, trust_pickle: bool = False) -> None:
+    """Load a state dict, or (``trust_pickle=True``) the model inside a trained Ultralytics ``.pt``."""
+    if not path.is_file():
+        raise PrunekitError(f"weights file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, EOFError) as exc:
+        if not trust_pickle:
+            raise PrunekitError(
+                f"{path} is not a plain state dict: Ultralytics .pt checkpoints are Python pickles, and loading "
+                "one runs whatever code it holds; pass trust_pickle=True only for a file you trust (e.g. one "
+                "you trained yourself)") from exc
+        state = _state_from_pickle(path)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):  # {"model": state_dict, ...}
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise PrunekitError(f"{path} holds no state dict of tensors")
+    expected = model.state_dict()
+    head = model.model[-1]
+    class_convs = {f"model.{head.i}.cv3.{level}.{len(seq) - 1}.weight" for level, seq in enumerate(head.cv3)}
+    for key in class_convs & set(state):
+        value, want = state[key], expected[key]
+        if value.shape[0] != want.shape[0]:
+            raise PrunekitError(f"the head in {path} predicts {value.shape[0]} classes but num_classes="
+                                f"{num_classes}; pass num_classes={value.shape[0]}")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())
+        raise PrunekitError(f"weights in {path} do not fit this model: {detail[:300]}") from exc
+
+
+def _state_from_pickle(path: Path) -> dict[str, torch.Tensor]:
+    ultralytics()  # the pickle names Ultralytics classes
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a damaged or foreign pickle raises anything
+        raise PrunekitError(f"cannot read {path} as an Ultralytics checkpoint ({type(exc).__name__}: {exc})") from exc
+    obj = ckpt.get("ema") or ckpt.get("model") if isinstance(ckpt, dict) else ckpt
+    if not isinstance(obj, nn.Module):
+        raise PrunekitError(f"{path} holds no Ultralytics model (expected a checkpoint with 'model' or 'ema')")
+    return {k: v.float() if v.is_floating_point() else v for k, v in obj.state_dict().items()}
+
+
+# ---- the traceable rewrite ----
+class SplitC2f(nn.Module):
+    """``C2f``/``C3k2`` with ``cv1`` as two convs, one per half: no ``chunk`` on a prunable tensor."""
+
+    def __init__(self, cv1a: nn.Module, cv1b: nn.Module, m: nn.ModuleList, cv2: nn.Module):
+        super().__init__()
+        self.cv1a, self.cv1b, self.m, self.cv2 = cv1a, cv1b, m, cv2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = [self.cv1a(x), self.cv1b(x)]
+        y.extend(m(y[-1]) for m in self.m)
+        return self.cv2(torch.cat(y, 1))
+
+
+class SplitC2PSA(nn.Module):
+    """``C2PSA`` with ``cv1`` as two convs: the attention half and the bypass half are separate layers."""
+
+    def __init__(self, cv1a: nn.Module, cv1b: nn.Module, m: nn.Sequential, cv2: nn.Module):
+        super().__init__()
+        self.cv1a, self.cv1b, self.m, self.cv2 = cv1a, cv1b, m, cv2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cv2(torch.cat((self.cv1a(x), self.m(self.cv1b(x))), 1))
+
+
+@torch.no_grad()
+def split_conv(conv: nn.Module, sizes: list[int]) -> list[nn.Module]:
+    """Ultralytics ``Conv`` (conv, BN, activation) cut by output channels into exact independent parts."""
+    parts, start = [], 0
+    for size in sizes:
+        part = copy.deepcopy(conv)
+        sl = slice(start, start + size)
+        part.conv.weight = nn.Parameter(conv.conv.weight[sl].clone())
+        part.conv.out_channels = size
+        if conv.conv.bias is not None:
+            part.conv.bias = nn.Parameter(conv.conv.bias[sl].clone())
+        bn = part.bn
+        bn.num_features = size
+        bn.weight, bn.bias = nn.Parameter(conv.bn.weight[sl].clone()), nn.Parameter(conv.bn.bias[sl].clone())
+        bn.running_mean, bn.running_var = conv.bn.running_mean[sl].clone(), conv.bn.running_var[sl].clone()
+        parts.append(part)
+        start += size
+    return parts
+
+
+def make_traceable(model: nn.Module) -> nn.Module:
+    """Replace every ``C2f``/``C3k2``/``C2PSA`` in ``model`` by its split equivalent (in place; same outputs).
+
+    Subclasses that change ``forward`` (e.g. ``C2fAttn``) are left as they are.
+    """
+    ultralytics()
+    from ultralytics.nn.modules.block import C2PSA, C2f
+
+    from ..io import set_module
+
+    for name, mod in list(model.named_modules()):
+        if type(mod).forward is C2f.forward:
+            new: nn.Module = SplitC2f(*split_conv(mod.cv1, [mod.c, mod.c]), mod.m, mod.cv2)
+        elif type(mod).forward is C2PSA.forward:
+            new = SplitC2PSA(*split_conv(mod.cv1, [mod.c, mod.c]), mod.m, mod.cv2)
+        else:
+            continue
+        for attr in ("f", "i", "type"):  # DetectionModel routes its layers by these
+            if hasattr(mod, attr):
+                setattr(new, attr, getattr(mod, attr))
+        if hasattr(mod, "np"):
+            new.np = sum(p.numel() for p in new.parameters())
+        new.train(mod.training)
+        set_module(model, name, new)
+    return model
+
+
+# ---- what pruning must keep ----
+def _detect_heads(model: nn.Module) -> list[nn.Module]:
+    from ultralytics.nn.modules.head import Detect
+
+    return [m for m in model.modules() if isinstance(m, Detect)]
+
+
+def head_layers(model: nn.Module) -> list[nn.Module]:
+    """The Detect head's output convs: box (4·reg_max), class (nc) and DFL, whose channels are the predictions."""
+    ultralytics()
+    layers: list[nn.Module] = []
+    for det in _detect_heads(model):
+        for branch in ("cv2", "cv3", "one2one_cv2", "one2one_cv3"):
+            for seq in getattr(det, branch, None) or []:
+                layers.append(seq[-1])
+        if isinstance(getattr(det.dfl, "conv", None), nn.Conv2d):
+            layers.append(det.dfl.conv)
+    return layers
+
+
+def protected_layers(model: nn.Module) -> list[nn.Module]:
+    """``head_layers`` plus the convs of attention blocks, whose forward views channels as (heads, dims).
+
+    Pass these as ``ignored_layers``; any coupled group with one of them as producer stays whole (so the
+    attention's residual stream keeps its width, while its feed-forward hidden layer can still shrink).
+    """
+    from ultralytics.nn.modules.block import Attention
+
+    layers = head_layers(model)
+    for m in model.modules():
+        if isinstance(m, Attention):
+            layers += [m.qkv.conv, m.pe.conv, m.proj.conv]
+    return layers
+
+
+@contextmanager
+def export_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block the eval forward returns only the decoded predictions (B, 4 + nc, anchors).
+
+    Ultralytics' eval forward returns (predictions, raw head outputs); ONNX export and ONNX Runtime
+    comparisons want one tensor, which Ultralytics' own exporter gets by this same flag.
+    """
+    heads = _detect_heads(model)
+    saved = [h.__dict__.get("export") for h in heads]
+    for h in heads:
+        h.export = True
+    try:
+        yield model
+    finally:
+        for h, s in zip(heads, saved, strict=True):
+            if s is None:
+                del h.export
+            else:
+                h.export = s
+
+
+
+# ---- training through Ultralytics ----
+def train(model: nn.Module, dataset: str | Path, *, epochs: int = 1, imgsz: int | None = None, batch: int = 16,
+          device: str = "cpu", project: str | Path | None = None, name: str = "train",
+          **overrides: Any) -> dict[str, float]:
+    """Train or fine-tune ``model`` (pruned or not) with Ultralytics' ``DetectionTrainer`` and return its metrics.
+
+    Ultralytics' trainer normally rebuilds the network from its yaml, which silently undoes pruning;
+    here the trainer is handed prunekit's model object and keeps it, so the architecture trained is the
+    one passed in. ``dataset`` is a YOLO data yaml or a Pascal VOC directory (converted by
+    ``yolo.data.detection_data``). ``overrides`` are any Ultralytics train arguments (lr0, workers,
+    fraction, ...). Afterwards ``model`` holds the weights of the best epoch (EMA, as Ultralytics keeps
+    them, judged on the val split) in float32 and eval mode; the returned metrics are Ultralytics'
+    validator's on that checkpoint (``metrics/mAP50(B)``, ``metrics/mAP50-95(B)``, ...).
+    """
+    ultralytics()
+    from ultralytics.engine import trainer as ul_trainer
+    from ultralytics.models.yolo.detect import DetectionTrainer
+
+    ds = data.detection_data(dataset)
+    head = _detect_heads(model)
+    if not head or head[-1].nc != len(ds.names):
+        raise PrunekitError(f"the model predicts {head[-1].nc if head else 0} classes but {ds.yaml} has "
+                            f"{len(ds.names)} ({', '.join(ds.names)}); build it with num_classes={len(ds.names)}")
+    # Its AMP self-test downloads yolo26n.pt; prunekit never downloads, so AMP is used on CUDA untested.
+    ul_trainer.check_amp = lambda m: next(m.parameters()).device.type == "cuda"
+    shape = (getattr(model, "prunekit_arch", None) or {}).get("input_shape") or [3, DEFAULT_IMGSZ, DEFAULT_IMGSZ]
+    args = {"model": f"{model.yaml.get('yaml_file', 'prunekit')}", "data": str(ds.yaml), "epochs": epochs,
+            "imgsz": imgsz or shape[-1], "batch": batch, "device": device, "name": name, "exist_ok": True,
+            "project": str(project or config_dir() / "runs"), "pretrained": False, "plots": False} | overrides
+
+    class KeepModelTrainer(DetectionTrainer):
+        def get_model(self, cfg: Any = None, weights: Any = None, verbose: bool = True) -> nn.Module:
+            return model
+
+    trainer = KeepModelTrainer(overrides=args)
+    trainer.model = model  # setup_model keeps a ready nn.Module instead of building one from cfg
+    trainer.train()
+    if trainer.best.is_file():  # written by this trainer just now, so unpickling it is safe
+        ckpt = torch.load(trainer.best, map_location="cpu", weights_only=False)
+        best = ckpt.get("ema") or ckpt.get("model")
+        model.load_state_dict({k: v.float() for k, v in best.state_dict().items()})
+    model.float().eval()
+    return {k: float(v) for k, v in (trainer.metrics or {}).items()}

@@ -1,0 +1,198 @@
+"""Pascal VOC detection directories as the YOLO txt layout Ultralytics trains on.
+
+``voc_to_yolo(root)`` converts ``Annotations/*.xml`` + ``JPEGImages`` + ``ImageSets/Main/<split>.txt``
+once into ``<cache>/yolo-data/<name>-<key>/`` (``images/<split>``, ``labels/<split>``, ``data.yaml``),
+keyed by the directory's path and the sizes and mtimes of its annotations and split lists, so an
+edited annotation converts again. Boxes are shifted from VOC's 1-based pixels as Ultralytics' own VOC
+conversion does (width = xmax - xmin) and checked against the image's real size: boxes reaching
+outside are clipped, boxes with no area left (BCCD has points with xmin = xmax) are dropped,
+objects marked ``difficult`` are left out (VOC excludes them from training and scoring); each kind
+is counted and reported in one warning. Images without objects keep an empty label
+file: they are negatives the detector must learn. Class names are the sorted names found in the
+annotations unless given. A ``.yaml`` path is taken as an existing YOLO data set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from PIL import Image
+
+from ..data._folder import default_cache_dir
+from ..errors import PrunekitError
+
+SPLITS = ("train", "val", "test")
+_FORMAT = 1  # bump when the conversion changes, so old caches are not reused
+
+
+@dataclass
+class DetectionData:
+    """A YOLO-layout data set: the data yaml Ultralytics reads, its classes and what conversion did."""
+
+    yaml: Path
+    names: list[str]
+    images: dict[str, int] = field(default_factory=dict)
+    objects: dict[str, int] = field(default_factory=dict)
+    empty_images: int = 0
+    clipped: int = 0
+    dropped_empty: int = 0
+    difficult: int = 0
+    unknown_class: int = 0
+
+    def problems(self) -> str:
+        """One line naming every kind of box that was changed or left out, or '' when none was."""
+        parts = [f"{n} {what}" for n, what in ((self.clipped, "boxes clipped to the image"),
+                                               (self.dropped_empty, "boxes dropped with zero area"),
+                                               (self.difficult, "difficult objects left out"),
+                                               (self.unknown_class, "objects of classes not in names dropped")) if n]
+        return ", ".join(parts)
+
+
+def detection_data(path: str | Path, *, names: list[str] | None = None, cache_dir: str | Path | None = None,
+                   keep_difficult: bool = False) -> DetectionData:
+    """A YOLO data yaml as is, or a Pascal VOC directory converted by ``voc_to_yolo``."""
+    path = Path(path).expanduser()
+    if path.is_file() and path.suffix in (".yaml", ".yml"):
+        cfg = yaml.safe_load(path.read_text())
+        if not isinstance(cfg, dict) or "names" not in cfg or "train" not in cfg:
+            raise PrunekitError(f"{path} is not a YOLO data yaml (it needs train: and names:)")
+        found = cfg["names"]
+        return DetectionData(path, list(found.values()) if isinstance(found, dict) else list(found))
+    return voc_to_yolo(path, names=names, cache_dir=cache_dir, keep_difficult=keep_difficult)
+
+
+def voc_to_yolo(root: str | Path, *, names: list[str] | None = None, cache_dir: str | Path | None = None,
+                keep_difficult: bool = False) -> DetectionData:
+    """Convert (or find already converted) the VOC directory ``root``; warns once per call about changed boxes."""
+    root = Path(root).expanduser().resolve()
+    ann_dir, img_dir, sets = root / "Annotations", root / "JPEGImages", root / "ImageSets" / "Main"
+    if not ann_dir.is_dir() or not img_dir.is_dir():
+        raise PrunekitError(f"{root} is not a Pascal VOC directory: it needs Annotations/ and JPEGImages/")
+    splits = {s: sets / f"{s}.txt" for s in SPLITS if (sets / f"{s}.txt").is_file()}
+    if "train" not in splits:
+        raise PrunekitError(f"{root} has no ImageSets/Main/train.txt: list the training image ids there "
+                            "(and val.txt, test.txt)")
+    if names is not None and (not names or len(set(names)) != len(names)):
+        raise PrunekitError(f"names must be distinct class names, got {names}")
+    stamp = [_FORMAT, str(root), names, keep_difficult]
+    for f in [*sorted(ann_dir.glob("*.xml")), *splits.values()]:
+        st = f.stat()
+        stamp.append([f.name, st.st_size, st.st_mtime_ns])
+    key = hashlib.sha1(json.dumps(stamp).encode()).hexdigest()[:12]
+    out = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    out = out / "yolo-data" / f"{root.name}-{key}"
+    if not (out / "stats.json").is_file():
+        _convert(root, splits, out, names, keep_difficult)
+    stats = json.loads((out / "stats.json").read_text())
+    data = DetectionData(out / "data.yaml", **stats)
+    if data.problems():
+        warnings.warn(f"{root.name}: {data.problems()}", stacklevel=2)
+    return data
+
+
+def _ids(split_file: Path) -> list[str]:
+    return [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
+
+
+def _objects(xml_file: Path) -> list[tuple[str, bool, list[float]]]:
+    """(class name, difficult, [xmin, ymin, xmax, ymax]) of every object, as written in the XML."""
+    try:
+        tree = ET.parse(xml_file)
+    except ET.ParseError as exc:
+        raise PrunekitError(f"{xml_file} is not valid XML ({exc})") from exc
+    objs = []
+    for obj in tree.getroot().iter("object"):
+        name, box = obj.findtext("name"), obj.find("bndbox")
+        if not name or box is None:
+            raise PrunekitError(f"{xml_file}: an <object> without <name> or <bndbox>")
+        try:
+            coords = [float(box.findtext(k) or "") for k in ("xmin", "ymin", "xmax", "ymax")]
+        except ValueError as exc:
+            raise PrunekitError(f"{xml_file}: object {name!r} has a non-numeric box coordinate") from exc
+        objs.append((name.strip(), (obj.findtext("difficult") or "0").strip() == "1", coords))
+    return objs
+
+
+def _image_for(img_dir: Path, image_id: str) -> Path:
+    for ext in (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG", ".bmp"):
+        if (img_dir / f"{image_id}{ext}").is_file():
+            return img_dir / f"{image_id}{ext}"
+    raise PrunekitError(f"image {image_id!r} is listed in ImageSets but not in {img_dir}")
+
+
+def _convert(root: Path, splits: dict[str, Path], out: Path, names: list[str] | None, keep_difficult: bool) -> None:
+    """Write the YOLO layout to a temporary folder beside ``out`` and rename it into place when complete."""
+    ann_dir, img_dir = root / "Annotations", root / "JPEGImages"
+    listed = {s: _ids(f) for s, f in splits.items()}
+    parsed = {i: _objects(ann_dir / f"{i}.xml") if (ann_dir / f"{i}.xml").is_file() else []
+              for ids in listed.values() for i in ids}
+    classes = list(names) if names is not None else sorted({o[0] for objs in parsed.values() for o in objs})
+    if not classes:
+        raise PrunekitError(f"{root}: no objects in any annotation and no names given")
+    index = {n: i for i, n in enumerate(classes)}
+    stats = {"names": classes, "images": {}, "objects": {}, "empty_images": 0, "clipped": 0, "dropped_empty": 0,
+             "difficult": 0, "unknown_class": 0}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for split, ids in listed.items():
+            (tmp / "images" / split).mkdir(parents=True)
+            (tmp / "labels" / split).mkdir(parents=True)
+            n_obj = 0
+            for image_id in ids:
+                src = _image_for(img_dir, image_id)
+                with Image.open(src) as im:
+                    w, h = im.size
+                lines = []
+                for name, difficult, (x0, y0, x1, y1) in parsed[image_id]:
+                    if difficult and not keep_difficult:
+                        stats["difficult"] += 1
+                        continue
+                    if name not in index:
+                        stats["unknown_class"] += 1
+                        continue
+                    x0, y0, x1, y1 = x0 - 1, y0 - 1, x1 - 1, y1 - 1  # VOC pixels are 1-based
+                    cx0, cy0, cx1, cy1 = min(max(x0, 0), w), min(max(y0, 0), h), min(max(x1, 0), w), min(max(y1, 0), h)
+                    if cx1 <= cx0 or cy1 <= cy0:
+                        stats["dropped_empty"] += 1
+                        continue
+                    stats["clipped"] += (cx0, cy0, cx1, cy1) != (x0, y0, x1, y1)
+                    lines.append(f"{index[name]} {(cx0 + cx1) / 2 / w:.6f} {(cy0 + cy1) / 2 / h:.6f} "
+                                 f"{(cx1 - cx0) / w:.6f} {(cy1 - cy0) / h:.6f}")
+                stats["empty_images"] += not lines
+                n_obj += len(lines)
+                _link(src, tmp / "images" / split / src.name)
+                (tmp / "labels" / split / f"{src.stem}.txt").write_text("".join(f"{ln}\n" for ln in lines))
+            stats["images"][split], stats["objects"][split] = len(ids), n_obj
+        cfg = {"path": str(out), **{s: f"images/{s}" for s in listed}, "names": dict(enumerate(classes))}
+        (tmp / "data.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        (tmp / "stats.json").write_text(json.dumps(stats))
+        if out.exists() and not (out / "stats.json").is_file():  # left incomplete by a crash
+            shutil.rmtree(out)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if not (out / "stats.json").is_file():
+                raise
+            shutil.rmtree(tmp)  # another process finished the same conversion first
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _link(src: Path, dst: Path) -> None:
+    """Hard link when possible (no second copy on disk), else copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+

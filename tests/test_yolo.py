@@ -1,0 +1,423 @@
+"""Ultralytics detectors: offline import, building by name, exact traceable rewrite, pruning, save/load, ONNX, VOC data.
+
+Every test runs with sockets guarded: a connection (or DNS lookup) to anything but loopback is
+recorded and fails the test, here and in the fresh processes the tests start.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import prunekit as pk
+from prunekit.errors import PrunekitError
+from prunekit.graph import PruneGraph
+
+if importlib.util.find_spec("ultralytics") is None:  # not importorskip: the import must happen offline, in prunekit
+    pytest.skip("the yolo extra (ultralytics) is not installed", allow_module_level=True)
+
+from prunekit import yolo  # noqa: E402  (does not import ultralytics by itself)
+from prunekit.yolo.data import detection_data, voc_to_yolo  # noqa: E402
+
+from .conftest import SHARED  # noqa: E402
+
+BCCD = SHARED / "bccd"
+X = torch.randn(1, 3, 160, 160, generator=torch.Generator().manual_seed(0))
+STRUCTURED = ["l1-norm", "l2-norm", "fpgm", "net-slim", "random", "dist-fit"]
+# Every method on the small yolov3-tinyu, l1-norm on yolov8n (10-35 s per prune here on 2 shared cores); yolo11n is
+# pruned with l1-norm by the save/load test and channel-masked by test_pruned_equals_masked.
+PRUNE_CASES = [("yolov3-tinyu", m) for m in STRUCTURED] + [("yolov8n", "l1-norm")]
+
+# Installed in this process by the `offline` fixture and prepended to every script run in a fresh process.
+GUARD = textwrap.dedent("""
+    import socket
+    NET_ATTEMPTS = []
+    _LOCAL = {None, "localhost", "127.0.0.1", "::1", "0.0.0.0"}
+    _connect, _connect_ex, _getaddrinfo = socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo
+
+    def _allowed(sock, address):
+        return sock.family == getattr(socket, "AF_UNIX", None) or (isinstance(address, tuple) and address[0] in _LOCAL)
+
+    def _guard_connect(sock, address):
+        if not _allowed(sock, address):
+            NET_ATTEMPTS.append(("connect", address))
+            raise OSError(f"test guard: network access to {address!r}")
+        return _connect(sock, address)
+
+    def _guard_connect_ex(sock, address):
+        if not _allowed(sock, address):
+            NET_ATTEMPTS.append(("connect_ex", address))
+            raise OSError(f"test guard: network access to {address!r}")
+        return _connect_ex(sock, address)
+
+    def _guard_getaddrinfo(host, *args, **kwargs):
+        if host not in _LOCAL:
+            NET_ATTEMPTS.append(("getaddrinfo", host))
+            raise OSError(f"test guard: DNS lookup of {host!r}")
+        return _getaddrinfo(host, *args, **kwargs)
+
+    socket.socket.connect, socket.socket.connect_ex = _guard_connect, _guard_connect_ex
+    socket.getaddrinfo = _guard_getaddrinfo
+""")
+
+
+@pytest.fixture(scope="module")
+def net_attempts(tmp_path_factory):
+    """Guard sockets for the whole module (before Ultralytics is first imported); restored afterwards."""
+    import socket
+
+    saved = socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo
+    env = os.environ.get("PRUNEKIT_CACHE")
+    os.environ["PRUNEKIT_CACHE"] = str(tmp_path_factory.mktemp("pk-yolo-cache"))  # fresh settings, no old fonts
+    scope: dict = {}
+    exec(GUARD, scope)
+    yield scope["NET_ATTEMPTS"]
+    socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo = saved
+    if env is None:
+        os.environ.pop("PRUNEKIT_CACHE", None)
+    else:
+        os.environ["PRUNEKIT_CACHE"] = env
+
+
+@pytest.fixture(autouse=True)
+def offline(net_attempts):
+    yield
+    assert net_attempts == [], f"network access attempted: {net_attempts}"
+
+
+def run_fresh(script: str, tmp_path: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``script`` in a fresh interpreter behind the socket guard; it fails if anything tried the network."""
+    check = "\nassert NET_ATTEMPTS == [], NET_ATTEMPTS\nprint('NET-OK')\n"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = subprocess.run([sys.executable, "-c", GUARD + textwrap.dedent(script) + check], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=timeout, env=env)
+    assert proc.returncode == 0 and "NET-OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def outputs(model: nn.Module, x: torch.Tensor = X) -> list[torch.Tensor]:
+    """The detector's results (not the neck feature maps Ultralytics also returns, which pruning may narrow)."""
+    model.eval()
+    with torch.no_grad():
+        return yolo.predictions(model(x))
+
+
+@torch.no_grad()
+def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """BN statistics and affine parameters away from their defaults, so exactness tests are not trivial."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
+            m.running_var.copy_(0.5 + 1.5 * torch.rand(n, generator=g))
+            m.weight.copy_(0.5 + torch.rand(n, generator=g))
+            m.bias.copy_(0.4 * torch.rand(n, generator=g) - 0.2)
+    return model
+
+
+_BASES: dict[str, nn.Module] = {}
+
+
+def base(name: str) -> nn.Module:
+    """One randomised ``ul:<name>`` per session (building costs seconds); tests prune deep copies."""
+    if name not in _BASES:
+        torch.manual_seed(0)
+        _BASES[name] = randomise_bn(pk.models.create(f"ul:{name}", num_classes=3, imgsz=320)).eval()
+    return copy.deepcopy(_BASES[name])
+
+
+# ---- offline ----
+def test_import_is_offline_and_settings_are_prunekits(net_attempts) -> None:
+    assert "ultralytics" not in sys.modules or yolo._module is not None  # prunekit does not import it on its own
+    ul = yolo.ultralytics()
+    from ultralytics import utils
+    from ultralytics.utils import checks, events
+
+    assert os.environ["YOLO_OFFLINE"] == "1" and os.environ["YOLO_CONFIG_DIR"] == str(yolo.config_dir())
+    assert not utils.ONLINE and not utils.is_online() and not checks.AUTOINSTALL and not events.events.enabled
+    assert ul.settings["sync"] is False and ul.settings["api_key"] == ""
+    assert Path(ul.settings["runs_dir"]).is_relative_to(yolo.config_dir())
+    assert Path(checks.check_font("Arial.ttf")).is_file()  # found locally, never downloaded
+    assert yolo.ultralytics() is ul
+
+
+# ---- building by name ----
+def test_names_resolve_to_shipped_yamls() -> None:
+    assert [(p.name, s) for p, s in map(yolo.resolve, ["ul:yolov8n", "yolo11s", "ul:yolov3u", "ul:yolov3-tinyu",
+                                                       "ul:yolov5nu"])] == [
+        ("yolov8.yaml", "n"), ("yolo11.yaml", "s"), ("yolov3.yaml", ""), ("yolov3-tiny.yaml", ""), ("yolov5.yaml", "n")]
+    with pytest.raises(PrunekitError, match="did you mean 'ul:yolov8"):
+        pk.models.create("ul:yolov8q", num_classes=3)
+    with pytest.raises(PrunekitError, match="segment model"):
+        pk.models.create("ul:yolov8n-seg", num_classes=3)
+    with pytest.raises(PrunekitError, match="does not take in_channels"):
+        pk.models.create("ul:yolov8n", num_classes=3, in_channels=1)
+    with pytest.raises(PrunekitError, match="multiple of 32"):
+        pk.models.create("ul:yolov8n", num_classes=3, imgsz=300)
+    assert pk.models.default_input_size("ul:yolov8n") == (3, 640, 640)
+
+
+def test_create_records_recipe_and_protected_layers() -> None:
+    model = base("yolov8n")
+    assert model.prunekit_arch == {"name": "ul:yolov8n", "num_classes": 3, "kwargs": {"imgsz": 320},
+                                   "input_shape": [3, 320, 320]}
+    head = model.model[-1]
+    assert head.nc == 3 and len(yolo.head_layers(model)) == 2 * head.nl + 1  # box and class per level, DFL
+    assert all(isinstance(m, nn.Conv2d) for m in yolo.head_layers(model))
+    names = dict(model.named_modules())
+    assert {names[n] for n in model.prunekit_protected} == set(yolo.protected_layers(model))
+
+
+@pytest.mark.parametrize("name", ["yolov8n", "yolov8s", "yolo11n", "yolov3-tinyu", "yolov3u", "yolov5nu"])
+def test_traceable_rewrite_is_exact(name: str) -> None:
+    from ultralytics.nn.modules.block import C2PSA, C2f
+
+    torch.manual_seed(0)
+    ref = randomise_bn(yolo.build_detection_model(f"ul:{name}", 3))
+    new = yolo.make_traceable(copy.deepcopy(ref)).eval()
+    assert not any(type(m).forward in (C2f.forward, C2PSA.forward) for m in new.modules())
+    a, b = outputs(ref), outputs(new)
+    assert [t.shape for t in a] == [t.shape for t in b]
+    for p, q in zip(a, b, strict=True):
+        torch.testing.assert_close(q, p, atol=1e-5, rtol=1e-5)
+
+
+def test_weights_from_ultralytics_pickle_need_trust(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    trained = randomise_bn(yolo.build_detection_model("ul:yolov3-tinyu", 3))
+    torch.save({"model": trained, "epoch": 3}, tmp_path / "best.pt")  # what Ultralytics' trainer writes
+    with pytest.raises(PrunekitError, match="pickle.*trust_pickle=True"):
+        pk.models.create("ul:yolov3-tinyu", num_classes=3, weights_path=tmp_path / "best.pt")
+    with pytest.raises(PrunekitError, match="predicts 3 classes but num_classes=5; pass num_classes=3"):
+        pk.models.create("ul:yolov3-tinyu", num_classes=5, weights_path=tmp_path / "best.pt", trust_pickle=True)
+    model = pk.models.create("ul:yolov3-tinyu", num_classes=3, weights_path=tmp_path / "best.pt", trust_pickle=True)
+    assert "weights_path" not in model.prunekit_arch["kwargs"] and "trust_pickle" not in model.prunekit_arch["kwargs"]
+    for p, q in zip(outputs(trained), outputs(model), strict=True):
+        torch.testing.assert_close(q, p)
+    torch.save(trained.state_dict(), tmp_path / "state.pt")  # a plain state dict needs no trust
+    model = pk.models.create("ul:yolov3-tinyu", num_classes=3, weights_path=tmp_path / "state.pt")
+    torch.testing.assert_close(outputs(model)[0], outputs(trained)[0])
+
+
+# ---- pruning ----
+def _shapes(ts: list[torch.Tensor]) -> list[tuple[int, ...]]:
+    return [tuple(t.shape) for t in ts]
+
+
+@pytest.mark.parametrize(("name", "method"), PRUNE_CASES)
+def test_structured_methods_prune_detectors(name: str, method: str) -> None:
+    model = base(name)
+    before = outputs(model)
+    protected = yolo.protected_layers(model)
+    kept = [m.weight.detach().clone() for m in yolo.head_layers(model)]
+    res = pk.prune(model, method, X, speedup=1.5, ignored_layers=protected)
+    assert res.speedup == pytest.approx(1.5, rel=0.03)
+    after = outputs(model)
+    assert _shapes(after) == _shapes(before)
+    for m, w in zip(yolo.head_layers(model), kept, strict=True):  # output channels untouched (inputs may shrink)
+        assert m.out_channels == w.shape[0]
+
+
+@pytest.mark.parametrize("name", ["yolov8n", "yolov3-tinyu"])  # with and without residual blocks
+def test_adaptive_slim_removes_low_gamma_channels_and_blocks(name: str) -> None:
+    model = base(name)
+    before = outputs(model)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # what sparsity training leaves: a population of negligible BN scale factors
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                u = torch.rand(m.num_features, generator=g)
+                m.weight.copy_(torch.where(u < 0.3, 1e-3 * torch.rand(m.num_features, generator=g), 0.5 + u))
+        blocks = [f"model.{i}.m.0" for i, m in enumerate(model.model) if type(m).__name__ == "SplitC2f"
+                  and type(m.m[0]).__name__ == "Bottleneck" and m.m[0].add][:2]
+        for b in blocks:  # two residual blocks whose branch sparsity training silenced
+            model.get_submodule(b).cv2.bn.weight.mul_(1e-3)
+    # max_valley=1: the block learner's density-valley check cannot see a valley in six block scores
+    res = pk.prune(model, "adaptive-slim", X, ignored_layers=yolo.protected_layers(model), max_valley=1.0)
+    assert res.speedup > 1.2
+    assert sorted(res.blocks_removed) == blocks  # yolov3-tinyu has no residual block
+    assert _shapes(outputs(model)) == _shapes(before)
+
+
+@pytest.mark.parametrize("name", ["yolo11n", "yolov3-tinyu"])  # yolov8n's C2f is yolo11n's C3k2 rewrite
+def test_pruned_equals_masked(name: str) -> None:
+    masked, pruned = base(name), base(name)
+    pg_masked = PruneGraph(masked, X, ignored_layers=yolo.protected_layers(masked))
+    pg_pruned = PruneGraph(pruned, X, ignored_layers=yolo.protected_layers(pruned))
+    remove = {g.index: list(range(0, g.size, 3)) for g in pg_masked.groups}
+    pg_masked.zero_channels(remove)
+    pg_pruned.apply(remove)
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in masked.parameters())
+    for p, q in zip(outputs(masked), outputs(pruned), strict=True):
+        torch.testing.assert_close(q, p, atol=1e-4, rtol=1e-4)
+
+
+def test_pruned_detector_saves_loads_in_fresh_process_and_exports(tmp_path: Path) -> None:
+    model = base("yolo11n")
+    pk.prune(model, "l1-norm", X, speedup=1.5, ignored_layers=yolo.protected_layers(model))
+    pk.save(model, tmp_path / "pruned.pt")
+    torch.save({"x": X, "out": outputs(model)}, tmp_path / "ref.pt")
+    run_fresh("""
+        import sys, torch
+        import prunekit as pk
+        assert "ultralytics" not in sys.modules  # the core never imports the AGPL extra on its own
+        model = pk.load("pruned.pt")
+        ref = torch.load("ref.pt")
+        with torch.no_grad():
+            out = model(ref["x"])
+        flat = [out[0], out[1]["boxes"], out[1]["scores"]]
+        assert len(flat) == len(ref["out"])
+        for a, b in zip(flat, ref["out"]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    """, tmp_path)
+    # ONNX wants one output tensor: the decoded predictions. export_onnx's absolute 1e-4 check is too tight for
+    # boxes in pixels (float32 noise reaches 1.2e-4 at |y| ~ 160), so the same export is checked relatively here.
+    from prunekit.export import _session, _to_onnx
+
+    with yolo.export_mode(model):
+        _to_onnx(model, X, tmp_path / "pruned.onnx", 17)
+        ref = outputs(model)[0]
+    got = torch.from_numpy(_session(tmp_path / "pruned.onnx").run(None, {"input": X.numpy()})[0])
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    assert isinstance(model(X), tuple)  # the flag is restored afterwards
+
+
+# ---- data ----
+def _voc(root: Path, images: dict[str, tuple[tuple[int, int], list[tuple]] | None],
+         splits: dict[str, list[str]]) -> Path:
+    """A tiny VOC directory: per image id its (w, h) and objects (name, xmin, ymin, xmax, ymax[, difficult])."""
+    from PIL import Image
+
+    for d in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    for image_id, spec in images.items():
+        size = spec[0] if spec else (64, 48)
+        Image.new("RGB", size, (120, 30, 30)).save(root / "JPEGImages" / f"{image_id}.jpg")
+        if spec is None:
+            continue  # listed, but no annotation file at all
+        objs = "".join(
+            f"<object><name>{o[0]}</name><difficult>{int(len(o) > 5 and o[5])}</difficult><bndbox>"
+            f"<xmin>{o[1]}</xmin><ymin>{o[2]}</ymin><xmax>{o[3]}</xmax><ymax>{o[4]}</ymax></bndbox></object>"
+            for o in spec[1])
+        (root / "Annotations" / f"{image_id}.xml").write_text(
+            f"<annotation><size><width>{size[0]}</width><height>{size[1]}</height></size>{objs}</annotation>")
+    for split, ids in splits.items():
+        (root / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
+    return root
+
+
+def _rows(want: list[list[float]]) -> list:
+    """Label rows compared with pytest.approx per row (it does not take nested lists)."""
+    return [pytest.approx(row, abs=1e-6) for row in want]
+
+
+def _labels(data, split: str) -> dict[str, list[list[float]]]:
+    folder = data.yaml.parent / "labels" / split
+    return {f.stem: [[float(v) for v in ln.split()] for ln in f.read_text().splitlines()]
+            for f in sorted(folder.glob("*.txt"))}
+
+
+def test_voc_edge_cases(tmp_path: Path) -> None:
+    root = _voc(tmp_path / "voc", {
+        "a": ((100, 50), [("dog", 11, 6, 60, 30), ("cat", 1, 1, 100, 50)]),
+        "b": ((100, 50), [("dog", 90, 40, 130, 70), ("dog", -5, 10, 20, 20)]),  # both reach outside: clipped
+        "c": ((100, 50), [("cat", 30, 30, 30, 40), ("cat", 120, 10, 140, 20)]),  # zero width; wholly outside
+        "d": ((100, 50), [("bird", 10, 10, 20, 20, True), ("cat", 10, 10, 20, 20)]),  # one difficult
+        "e": ((100, 50), []),  # an image without objects
+        "f": None,  # listed without an annotation file
+    }, {"train": ["a", "b", "c", "d"], "val": ["e", "f"]})
+    with pytest.warns(UserWarning, match="2 boxes clipped.*2 boxes dropped with zero area.*1 difficult"):
+        data = voc_to_yolo(root, cache_dir=tmp_path / "cache")
+    assert data.names == ["bird", "cat", "dog"]  # a class stays even where its only object is difficult
+    assert (data.images, data.objects, data.empty_images) == ({"train": 4, "val": 2}, {"train": 5, "val": 0}, 3)
+    train = _labels(data, "train")
+    assert train["a"] == _rows([[2, 0.345, 0.34, 0.49, 0.48], [1, 0.495, 0.49, 0.99, 0.98]])  # 1-based
+    assert train["b"] == _rows([[2, 0.945, 0.89, 0.11, 0.22], [2, 0.095, 0.28, 0.19, 0.2]])
+    assert train["c"] == [] and train["d"] == _rows([[1, 0.14, 0.28, 0.1, 0.2]])
+    assert _labels(data, "val") == {"e": [], "f": []}
+    assert sorted(p.name for p in (data.yaml.parent / "images" / "val").iterdir()) == ["e.jpg", "f.jpg"]
+    import yaml
+
+    cfg = yaml.safe_load(data.yaml.read_text())
+    assert cfg["train"] == "images/train" and cfg["names"] == {0: "bird", 1: "cat", 2: "dog"} and "test" not in cfg
+
+    stamp = data.yaml.stat().st_mtime_ns  # converted once: a second call reads the cache
+    with pytest.warns(UserWarning):
+        again = voc_to_yolo(root, cache_dir=tmp_path / "cache")
+    assert again.yaml == data.yaml and again.yaml.stat().st_mtime_ns == stamp
+    with pytest.warns(UserWarning, match="4 objects of classes not in names"):
+        named = detection_data(root, names=["dog", "bird"], keep_difficult=True, cache_dir=tmp_path / "cache")
+    assert named.yaml != data.yaml and named.difficult == 0 and named.names == ["dog", "bird"]
+    assert _labels(named, "train")["d"] == _rows([[1, 0.14, 0.28, 0.1, 0.2]])
+    assert detection_data(named.yaml).names == ["dog", "bird"]  # a YOLO data yaml is taken as it is
+
+    (root / "Annotations" / "e.xml").write_text(  # an edited annotation converts again
+        "<annotation><object><name>cat</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>10</xmax><ymax>10</ymax>"
+        "</bndbox></object></annotation>")
+    with pytest.warns(UserWarning):
+        edited = voc_to_yolo(root, cache_dir=tmp_path / "cache")
+    assert edited.yaml != data.yaml and edited.objects["val"] == 1
+    with pytest.raises(PrunekitError, match="not a Pascal VOC directory"):
+        voc_to_yolo(tmp_path, cache_dir=tmp_path / "cache")
+
+
+@pytest.fixture(scope="module")
+def bccd(tmp_path_factory):
+    if not BCCD.is_dir():
+        pytest.skip(f"shared BCCD copy not found at {BCCD}")
+    with pytest.warns(UserWarning, match="bccd: .*boxes") as record:
+        data = voc_to_yolo(BCCD, cache_dir=tmp_path_factory.mktemp("bccd"))
+    assert len(record) == 1
+    return data
+
+
+def test_bccd_converts_with_counted_fixes(bccd) -> None:
+    import re
+
+    data = bccd
+    assert data.names == ["Platelets", "RBC", "WBC"]
+    assert data.images == {"train": 205, "val": 87, "test": 72}
+    listed = [i for s in ("train", "val", "test") for i in (BCCD / "ImageSets/Main" / f"{s}.txt").read_text().split()]
+    in_xml = sum(len(re.findall("<object>", (BCCD / "Annotations" / f"{i}.xml").read_text())) for i in listed)
+    assert sum(data.objects.values()) + data.dropped_empty + data.difficult + data.unknown_class == in_xml
+    assert data.clipped + data.dropped_empty > 0
+    for split in data.images:
+        for rows in _labels(data, split).values():
+            for _, cx, cy, w, h in rows:
+                assert 0 < w <= 1 and 0 < h <= 1 and 0 <= cx - w / 2 + 1e-6 and cx + w / 2 <= 1 + 1e-6
+                assert 0 <= cy - h / 2 + 1e-6 and cy + h / 2 <= 1 + 1e-6
+
+
+# ---- training ----
+def test_training_keeps_the_pruned_model(bccd, tmp_path: Path) -> None:
+    import yaml
+
+    root = bccd.yaml.parent
+    subset = {}
+    for split, n in (("train", 16), ("val", 8)):
+        images = sorted((root / "images" / split).iterdir())[:n]
+        (tmp_path / f"{split}.txt").write_text("".join(f"{p}\n" for p in images))
+        subset[split] = str(tmp_path / f"{split}.txt")
+    (tmp_path / "data.yaml").write_text(yaml.safe_dump({**subset, "names": dict(enumerate(bccd.names))}))
+    model = base("yolov8n")
+    pk.prune(model, "l1-norm", X, speedup=1.5, ignored_layers=yolo.protected_layers(model))
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    metrics = yolo.train(model, tmp_path / "data.yaml", epochs=1, imgsz=160, batch=8, workers=0,
+                         project=tmp_path / "runs", seed=0)
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == shapes  # not rebuilt from the yaml
+    assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items() if v.is_floating_point())
+    assert 0.0 <= metrics["metrics/mAP50(B)"] <= 1.0 and 0.0 <= metrics["metrics/mAP50-95(B)"] <= 1.0
+    assert all(torch.isfinite(t).all() for t in outputs(model))
+    with pytest.raises(PrunekitError, match="predicts 5 classes but .* has 3"):
+        yolo.train(pk.models.create("ul:yolov3-tinyu", num_classes=5), tmp_path / "data.yaml")
