@@ -29,6 +29,8 @@ CONV_LINEAR = LAYERS
 # Torch-Pruning handlers that shrink a conv/linear layer's outputs or inputs (methods read group members by them).
 OUT_CHANNEL_FNS = {F_.prune_conv_out_channels, F_.prune_linear_out_channels, F_.prune_depthwise_conv_out_channels}
 IN_CHANNEL_FNS = {F_.prune_conv_in_channels, F_.prune_linear_in_channels, F_.prune_depthwise_conv_in_channels}
+_ADDS_BIAS = {nn.Conv1d.forward, nn.Conv2d.forward, nn.Linear.forward}  # forwards that add self.bias
+_BN = nn.modules.batchnorm._BatchNorm
 
 
 @dataclass
@@ -254,6 +256,32 @@ class PruneGraph:
                     s[1] -= removed * per
                     s[2] -= removed * per
         return int(sum(self.unit[n] * o * (i // max(gr, 1)) for n, (o, i, gr) in shape.items()))
+
+    @torch.no_grad()
+    def fold_constant(self, consumer: nn.Module, idx: list[int], values: torch.Tensor) -> bool:
+        """Fold constant inputs ``values`` on channels ``idx`` of ``consumer`` somewhere exact; False if nowhere.
+
+        Into its bias, else the BN right after it (running mean), else a new bias; a branch whose forward
+        ignores a bias (e.g. the option-A shortcut) feeding x + BN(y) shifts that BN's β instead.
+        """
+        node = self.DG.module2node[consumer]
+        nxt = node.outputs[0] if len(node.outputs) == 1 else None
+        bn_after = nxt.module if nxt is not None and isinstance(nxt.module, _BN) and len(nxt.inputs) == 1 else None
+        if type(consumer).forward in _ADDS_BIAS or (consumer.bias is None and bn_after is not None):
+            fold_constant_into(consumer, idx, values, bn=bn_after)
+            return True
+        if nxt is not None and nxt.grad_fn is not None and nxt.grad_fn.name().startswith("AddBackward") \
+                and len(nxt.inputs) == 2:
+            other = next(n for n in nxt.inputs if n is not node)
+            if isinstance(other.module, _BN) and other.module.bias is not None and len(other.outputs) == 1:
+                w = consumer.weight
+                other.module.bias += (w[:, idx].flatten(2).sum(-1) if w.dim() > 2 else w[:, idx]) @ values.to(w.dtype)
+                return True
+        return False
+
+    def can_fold(self, consumer: nn.Module) -> bool:
+        """Whether a constant on ``consumer``'s input can be folded somewhere exact (folding nothing tells)."""
+        return type(consumer).forward in _ADDS_BIAS or self.fold_constant(consumer, [], torch.zeros(0))
 
     def member_indices(self, gi: int, idxs: list[int]) -> list[tuple[nn.Module, object, list[int]]]:
         """(module, Torch-Pruning handler, that module's indices) for channels ``idxs`` of group ``gi``."""

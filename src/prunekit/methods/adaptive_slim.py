@@ -42,7 +42,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import criteria, thresholds
-from ..graph import IN_CHANNEL_FNS, PruneGraph, find_blocks, fold_constant_into, remove_block, set_module
+from ..graph import IN_CHANNEL_FNS, PruneGraph, find_blocks, remove_block, set_module
 from ..measure import hooked, layer_macs
 from ..thresholds import ThresholdFit, learn_threshold
 from ..train import BNSparsity, TrainConfig, TrainResult, fit
@@ -57,8 +57,6 @@ from . import (
     cost,
     register,
 )
-
-_ADDS_BIAS = {nn.Conv1d.forward, nn.Conv2d.forward, nn.Linear.forward}  # forwards that add self.bias
 
 
 # ---- 1. sparsity training: train.BNSparsity, the L1 sub-gradient s·sign(γ) on BN scale factors ----
@@ -120,25 +118,6 @@ def prune_blocks(model: nn.Module, example_inputs: torch.Tensor, *, protected: S
 
 
 # ---- 4. β compensation ----
-def _fold(pg: PruneGraph, consumer: nn.Module, idx: list[int], values: torch.Tensor) -> bool:
-    """Fold constant inputs ``values`` on channels ``idx`` of ``consumer`` somewhere exact; False if nowhere."""
-    node = pg.DG.module2node[consumer]
-    nxt = node.outputs[0] if len(node.outputs) == 1 else None
-    bn_after = nxt.module if nxt is not None and isinstance(nxt.module, _BatchNorm) and len(nxt.inputs) == 1 else None
-    if type(consumer).forward in _ADDS_BIAS or (consumer.bias is None and bn_after is not None):
-        fold_constant_into(consumer, idx, values, bn=bn_after)  # its bias, else the BN after it, else a new bias
-        return True
-    # A branch whose forward ignores a bias (e.g. the option-A shortcut) feeding x + BN(y): shift that BN's β.
-    if nxt is not None and nxt.grad_fn is not None and nxt.grad_fn.name().startswith("AddBackward") \
-            and len(nxt.inputs) == 2:
-        other = next(n for n in nxt.inputs if n is not node)
-        if isinstance(other.module, _BatchNorm) and other.module.bias is not None and len(other.outputs) == 1:
-            w = consumer.weight
-            other.module.bias += (w[:, idx].flatten(2).sum(-1) if w.dim() > 2 else w[:, idx]) @ values.to(w.dtype)
-            return True
-    return False
-
-
 @torch.no_grad()
 def compensate_beta(pg: PruneGraph, remove: dict[int, list[int]]) -> list[str]:
     """Fold what the channels about to be removed still emit into their consumers; return those left out.
@@ -183,7 +162,7 @@ def compensate_beta(pg: PruneGraph, remove: dict[int, list[int]]) -> list[str]:
         vals = torch.cat(seen[m], 1)
         const = (vals.amax(1) - vals.amin(1)) <= 1e-6 * (1 + vals.abs().amax(1))
         ok = [c for c, k in zip(idx, const.tolist(), strict=True) if k]
-        folded = not ok or _fold(pg, m, ok, vals[const, 0])
+        folded = not ok or pg.fold_constant(m, ok, vals[const, 0])
         if not (folded and const.all()):
             left.append(pg.names[m])
     return left
