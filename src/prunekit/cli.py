@@ -162,7 +162,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
     method.check_options(opts)  # before anything is loaded
     model = io.load(args.checkpoint)
     bundle = _load_data(args).holdout(0.1, seed=args.seed) if args.data else None
-    run_checked(model, _example_inputs(model, bundle)[:1], "checking the model against its input")
     data = val = None
     if bundle is not None:
         data = bundle.eval_loader(bundle.train, 128, shuffle=True, seed=args.seed)
@@ -354,18 +353,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def _at_least(minimum: int):
+    """An argparse type: an integer >= ``minimum`` (argparse turns the error into a usage line, exit 2)."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text}")
+        return value
+
+    return parse
 
 
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
+_positive, _count = _at_least(1), _at_least(0)
 
 
 def main(argv: list[str] | None = None) -> int:

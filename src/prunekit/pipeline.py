@@ -96,7 +96,7 @@ def _check_stage(stage: Any, where: str, method: methods.Method | None, budget: 
             raise _err(f"{where}.stage", "a sparsify stage needs a method with a sparsity regulariser")
         reg = method.regularizer_options
         try:
-            method.check_regularizer_options({k: v for k, v in stage.items() if k in reg})
+            method.check_regularizer_options(stage)
         except PrunekitError as exc:
             raise _err(where, str(exc)) from exc
     allowed = {"stage"} | (set() if kind == "prune" else TRAIN_KEYS) | set(reg)
@@ -340,8 +340,7 @@ class Run:
             return io.load(sdir / "model.pt")
         hook = None
         if stage["stage"] == "sparsify":
-            settings = self.method.check_regularizer_options({k: stage[k] for k in self.method.regularizer_options
-                                                              if k in stage})
+            settings = self.method.check_regularizer_options(stage)
             hook = self.method.regularizer(model, settings, max(1, cfg.epochs * len(self.train_loader)))
         masks = None
         if self.method is not None and self.method.keeps_zeros:  # unstructured: zeros stay zero in training

@@ -195,6 +195,7 @@ class Method:
         return {k: o.check(options[k], self.name) if k in options else o.default for k, o in self.options.items()}
 
     def check_regularizer_options(self, settings: dict[str, Any]) -> dict[str, Any]:
+        """The regulariser's settings (defaults filled in) from a stage's keys; other keys are not its business."""
         if self.regularizer is None:
             raise PrunekitError(f"method {self.name!r} has no sparsity regulariser, so a sparsify stage means "
                                 "nothing for it; use train or finetune")
