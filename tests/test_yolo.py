@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -19,8 +20,10 @@ import torch
 from torch import nn
 
 import prunekit as pk
+from prunekit import pipeline
 from prunekit.errors import PrunekitError
 from prunekit.graph import PruneGraph
+from prunekit.measure import count_macs
 
 if importlib.util.find_spec("ultralytics") is None:  # not importorskip: the import must happen offline, in prunekit
     pytest.skip("the yolo extra (ultralytics) is not installed", allow_module_level=True)
@@ -400,24 +403,71 @@ def test_bccd_converts_with_counted_fixes(bccd) -> None:
 
 # ---- training ----
 def test_training_keeps_the_pruned_model(bccd, tmp_path: Path) -> None:
-    import yaml
-
-    root = bccd.yaml.parent
-    subset = {}
-    for split, n in (("train", 16), ("val", 8)):
-        images = sorted((root / "images" / split).iterdir())[:n]
-        (tmp_path / f"{split}.txt").write_text("".join(f"{p}\n" for p in images))
-        subset[split] = str(tmp_path / f"{split}.txt")
-    (tmp_path / "data.yaml").write_text(yaml.safe_dump({**subset, "names": dict(enumerate(bccd.names))}))
+    subset_yaml(bccd, tmp_path, {"train": 16, "val": 8})
     model = base("yolov8n")
     pk.prune(model, "l1-norm", X, speedup=1.5, ignored_layers=yolo.protected_layers(model))
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    class Recorder:
+        """A regulariser stand-in: records the rate it is called with and the (clipped) gradient norm."""
+
+        s, calls = 1e-3, []
+
+        def __call__(self, m: nn.Module) -> None:
+            grads = [p.grad.norm() for p in m.parameters() if p.grad is not None]
+            self.calls.append((self.s, torch.stack(grads).norm().item()))
+
+    hook = Recorder()
     metrics = yolo.train(model, tmp_path / "data.yaml", epochs=1, imgsz=160, batch=8, workers=0,
-                         project=tmp_path / "runs", seed=0)
+                         project=tmp_path / "runs", seed=0, after_backward=hook)
+    # 2 batches of 8 accumulate into one step (nbs 64, capped at the run's batches): the rate is per mean loss,
+    # so it is scaled by the 16 images that Ultralytics' summed loss covers; it runs after the norm-10 clip
+    assert len(hook.calls) == 1 and hook.calls[0][0] == pytest.approx(1e-3 * 16) and hook.calls[0][1] <= 10 + 1e-3
+    assert hook.s == 1e-3
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == shapes  # not rebuilt from the yaml
     assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items() if v.is_floating_point())
     assert 0.0 <= metrics["metrics/mAP50(B)"] <= 1.0 and 0.0 <= metrics["metrics/mAP50-95(B)"] <= 1.0
     assert all(torch.isfinite(t).all() for t in outputs(model))
     with pytest.raises(PrunekitError, match="predicts 5 classes but .* has 3"):
         yolo.train(pk.models.create("ul:yolov3-tinyu", num_classes=5), tmp_path / "data.yaml")
+
+
+def subset_yaml(bccd, tmp_path: Path, sizes: dict[str, int]) -> Path:
+    """A YOLO data yaml over the first images of each BCCD split (txt lists, as Ultralytics reads them)."""
+    import yaml
+
+    root, entries = bccd.yaml.parent, {}
+    for split, n in sizes.items():
+        images = sorted((root / "images" / split).iterdir())[:n]
+        (tmp_path / f"{split}.txt").write_text("".join(f"{p}\n" for p in images))
+        entries[split] = str(tmp_path / f"{split}.txt")
+    (tmp_path / "data.yaml").write_text(yaml.safe_dump({**entries, "names": dict(enumerate(bccd.names))}))
+    return tmp_path / "data.yaml"
+
+
+def test_pipeline_runs_a_detector_end_to_end(bccd, tmp_path: Path) -> None:
+    """sparsify → prune → finetune on a detector: Ultralytics trains prunekit's model, mAP is the metric."""
+    data = subset_yaml(bccd, tmp_path, {"train": 16, "val": 8, "test": 8})
+    assert yolo.data.detection_data(data).images == {"train": 16, "val": 8, "test": 8}
+    fast = {"workers": 0, "plots": False, "val": True}
+    cfg = {"model": {"name": "ul:yolov3-tinyu"}, "data": {"name": str(data), "image_size": 160, "batch_size": 8,
+                                                          "calibration_batches": 1},
+           "method": {"name": "net-slim"}, "target": {"speedup": 1.5}, "out": str(tmp_path / "run"),
+           "stages": [{"stage": "sparsify", "epochs": 1, "s": 1e-3, "ultralytics": fast}, {"stage": "prune"},
+                      {"stage": "finetune", "epochs": 1, "ultralytics": fast}]}
+    metrics = pipeline.run(cfg)
+    assert metrics["task"] == "detect" and metrics["metric"] == "mAP50-95"
+    before, after = metrics["before"], metrics["after"]
+    assert before["macs"] / after["macs"] == pytest.approx(1.5, rel=0.03)
+    assert all(0 <= r[k] <= 100 for r in (before, after) for k in ("mAP50", "mAP50-95"))
+    pruned = pk.load(metrics["models"]["after"])
+    assert count_macs(pruned, torch.zeros(1, 3, 160, 160)) == after["macs"]
+    assert [p.name for p in sorted((tmp_path / "run" / "stages").iterdir())] == [
+        "01-sparsify", "02-prune", "03-finetune"]
+    assert json.loads((tmp_path / "run" / "split.json").read_text())["test"] == 8
+    again = pipeline.run(cfg)  # finished stages are skipped, the same models come back
+    assert again["after"]["macs"] == after["macs"]
+    with pytest.raises(PrunekitError, match="under 'ultralytics:'"):
+        pipeline.validate(cfg | {"stages": [{"stage": "train", "epochs": 1, "lr": 0.1}]})
+    with pytest.raises(PrunekitError, match="task must be detect"):
+        pipeline.validate(cfg | {"task": "classify"})

@@ -11,6 +11,11 @@ as the validation split (recorded in ``split.json``). Training stages select on 
 their decisions on it, cycles stop on it; the test split is touched only for the final
 before/after metrics. The pipeline knows methods only by what they declare (``methods.Method``):
 their options, their sparsity regulariser, whether zeros must stay zero.
+
+Detectors (``model.name: ul:<yaml>``, or ``task: detect`` for a checkpoint): ``data.name`` is a Pascal
+VOC directory or a YOLO data yaml whose own val split selects and the test split reports; training
+stages run Ultralytics' trainer on prunekit's model (``yolo.train``, settings under ``ultralytics:``),
+the metric is mAP50-95 (%), and calibration batches are letterboxed training images.
 """
 
 from __future__ import annotations
@@ -32,13 +37,15 @@ from . import io, methods, models
 from .errors import PrunekitError
 from .graph import Masks, run_checked
 from .measure import measure
-from .tasks import CLASSIFICATION
+from .tasks import CLASSIFICATION, DETECTION
 from .train import TrainConfig, dist_info, evaluate, fit, resolve_device
 
 TRAIN_KEYS = {f.name for f in fields(TrainConfig)}
 STAGES = ("train", "sparsify", "prune", "finetune", "cycle")
 TOP_KEYS = {"name": str, "model": dict, "data": dict, "method": dict, "target": dict, "stages": list,
-            "device": str, "seed": int, "out": str, "budget": int}
+            "device": str, "seed": int, "out": str, "budget": int, "task": str}
+TASK_NAMES = ("classify", "detect")
+DETECT_TRAIN_KEYS = {"epochs", "batch_size", "seed", "ultralytics"}  # the rest is Ultralytics' own settings
 MODEL_KEYS = {"name": str, "checkpoint": str, "num_classes": int, "kwargs": dict}
 DATA_KEYS = {"name": str, "root": str, "limit": int, "image_size": int, "batch_size": int, "download": bool,
              "val_fraction": float, "calibration_batches": int}
@@ -66,7 +73,8 @@ def _check_keys(section: dict, allowed: dict | set, where: str) -> None:
                 raise _err(f"{where}.{k}" if where else k, f"must be {names}, got {v!r}")
 
 
-def _check_stage(stage: Any, where: str, method: methods.Method | None, budget: int | None) -> None:
+def _check_stage(stage: Any, where: str, method: methods.Method | None, budget: int | None,
+                 detect: bool = False) -> None:
     if not isinstance(stage, dict) or "stage" not in stage:
         raise _err(where, f"each stage is a mapping with 'stage: <one of {', '.join(STAGES)}>'")
     kind = stage["stage"]
@@ -78,7 +86,7 @@ def _check_stage(stage: Any, where: str, method: methods.Method | None, budget: 
         if not isinstance(inner, list) or not inner:
             raise _err(f"{where}.stages", "a cycle needs a non-empty list of stages")
         for i, s in enumerate(inner):
-            _check_stage(s, f"{where}.stages[{i}]", method, budget)
+            _check_stage(s, f"{where}.stages[{i}]", method, budget, detect)
             if s["stage"] == "cycle":
                 raise _err(f"{where}.stages[{i}]", "cycles cannot be nested")
             if s.get("epochs") == REST:
@@ -99,9 +107,22 @@ def _check_stage(stage: Any, where: str, method: methods.Method | None, budget: 
             method.check_regularizer_options(stage)
         except PrunekitError as exc:
             raise _err(where, str(exc)) from exc
-    allowed = {"stage"} | (set() if kind == "prune" else TRAIN_KEYS) | set(reg)
-    _check_keys(stage, allowed, where)
-    if kind != "prune":
+    train_keys = DETECT_TRAIN_KEYS if detect else TRAIN_KEYS
+    extra = sorted(set(stage) - {"stage"} - train_keys - set(reg)) if kind != "prune" else []
+    if detect and extra and extra[0] in TRAIN_KEYS:
+        raise _err(f"{where}.{extra[0]}", "detectors train with Ultralytics' trainer: give its settings under "
+                                          "'ultralytics:' (e.g. lr0, optimizer, warmup_epochs)")
+    _check_keys(stage, {"stage"} | (set() if kind == "prune" else train_keys) | set(reg), where)
+    if detect and kind != "prune":
+        if not isinstance(stage.get("ultralytics", {}), dict):
+            raise _err(f"{where}.ultralytics", "must be a mapping of Ultralytics train settings")
+        if stage.get("epochs") == REST and budget is None:
+            raise _err(f"{where}.epochs", "'rest' needs a top-level budget (total training epochs of the run)")
+        for key in ("epochs", "batch_size", "seed"):
+            v = stage.get(key)
+            if v is not None and v != REST and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+                raise _err(f"{where}.{key}", f"must be an integer >= 0, got {v!r}")
+    elif kind != "prune":
         settings = {k: v for k, v in stage.items() if k in TRAIN_KEYS}
         if settings.get("epochs") == REST:
             if budget is None:
@@ -156,14 +177,23 @@ def validate(cfg: Any) -> dict:
             raise _err("device", str(exc)) from exc
     _check_keys(cfg["model"], MODEL_KEYS, "model")
     if not cfg["model"].get("name") and not cfg["model"].get("checkpoint"):
-        raise _err("model", "give name (zoo or tv:<name>) or checkpoint")
+        raise _err("model", "give name (zoo, tv:<name> or ul:<name>) or checkpoint")
     if cfg["model"].get("name") and not cfg["model"].get("checkpoint"):
         name = cfg["model"]["name"]
-        if not (models.is_zoo(name) or name.startswith("tv:")):
-            raise _err("model.name", f"unknown model {name!r}; allowed: {', '.join(models.names())} or tv:<name>")
+        if not (models.is_zoo(name) or name.startswith(("tv:", models.UL_PREFIX))):
+            raise _err("model.name", f"unknown model {name!r}; allowed: {', '.join(models.names())}, tv:<name> "
+                                     "or ul:<name> (Ultralytics detectors)")
+    detect_name = str(cfg["model"].get("name") or "").startswith(models.UL_PREFIX)
+    cfg.setdefault("task", "detect" if detect_name else "classify")
+    if cfg["task"] not in TASK_NAMES:
+        raise _err("task", f"unknown task {cfg['task']!r}; allowed: {', '.join(TASK_NAMES)}")
+    if detect_name and cfg["task"] != "detect":
+        raise _err("task", f"{cfg['model']['name']} is a detector: task must be detect")
+    detect = cfg["task"] == "detect"
     _check_keys(cfg["data"], DATA_KEYS, "data")
     if "name" not in cfg["data"]:
-        raise _err("data.name", "missing: digits, cifar10, synthetic or an ImageFolder path")
+        raise _err("data.name", "missing: a VOC directory or YOLO data yaml" if detect else
+                   "missing: digits, cifar10, synthetic or an ImageFolder path")
     cfg.setdefault("method", {})
     _check_keys(cfg["method"], METHOD_KEYS, "method")
     cfg.setdefault("target", {})
@@ -201,7 +231,7 @@ def validate(cfg: Any) -> dict:
         if "prune" in kinds:
             _check_target(method, params, cfg["target"])
     for i, st in enumerate(cfg["stages"]):
-        _check_stage(st, f"stages[{i}]", method, budget)
+        _check_stage(st, f"stages[{i}]", method, budget, detect)
     if "prune" in kinds and method is None:
         raise _err("method.name", "a prune stage needs a method; see `prunekit methods`")
     cfg.setdefault("device", "auto")
@@ -222,7 +252,8 @@ class Run:
         self.log = self.dir / "log.jsonl"
         self.stage_no = 0
         self.spent = 0  # epochs of training stages other than `train` so far (what `budget` counts)
-        self.task = CLASSIFICATION
+        self.task = DETECTION if self.cfg["task"] == "detect" else CLASSIFICATION
+        self.detect = self.task is DETECTION
         self.method = methods.get(self.cfg["method"]["name"]) if self.cfg["method"].get("name") else None
 
     def _claim(self, force: bool) -> None:
@@ -285,12 +316,25 @@ class Run:
         return io.safe_load(sdir / "done.pt") if (sdir / "done.pt").exists() else None
 
     def _metric(self, model: torch.nn.Module, loader) -> float:
+        """The task's metric on a split: a loader, or for detectors the split's name in the data yaml."""
+        if self.detect:
+            return 100 * self._det_eval(model, loader)["mAP50-95"]
         return evaluate(model, loader, self.dev, self.task)[self.task.metric]
+
+    def _det_eval(self, model: torch.nn.Module, split: str) -> dict[str, float]:
+        from . import yolo
+
+        return yolo.validate(model, self.det.yaml, split=split, imgsz=self.imgsz, device=self._ul_device())
+
+    def _ul_device(self) -> str:
+        return "cpu" if self.dev.type == "cpu" else str(self.dev.index or 0)
 
     # ---- data ----
     def _data(self) -> None:
         """Train / held-out validation / test loaders; the split is recorded (and checked on resume)."""
         d = self.cfg["data"]
+        if self.detect:
+            return self._detection_data(d)
         bundle = pkdata.load(d["name"], d.get("root"), image_size=d.get("image_size"), limit=d.get("limit"),
                              download=bool(d.get("download")), seed=self.cfg["seed"])
         bundle = bundle.holdout(d.get("val_fraction", VAL_FRACTION), seed=self.cfg["seed"])
@@ -314,8 +358,27 @@ class Run:
         self.calib_loader = bundle.eval_loader(bundle.train, bs, self.dev, shuffle=True, seed=self.cfg["seed"])
         self.x = pkdata.example_inputs(bundle, seed=self.cfg["seed"])
 
+    def _detection_data(self, d: dict) -> None:
+        """A detection data set's own splits: train, val (selection) and test (the final table only)."""
+        from .yolo.data import detection_data, image_batches
+
+        self.det = detection_data(d["name"])
+        missing = [s for s in ("train", "val", "test") if s not in self.det.images]
+        if missing:
+            raise _err("data.name", f"{d['name']} has no {' or '.join(missing)} split; detectors need train, val "
+                                    "and test")
+        self.imgsz = d.get("image_size") or 640
+        bs = d.get("batch_size", 16)
+        self.calib_loader = image_batches(self.det, "train", imgsz=self.imgsz, batch=bs, seed=self.cfg["seed"],
+                                          limit=bs * d.get("calibration_batches", 4))
+        self.x = self.calib_loader[0][0]
+        self.val_loader, self.test_loader = "val", "test"
+        (self.dir / "split.json").write_text(json.dumps({"data": str(self.det.yaml), **self.det.images}))
+
     # ---- stages ----
     def _initial_model(self) -> torch.nn.Module:
+        if self.detect:
+            return self._initial_detector()
         mc, bundle = self.cfg["model"], self.bundle
         if mc.get("checkpoint"):
             model = io.load(mc["checkpoint"])
@@ -331,7 +394,25 @@ class Run:
         model.prunekit_arch["input_shape"] = list(bundle.input_shape)
         return model
 
+    def _initial_detector(self) -> torch.nn.Module:
+        mc, classes = self.cfg["model"], len(self.det.names)
+        if mc.get("checkpoint"):
+            model = io.load(mc["checkpoint"])
+            arch = getattr(model, "prunekit_arch", {})
+            if not str(arch.get("name", "")).startswith(models.UL_PREFIX):
+                raise PrunekitError(f"checkpoint {mc['checkpoint']} is not an Ultralytics detector (ul:<name>); "
+                                    "task: detect needs one")
+            if arch["num_classes"] != classes:
+                raise PrunekitError(f"checkpoint {mc['checkpoint']} predicts {arch['num_classes']} classes but "
+                                    f"{self.det.yaml} has {classes}; use a matching checkpoint")
+            return model
+        torch.manual_seed(self.cfg["seed"])
+        return models.create(mc["name"], num_classes=mc.get("num_classes") or classes,
+                             **({"imgsz": self.imgsz} | mc.get("kwargs", {})))
+
     def _train(self, stage: dict, model, name: str) -> torch.nn.Module:
+        if self.detect:
+            return self._train_detector(stage, model, name)
         sdir = self._stage_dir(name)
         cfg = self._train_cfg(stage)
         done = self._done(sdir)
@@ -357,6 +438,37 @@ class Run:
                                    "epochs": cfg.epochs})
         return model
 
+    def _train_detector(self, stage: dict, model, name: str) -> torch.nn.Module:
+        """A training stage through Ultralytics' trainer; a sparsify stage keeps its last epoch, not its best."""
+        from . import yolo
+
+        sdir = self._stage_dir(name)
+        epochs = stage.get("epochs", 10)
+        if epochs == REST:
+            epochs = max(0, self.cfg["budget"] - self.spent)
+        done = self._done(sdir)
+        if done is not None:
+            self.spent += done.get("epochs", epochs) if stage["stage"] != "train" else 0
+            return io.load(sdir / "model.pt")
+        hook = None
+        if stage["stage"] == "sparsify":
+            settings = self.method.check_regularizer_options(stage)
+            steps = max(1, epochs * -(-self.det.images["train"] // stage.get("batch_size", 16)))
+            hook = self.method.regularizer(model, settings, steps)
+        metrics: dict = {}
+        if epochs:
+            metrics = yolo.train(model, self.det.yaml, epochs=epochs, imgsz=self.imgsz,
+                                 batch=stage.get("batch_size", self.cfg["data"].get("batch_size", 16)),
+                                 device=self._ul_device(), project=sdir, name="ultralytics", after_backward=hook,
+                                 keep="last" if stage["stage"] == "sparsify" else "best",
+                                 seed=stage.get("seed", self.cfg["seed"]), **stage.get("ultralytics", {}))
+        if stage["stage"] != "train":
+            self.spent += epochs
+        metric = metrics.get("metrics/mAP50-95(B)")
+        self._finish(sdir, model, {"stage": name, "epochs": epochs,
+                                   "metric": None if metric is None else 100 * metric})
+        return model
+
     def _prune(self, model, name: str, cycle: int = 1) -> tuple[torch.nn.Module, dict]:
         sdir = self._stage_dir(name)
         done = self._done(sdir)
@@ -367,8 +479,9 @@ class Run:
         sparsity = tgt.get("sparsity")
         if tgt.get("schedule"):  # iterative pruning: cycle c prunes to the c-th level of the schedule
             sparsity = tgt["schedule"][min(cycle, len(tgt["schedule"])) - 1]
-        ctx = methods.Context(self.x, _First(self.calib_loader, self.cfg["data"].get("calibration_batches", 64)),
-                              self.val_loader, self.dev, self.task)
+        calib = self.calib_loader if self.detect else _First(self.calib_loader,
+                                                             self.cfg["data"].get("calibration_batches", 64))
+        ctx = methods.Context(self.x, calib, None if self.detect else self.val_loader, self.dev, self.task)
         result = methods.prune(model, self.method.name, speedup=tgt.get("speedup"), sparsity=sparsity, ctx=ctx,
                                **self.cfg["method"].get("params", {}))
         record = {"stage": name, "metric": self._metric(result.model, self.val_loader), "prune": result.to_dict(),
@@ -389,7 +502,7 @@ class Run:
         try:
             self._data()
             model = self._initial_model()
-            run_checked(model, self.x[:1], f"checking the model against data {self.bundle.name}")
+            run_checked(model, self.x[:1], f"checking the model against data {self.cfg['data']['name']}")
         except BaseException:
             self._unclaim()
             raise
@@ -406,11 +519,17 @@ class Run:
                 model = self._cycle(st, model)
         before_model = before_model or model
         metrics = {"name": self.cfg["name"], "method": self.cfg["method"].get("name"), "run_dir": str(self.dir),
-                   "metric": self.task.metric, "metric_label": self.task.metric_label,
-                   "split": {"train": len(self.bundle.train), "val": len(self.bundle.val),
-                             "test": len(self.bundle.test)},
+                   "task": self.task.name, "metric": self.task.metric, "metric_label": self.task.metric_label,
+                   "split": dict(self.det.images) if self.detect else {
+                       "train": len(self.bundle.train), "val": len(self.bundle.val), "test": len(self.bundle.test)},
                    "before": self._metrics(before_model), "after": self._metrics(model),
                    "wall_s": round(time.perf_counter() - t0, 1)}
+        if self.detect:  # the report draws both models' boxes on validation images
+            metrics["data"] = str(self.det.yaml)
+            metrics["models"] = {k: str(self.dir / f"{k}.pt") for k in ("before", "after")}
+            if self.rank == 0:
+                io.save(before_model, self.dir / "before.pt")
+                io.save(model, self.dir / "after.pt")
         if self.rank == 0:
             io.atomic_save(metrics, self.dir / "metrics.pt")
             (self.dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
@@ -420,6 +539,8 @@ class Run:
         return metrics
 
     def _cycle_epochs(self, st: dict) -> int:
+        if self.detect:
+            return sum(s.get("epochs", 10) for s in st["stages"] if s["stage"] != "prune")
         return sum(self._train_cfg(s).epochs for s in st["stages"] if s["stage"] != "prune")
 
     def _cycle(self, st: dict, model) -> torch.nn.Module:
@@ -451,6 +572,12 @@ class Run:
 
     def _metrics(self, model) -> dict:
         """Final table: the test split's metric (the only use of the test split), cost and latency."""
+        if self.detect:
+            stats = measure(model.cpu(), self.x[:1], batch_sizes=(1,), repeats=10, warmup=2, threads=1)
+            maps = self._det_eval(model, "test")
+            return {"mAP50-95": 100 * maps["mAP50-95"], "mAP50": 100 * maps["mAP50"], "params": stats["params"],
+                    "macs": stats["macs"], "size_bytes": stats["size_bytes"],
+                    "latency_b1_ms": stats["latency"]["b1"]["median_ms"], "latency_threads": 1}
         stats = measure(model.cpu(), self.x[:1], repeats=10, warmup=2, threads=1)
         return {self.task.metric: self._metric(model, self.test_loader), "params": stats["params"],
                 "nonzero_params": stats["nonzero_params"], "macs": stats["macs"], "size_bytes": stats["size_bytes"],

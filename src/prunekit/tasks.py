@@ -56,4 +56,7 @@ class Task:
 
 
 CLASSIFICATION = Task()
-TASKS = {CLASSIFICATION.name: CLASSIFICATION}
+# Detectors are trained and scored by Ultralytics (``prunekit.yolo``): the pipeline uses this task's
+# names and direction; its loss and evaluation are Ultralytics' own.
+DETECTION = Task(name="detect", metric="mAP50-95", metric_label="mAP50-95 (%)")
+TASKS = {t.name: t for t in (CLASSIFICATION, DETECTION)}

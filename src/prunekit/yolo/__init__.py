@@ -21,7 +21,7 @@ import os
 import pickle
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
@@ -351,6 +351,7 @@ def export_mode(model: nn.Module) -> Iterator[nn.Module]:
 # ---- training through Ultralytics ----
 def train(model: nn.Module, dataset: str | Path, *, epochs: int = 1, imgsz: int | None = None, batch: int = 16,
           device: str = "cpu", project: str | Path | None = None, name: str = "train",
+          after_backward: Callable[[nn.Module], None] | None = None, keep: str = "best",
           **overrides: Any) -> dict[str, float]:
     """Train or fine-tune ``model`` (pruned or not) with Ultralytics' ``DetectionTrainer`` and return its metrics.
 
@@ -359,13 +360,23 @@ def train(model: nn.Module, dataset: str | Path, *, epochs: int = 1, imgsz: int 
     one passed in. ``dataset`` is a YOLO data yaml or a Pascal VOC directory (converted by
     ``yolo.data.detection_data``). ``overrides`` are any Ultralytics train arguments (lr0, workers,
     fraction, ...). Afterwards ``model`` holds the weights of the best epoch (EMA, as Ultralytics keeps
-    them, judged on the val split) in float32 and eval mode; the returned metrics are Ultralytics'
-    validator's on that checkpoint (``metrics/mAP50(B)``, ``metrics/mAP50-95(B)``, ...).
+    them, judged on the val split; ``keep="last"``: of the last epoch, which sparsity training needs, as
+    its best mAP is usually its least sparse epoch) in float32 and eval mode; the returned metrics are
+    Ultralytics' validator's on the epoch that ``best`` picked (``metrics/mAP50(B)``, ``metrics/mAP50-95(B)``, ...).
+
+    ``after_backward`` (e.g. ``train.BNSparsity``, the sparsity training of S0/S3) runs on the model before
+    every optimiser step, after the loss gradients are unscaled and clipped (a penalty is not part of the
+    loss whose gradient the clip bounds; weight decay is not clipped either). Ultralytics sums
+    its loss over the images of a batch and accumulates ``nbs / batch`` batches per step, so the model's
+    gradients are that many times those of a mean loss; the hook's rate ``s`` is multiplied by the same
+    factor, so that ``s`` means what it means in classification training (s·Σ|γ| beside a mean loss).
     """
     ultralytics()
     from ultralytics.engine import trainer as ul_trainer
     from ultralytics.models.yolo.detect import DetectionTrainer
 
+    if keep not in ("best", "last"):
+        raise PrunekitError(f"keep must be 'best' or 'last', got {keep!r}")
     ds = data.detection_data(dataset)
     head = _detect_heads(model)
     if not head or head[-1].nc != len(ds.names):
@@ -382,12 +393,67 @@ def train(model: nn.Module, dataset: str | Path, *, epochs: int = 1, imgsz: int 
         def get_model(self, cfg: Any = None, weights: Any = None, verbose: bool = True) -> nn.Module:
             return model
 
+        def optimizer_step(self) -> None:
+            """Ultralytics' step (unscale, clip to norm 10, step, EMA) with the regulariser after the clip."""
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=10.0)
+            if after_backward is not None:
+                with _scaled(after_backward, self.batch_size * self.accumulate):
+                    after_backward(self.model)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad()
+            if self.ema:
+                self.ema.update(self.model)
+
     trainer = KeepModelTrainer(overrides=args)
     trainer.model = model  # setup_model keeps a ready nn.Module instead of building one from cfg
     trainer.train()
-    if trainer.best.is_file():  # written by this trainer just now, so unpickling it is safe
-        ckpt = torch.load(trainer.best, map_location="cpu", weights_only=False)
+    chosen = trainer.best if keep == "best" else trainer.last
+    if chosen.is_file():  # written by this trainer just now, so unpickling it is safe
+        ckpt = torch.load(chosen, map_location="cpu", weights_only=False)
         best = ckpt.get("ema") or ckpt.get("model")
         model.load_state_dict({k: v.float() for k, v in best.state_dict().items()})
     model.float().eval()
     return {k: float(v) for k, v in (trainer.metrics or {}).items()}
+
+
+@contextmanager
+def _scaled(hook: Any, factor: float) -> Iterator[None]:
+    """A ``BNSparsity``-like hook (attribute ``s``) with its rate multiplied by ``factor`` for one call."""
+    s = getattr(hook, "s", None)
+    if s is not None:
+        hook.s = s * factor
+    try:
+        yield
+    finally:
+        if s is not None:
+            hook.s = s
+
+
+METRICS = {"mAP50-95": "metrics/mAP50-95(B)", "mAP50": "metrics/mAP50(B)", "precision": "metrics/precision(B)",
+           "recall": "metrics/recall(B)"}
+
+
+def validate(model: nn.Module, dataset: str | Path, *, split: str = "val", imgsz: int | None = None,
+             batch: int = 16, device: str = "cpu", conf: float = 0.001, iou: float = 0.7) -> dict[str, float]:
+    """mAP50-95, mAP50, precision and recall of ``model`` on a split of ``dataset``, by Ultralytics' validator.
+
+    The validator fuses conv and BN of the model it is given, so it gets a copy: ``model`` is unchanged.
+    ``conf``/``iou`` are Ultralytics' validation defaults (the mAP protocol: low confidence, NMS IoU 0.7).
+    """
+    ultralytics()
+    from ultralytics.models.yolo.detect import DetectionValidator
+
+    ds = data.detection_data(dataset)
+    if split not in ds.images:
+        raise PrunekitError(f"{ds.yaml} has no split {split!r}; it has {', '.join(ds.images)}")
+    shape = (getattr(model, "prunekit_arch", None) or {}).get("input_shape") or [3, DEFAULT_IMGSZ, DEFAULT_IMGSZ]
+    args = {"data": str(ds.yaml), "split": split, "imgsz": imgsz or shape[-1], "batch": batch, "device": device,
+            "conf": conf, "iou": iou, "plots": False, "verbose": False, "save_json": False,
+            "project": str(config_dir() / "runs"), "name": "val", "exist_ok": True}
+    validator = DetectionValidator(args=args)
+    net = copy.deepcopy(model).float().eval()
+    net.names = dict(enumerate(ds.names))
+    stats = validator(model=net)
+    return {short: float(stats[key]) for short, key in METRICS.items()}

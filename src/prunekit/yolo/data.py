@@ -24,6 +24,8 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import torch
 import yaml
 from PIL import Image
 
@@ -66,7 +68,9 @@ def detection_data(path: str | Path, *, names: list[str] | None = None, cache_di
         if not isinstance(cfg, dict) or "names" not in cfg or "train" not in cfg:
             raise PrunekitError(f"{path} is not a YOLO data yaml (it needs train: and names:)")
         found = cfg["names"]
-        return DetectionData(path, list(found.values()) if isinstance(found, dict) else list(found))
+        data = DetectionData(path, list(found.values()) if isinstance(found, dict) else list(found))
+        data.images = {s: len(split_images(data, s)) for s in SPLITS if cfg.get(s)}
+        return data
     return voc_to_yolo(path, names=names, cache_dir=cache_dir, keep_difficult=keep_difficult)
 
 
@@ -196,3 +200,55 @@ def _link(src: Path, dst: Path) -> None:
     except OSError:
         shutil.copyfile(src, dst)
 
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+def split_images(data: DetectionData, split: str) -> list[Path]:
+    """The image files of a split as the data yaml names them: a folder, a ``.txt`` list of files, or a list."""
+    cfg = yaml.safe_load(data.yaml.read_text())
+    root = Path(cfg.get("path") or data.yaml.parent)
+    root = root if root.is_absolute() else data.yaml.parent / root
+    entries = cfg.get(split)
+    if not entries:
+        raise PrunekitError(f"{data.yaml} has no {split!r} split")
+    files: list[Path] = []
+    for entry in entries if isinstance(entries, list) else [entries]:
+        p = Path(entry) if Path(entry).is_absolute() else root / entry
+        if p.is_dir():
+            files += [f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES]
+        elif p.is_file() and p.suffix == ".txt":
+            lines = [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
+            files += [Path(ln) if Path(ln).is_absolute() else p.parent / ln for ln in lines]
+        else:
+            raise PrunekitError(f"{data.yaml}: the {split} entry {entry!r} is neither a folder nor a .txt list")
+    return sorted(files)
+
+
+def letterbox(path: str | Path, imgsz: int) -> torch.Tensor:
+    """One image as the detector sees it at validation: RGB in [0, 1], longest side ``imgsz``, padded to a
+    square with grey 114 (Ultralytics' letterbox), shape (3, imgsz, imgsz)."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        scale = imgsz / max(im.size)
+        w, h = max(1, round(im.width * scale)), max(1, round(im.height * scale))
+        canvas = Image.new("RGB", (imgsz, imgsz), (114, 114, 114))
+        canvas.paste(im.resize((w, h), Image.BILINEAR), ((imgsz - w) // 2, (imgsz - h) // 2))
+    return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).float().div_(255)
+
+
+def image_batches(data: DetectionData, split: str = "train", *, imgsz: int, batch: int = 16,
+                  limit: int | None = None, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Letterboxed images of a split in a seeded order, as ``(images, image indices)`` batches.
+
+    Pruning methods take these as example inputs and calibration data (the method contract's
+    ``(inputs, targets)`` batches; the targets are unused, so they are the images' indices).
+    """
+    files = split_images(data, split)
+    order = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed)).tolist()[:limit]
+    out = []
+    for start in range(0, len(order), batch):
+        idx = order[start:start + batch]
+        out.append((torch.stack([letterbox(files[i], imgsz) for i in idx]), torch.tensor(idx)))
+    return out
