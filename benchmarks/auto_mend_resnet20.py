@@ -70,34 +70,56 @@ def prune_to(base, x, widths: list[int]):
 
 
 def kendall(args, base, x, calib, val, train_loader, dev, rows, out) -> None:
-    """Kendall τ between the adaptive-BN score and val top-1 after a short fine-tune, over N candidates."""
+    """Kendall τ between the adaptive-BN score and val top-1 after a short fine-tune, over N candidates.
+
+    Each fine-tuned point is cached in ``--search-cache`` as it finishes, so a killed check resumes.
+    """
     from scipy.stats import kendalltau
 
     src = next(r for r in rows if r["run"] == "random-search" and r["speedup_target"] == args.speedups[0])
     cands = sorted(src["candidates"], key=lambda c: c["top1"])
     picks = [cands[round(i * (len(cands) - 1) / (args.kendall - 1))] for i in range(args.kendall)]
     steps = list(itertools.islice(iter(train_loader), args.kendall_steps))
+    cache = Path(args.search_cache) / f"kendall-{args.speedups[0]:g}x-s{args.seed}-{args.kendall_steps}steps.json"
+    done = {tuple(p["widths"]): p for p in json.loads(cache.read_text())} if cache.exists() else {}
     t0 = time.perf_counter()
-    points = []
+    points, resumed = [], 0
     for c in picks:
+        if tuple(c["widths"]) in done:
+            points.append(done[tuple(c["widths"])])
+            resumed += 1
+            continue
+        t1 = time.perf_counter()
         model = prune_to(base, x, c["widths"])
         stale = evaluate(model, val, dev)["top1"]
         adapt_bn(model, calib)
         score = evaluate(model, val, dev)["top1"]
         cfg = TrainConfig(**dict(FT_CFG, epochs=1, lr=args.ft_lr, seed=args.seed))
         model, _ = fit(model, steps, None, cfg, device=dev, desc=f"kendall {len(points) + 1}/{len(picks)}")
-        points.append({"widths": c["widths"], "stale_bn_top1": stale, "adaptive_bn_top1": score,
-                       "finetuned_top1": evaluate(model, val, dev)["top1"]})
+        points.append({"widths": c["widths"], "search_top1": c["top1"], "stale_bn_top1": stale,
+                       "adaptive_bn_top1": score, "finetuned_top1": evaluate(model, val, dev)["top1"],
+                       "seconds": round(time.perf_counter() - t1, 1)})
+        done[tuple(c["widths"])] = points[-1]
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(list(done.values())))
         print(points[-1], flush=True)
     after = [p["finetuned_top1"] for p in points]
-    row = {"run": "kendall", "speedup_target": args.speedups[0], "steps": args.kendall_steps, "points": points,
-           "tau_adaptive_bn": kendalltau([p["adaptive_bn_top1"] for p in points], after).statistic,
-           "tau_stale_bn": kendalltau([p["stale_bn_top1"] for p in points], after).statistic,
-           "wall_s": round(time.perf_counter() - t0, 1), "host": platform.node(),
+    tau_a = kendalltau([p["adaptive_bn_top1"] for p in points], after)
+    tau_s = kendalltau([p["stale_bn_top1"] for p in points], after)
+    row = {"run": "kendall", "model": args.model, "speedup_target": args.speedups[0], "source": "random-search",
+           "steps": args.kendall_steps, "lr": args.ft_lr, "schedule": FT_CFG["schedule"],
+           "batch_size": FT_CFG["batch_size"], "seed": args.seed, "base_seed": args.base_seed,
+           "calibration": {"batches": len(calib), "batch_size": args.calibration_batch_size},
+           "val_images": sum(len(b[1]) for b in val), "points": points,
+           "tau_adaptive_bn": tau_a.statistic, "p_adaptive_bn": tau_a.pvalue,
+           "tau_stale_bn": tau_s.statistic, "p_stale_bn": tau_s.pvalue,
+           "wall_s": round(time.perf_counter() - t0, 1), "resumed": resumed,
+           "host": platform.node(), "threads": torch.get_num_threads(),
            "command": "python " + " ".join(shlex.quote(a) for a in sys.argv)}
     with open(out, "a") as f:
         f.write(json.dumps(row) + "\n")
-    print(f"kendall tau: adaptive BN {row['tau_adaptive_bn']:.2f}, stale BN {row['tau_stale_bn']:.2f}", flush=True)
+    print(f"kendall tau: adaptive BN {tau_a.statistic:.2f} (p={tau_a.pvalue:.3f}), "
+          f"stale BN {tau_s.statistic:.2f} (p={tau_s.pvalue:.3f})", flush=True)
 
 
 def run(args) -> None:
@@ -155,23 +177,31 @@ def run(args) -> None:
             rows.append(row)
             print(f"{name:>14} {speedup}x: {row['speedup_macs']:.2f}x MACs, val (adaptive BN) "
                   f"{pruned_val['top1']:.2f}, test {pruned_test:.2f} -> {row['test_top1_finetuned']:.2f}", flush=True)
-    if args.kendall and not any(r["run"] == "kendall" for r in rows):
-        kendall(args, base, x, calib, val, train_loader, dev, rows, out)
+    kout = Path(args.kendall_out)
+    if args.kendall and not (kout.exists() and any(
+            json.loads(r)["run"] == "kendall" and json.loads(r)["steps"] == args.kendall_steps
+            for r in kout.read_text().splitlines())):
+        kendall(args, base, x, calib, val, train_loader, dev, rows, kout)
 
 
 def table(path: Path) -> str:
     rows = [json.loads(x) for x in path.read_text().splitlines()]
-    lines = ["| target | run | MACs ratio | val top-1 adaptive BN | test top-1 pruned | test top-1 fine-tuned | "
-             "Δ vs base | s / candidate |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| target | run | MACs ratio | val top-1 adaptive BN | test top-1 pruned | fine-tune | "
+             "test top-1 fine-tuned | Δ vs base | s / candidate |", "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted((r for r in rows if r["run"] != "kendall"), key=lambda r: (r["speedup_target"], r["run"])):
         spc = f"{r['seconds_per_candidate']:.2f}" if r.get("seconds_per_candidate") else "–"
+        ft = r.get("finetune") or {}
+        ft = f"{ft['steps']} steps" if ft.get("steps") else f"{ft.get('epochs')} epochs"
         lines.append(f"| {r['speedup_target']}x | {r['run']} | {r['speedup_macs']:.2f}x | "
-                     f"{r['val_top1_adaptive_bn']:.2f} | {r['test_top1_pruned']:.2f} | {r['test_top1_finetuned']:.2f} "
+                     f"{r['val_top1_adaptive_bn']:.2f} | {r['test_top1_pruned']:.2f} | {ft} | "
+                     f"{r['test_top1_finetuned']:.2f} "
                      f"| {r['test_top1_finetuned'] - r['base_top1']:+.2f} | {spc} |")
     for r in rows:
         if r["run"] == "kendall":
             lines.append(f"\nKendall τ over {len(r['points'])} candidates ({r['speedup_target']}x, {r['steps']} "
-                         f"fine-tune steps): adaptive BN {r['tau_adaptive_bn']:.2f}, stale BN {r['tau_stale_bn']:.2f}")
+                         f"fine-tune steps): adaptive BN {r['tau_adaptive_bn']:.2f}"
+                         f" (p={r.get('p_adaptive_bn', float('nan')):.3f}), stale BN {r['tau_stale_bn']:.2f}"
+                         f" (p={r.get('p_stale_bn', float('nan')):.3f})")
     return "\n".join(lines)
 
 
@@ -189,6 +219,8 @@ def main() -> None:
     p.add_argument("--ft-steps", type=int, help="fine-tune only this many training batches instead of epochs")
     p.add_argument("--kendall", type=int, default=0, help="candidates in the Kendall τ check (0: skip)")
     p.add_argument("--kendall-steps", type=int, default=100)
+    p.add_argument("--kendall-out", default="benchmarks/results/s2-resnet20-kendall.jsonl",
+                   help="JSONL the Kendall τ row goes to (candidates come from --out's random-search row)")
     p.add_argument("--search-cache", default="cache/auto-mend", help="JSON caches of scored candidates (resume)")
     p.add_argument("--out", default="benchmarks/results/s2-resnet20.jsonl")
     args = p.parse_args()

@@ -26,6 +26,7 @@ import copy
 import json
 import platform
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,6 +35,7 @@ import torch
 
 import prunekit as pk
 from prunekit import yolo
+from prunekit.errors import PrunekitError
 from prunekit.export import onnx_latency
 from prunekit.measure import count_macs, count_params, latency
 from prunekit.train import BNSparsity
@@ -114,22 +116,30 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--data", default="../shared/data/bccd", help="BCCD (Pascal VOC directory)")
     ap.add_argument("--out", default="benchmarks/results/yolo-bccd.jsonl")
-    ap.add_argument("--cache", default="cache/yolo-bench", help="base, sparse and final models (ignored dir)")
+    ap.add_argument("--cache", default="cache/yolo-bench", help="base, sparse and final models (ignored dir); "
+                    "with --latency a comma-separated list")
     ap.add_argument("--base", help="a cached base model file (prunekit format); trained when missing")
     ap.add_argument("--imgsz", type=int, default=320)
     ap.add_argument("--base-epochs", type=int, default=100)
     ap.add_argument("--budget", type=int, default=40, help="post-base epochs of every run")
     ap.add_argument("--sparsify-epochs", type=int, default=15)
     ap.add_argument("--round2-epochs", type=int, default=10, help="adaptive-slim's second sparsity round")
-    ap.add_argument("--s", type=float, default=1e-3, help="L1 rate on BN γ (per mean loss)")
+    ap.add_argument("--s", type=float, default=1e-2, help="L1 rate on BN γ (per mean loss)")
     ap.add_argument("--runs", default=",".join(RUNS))
+    ap.add_argument("--imp-sim", default="", metavar="K=V,...", help="imp-sim options, e.g. stage1_share=0.8,tau=0.8")
+    ap.add_argument("--speedup", type=float, help="MACs target of the other runs (default: adaptive-slim's)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--table", metavar="JSONL", help="print the Markdown table of a results file and exit")
+    ap.add_argument("--latency", metavar="JSON", help="re-measure the cached final models' latency side by side "
+                    "(interleaved rounds, medians) into this file and exit")
     args = ap.parse_args(argv)
     if args.table:
         print(table(Path(args.table)))
+        return
+    if args.latency:
+        remeasure(args, Path(args.latency))
         return
     Path(args.cache).mkdir(parents=True, exist_ok=True)
     out = Path(args.out)
@@ -140,7 +150,11 @@ def main(argv: list[str] | None = None) -> None:
     meta = {"command": shlex.join([sys.executable.split("/")[-1], *sys.argv]), "machine": platform.processor() or
             platform.machine(), "torch": torch.__version__, "threads": args.threads}
 
+    done = {json.loads(line)["run"] for line in out.read_text().splitlines() if line.strip()} if out.exists() else set()
+
     def write(row: dict) -> None:
+        if row["run"] in ("base", "sparse", "adaptive-slim") and row["run"] in done:
+            return  # shared rows are written once per results file
         with out.open("a") as f:
             f.write(json.dumps(row | meta) + "\n")
         print(json.dumps({k: row[k] for k in ("run", "macs", "params") if k in row} |
@@ -158,26 +172,63 @@ def main(argv: list[str] | None = None) -> None:
     model = copy.deepcopy(sparse)
     r1 = prune(model, "adaptive-slim", x, calib)
     rounds = [{"macs_removed": r1.info["macs_removed"], "blocks": r1.info["blocks_removed"],
-               "threshold": r1.info["threshold"], "val": yolo.validate(model, args.data, imgsz=args.imgsz)}]
-    if args.round2_epochs:
+               "threshold": r1.info["threshold"], "val": yolo.validate(model, args.data, imgsz=args.imgsz),
+               "channel_fit": {k: v for k, v in (r1.info["channel_fit"] or {}).items() if not isinstance(v, list)}}]
+    learned = r1.info["macs_removed"] > 0
+    if not learned:  # no threshold in the |γ| distribution: adaptive-slim removes nothing, by design
+        write({"run": "adaptive-slim", "rounds": rounds, "pruned": False, "speedup": 1.0, "epochs": args.budget,
+               "reason": (r1.info["channel_fit"] or {}).get("reason")})
+    if learned and args.round2_epochs:
         train(model, args, args.round2_epochs, f"adaptive-r2-s{args.s:g}", s=args.s, keep="last")
         r2 = prune(model, "adaptive-slim", x, calib)
         rounds.append({"macs_removed": r2.info["macs_removed"], "blocks": r2.info["blocks_removed"],
                        "threshold": r2.info["threshold"]})
-    target = count_macs(base, x[:1]) / count_macs(model, x[:1])
+    target = args.speedup or count_macs(base, x[:1]) / count_macs(model, x[:1])
     spent = args.sparsify_epochs + args.round2_epochs
-    if "adaptive-slim" in runs:
+    if learned and "adaptive-slim" in runs:
         write(finish(args, "adaptive-slim", model, x, {"run": "adaptive-slim", "rounds": rounds,
                                                        "speedup": target, "epochs": args.budget},
                      args.budget - spent))
-    for name, start, opts in (("net-slim", sparse, {}), ("imp-sim", sparse, {}), ("l1-norm", base, {})):
+    imp = {k: float(v) for k, v in (kv.split("=") for kv in args.imp_sim.split(",") if kv)}
+    for name, start, opts in (("net-slim", sparse, {}), ("imp-sim", sparse, imp), ("l1-norm", base, {})):
         if name not in runs:
             continue
         model = copy.deepcopy(start)
-        res = prune(model, name, x, calib, speedup=target, **opts)
-        record = {"run": name, "speedup": target, "epochs": args.budget, "prune_info": {
+        try:
+            res = prune(model, name, x, calib, speedup=target, **opts)
+        except PrunekitError as exc:  # e.g. imp-sim: the similarity threshold cannot reach the target
+            write({"run": name, "options": opts, "speedup": target, "error": str(exc)})
+            continue
+        record = {"run": name, "options": opts, "speedup": target, "epochs": args.budget, "prune_info": {
             k: v for k, v in res.info.items() if isinstance(v, int | float | str)}}
         write(finish(args, name, model, x, record, args.budget - (args.sparsify_epochs if start is sparse else 0)))
+
+
+def remeasure(args, out: Path, rounds: int = 5) -> None:
+    """Latency of the base and every cached final model, measured in interleaved rounds on one machine state,
+    so that background load hits every model alike; medians over rounds, ratios against the base."""
+    first = Path(args.cache.split(",")[0])
+    files = {"base": Path(args.base or first / f"yolov8n-bccd-{args.imgsz}-e{args.base_epochs}.pt")}
+    for d in args.cache.split(","):  # several caches: one run each of several protocols
+        files |= {f"{Path(d).name}/{p.stem.removesuffix('-final')}": p for p in sorted(Path(d).glob("*-final.pt"))}
+    models = {k: pk.load(p) for k, p in files.items()}
+    x = image_batches(detection_data(args.data), "train", imgsz=args.imgsz, batch=16, limit=16)[0][0]
+    per: dict[str, dict[str, list[float]]] = {k: {"eager_b1_ms": [], "eager_b16_ms": [], "ort_b1_ms": []}
+                                              for k in models}
+    for _ in range(rounds):
+        for k, m in models.items():
+            for key, v in cost(m, x, args).items():
+                if key in per[k]:
+                    per[k][key].append(v)
+    med = {k: {key: statistics.median(v) for key, v in d.items()} for k, d in per.items()}
+    res = {k: {**med[k], "macs": count_macs(models[k], x[:1]), "params": count_params(models[k]),
+               **{f"{key}_ratio": med["base"][key] / med[k][key] for key in med[k]}} for k in models}
+    out.write_text(json.dumps({"rounds": rounds, "repeats": args.repeats, "threads": args.threads,
+                               "command": shlex.join([sys.executable.split("/")[-1], *sys.argv]), "models": res},
+                              indent=1))
+    for k, r in res.items():
+        print(f"{k:>24}: MACs {r['macs'] / 1e6:.0f}M, eager b1 {r['eager_b1_ms_ratio']:.2f}x, "
+              f"b16 {r['eager_b16_ms_ratio']:.2f}x, ORT b1 {r['ort_b1_ms_ratio']:.2f}x")
 
 
 def table(path: Path) -> str:

@@ -84,3 +84,27 @@ def test_fit_carries_what_the_report_plots():
     assert hi.sum() * step == pytest.approx(fit.weights[1], rel=1e-3)
     at = np.searchsorted(grid, fit.cut)  # the cut is where the weighted densities cross
     assert lo[at - 5] > hi[at - 5] and lo[at + 5] < hi[at + 5]
+
+
+def _skewed_heap(n: int = 5000, alive: float = 0.1, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """What 40 epochs of sparsity training left on yolov8n (BCCD): most |γ| in a heap near 1e-5.5 whose
+    long tail reaches up to 1e-2, and ``alive`` of them in a mode near 0.1. Two Gaussians cannot place it."""
+    rng = np.random.default_rng(seed)
+    k = int(alive * n)
+    heap = -5.5 + np.where(rng.random(n - k) < 0.8, rng.normal(0, 0.3, n - k), rng.exponential(1.0, n - k))
+    return 10 ** np.minimum(heap, -2.2), 10 ** rng.normal(-1.0, 0.35, k)
+
+
+def test_long_tailed_negligible_heap_is_cut_below_the_important_mode():
+    small, large = _skewed_heap()
+    two = thresholds._em(np.log10(np.r_[small, large]), floor=1e-2)
+    assert two is not None and two[2][1] > 1.0  # the best two-Gaussian fit smears its upper component over the tail
+    fit = learn_threshold(np.r_[small, large])
+    assert fit.bimodal and fit.method == "em-k", fit.reason
+    assert np.quantile(small, 0.99) < fit.threshold < np.quantile(large, 0.02)
+    assert fit.weights[1] == pytest.approx(0.1, abs=0.03)
+
+
+def test_long_tailed_heap_alone_prunes_nothing():
+    small, _ = _skewed_heap(alive=0.0)
+    assert learn_threshold(small).threshold is None

@@ -183,6 +183,7 @@ def test_create_records_recipe_and_protected_layers() -> None:
 
 @pytest.mark.parametrize("name", ["yolov8n", "yolov8s", "yolo11n", "yolov3-tinyu", "yolov3u", "yolov5nu"])
 def test_traceable_rewrite_is_exact(name: str) -> None:
+    yolo.ultralytics()  # this test imports from Ultralytics itself: offline first, whichever test runs first
     from ultralytics.nn.modules.block import C2PSA, C2f
 
     torch.manual_seed(0)
@@ -250,6 +251,21 @@ def test_adaptive_slim_removes_low_gamma_channels_and_blocks(name: str) -> None:
     assert res.speedup > 1.2
     assert sorted(res.blocks_removed) == blocks  # yolov3-tinyu has no residual block
     assert _shapes(outputs(model)) == _shapes(before)
+
+
+def test_adaptive_slim_removes_darknet_residual_blocks_of_yolov3u() -> None:
+    """S0's layer pruning on the paper's architecture: silenced Darknet-53 bottlenecks become identities."""
+    model = base("yolov3u")
+    before = outputs(model)
+    blocks = ["model.2", "model.6.1", "model.8.2"]  # one per stage: a single block and inside Sequentials
+    with torch.no_grad():
+        for b in blocks:
+            model.get_submodule(b).cv2.bn.weight.mul_(1e-3)
+    res = pk.prune(model, "adaptive-slim", X, channels=False, max_valley=1.0)
+    assert sorted(res.blocks_removed) == blocks and res.speedup > 1.02
+    after = outputs(model)
+    assert _shapes(after) == _shapes(before)
+    assert all(type(model.get_submodule(b)).__name__ != "Bottleneck" for b in blocks)
 
 
 @pytest.mark.parametrize("name", ["yolo11n", "yolov3-tinyu"])  # yolov8n's C2f is yolo11n's C3k2 rewrite
@@ -409,20 +425,19 @@ def test_training_keeps_the_pruned_model(bccd, tmp_path: Path) -> None:
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     before = {k: v.clone() for k, v in model.state_dict().items()}
     class Recorder:
-        """A regulariser stand-in: records the rate it is called with and the (clipped) gradient norm."""
+        """A regulariser stand-in: records the rate it is called with."""
 
         s, calls = 1e-3, []
 
         def __call__(self, m: nn.Module) -> None:
-            grads = [p.grad.norm() for p in m.parameters() if p.grad is not None]
-            self.calls.append((self.s, torch.stack(grads).norm().item()))
+            self.calls.append(self.s)
 
     hook = Recorder()
     metrics = yolo.train(model, tmp_path / "data.yaml", epochs=1, imgsz=160, batch=8, workers=0,
                          project=tmp_path / "runs", seed=0, after_backward=hook)
     # 2 batches of 8 accumulate into one step (nbs 64, capped at the run's batches): the rate is per mean loss,
-    # so it is scaled by the 16 images that Ultralytics' summed loss covers; it runs after the norm-10 clip
-    assert len(hook.calls) == 1 and hook.calls[0][0] == pytest.approx(1e-3 * 16) and hook.calls[0][1] <= 10 + 1e-3
+    # so it is scaled by the 16 images that Ultralytics' summed loss covers
+    assert hook.calls == [pytest.approx(1e-3 * 16)]
     assert hook.s == 1e-3
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == shapes  # not rebuilt from the yaml
     assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items() if v.is_floating_point())

@@ -24,7 +24,8 @@ from .train import TrainConfig, dist_info, evaluate, fit, resolve_device
 
 
 def _add_data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
-    p.add_argument("--data", required=required, help="digits | cifar10 | synthetic | an ImageFolder directory")
+    p.add_argument("--data", required=required, help="digits | cifar10 | synthetic | an ImageFolder directory "
+                   "(detectors: a Pascal VOC directory or a YOLO data yaml)")
     p.add_argument("--data-root", help="local path for the data set (cifar10: folder or .tar.gz)")
     p.add_argument("--download", action="store_true", help="download CIFAR-10 with torchvision if no local copy")
     p.add_argument("--image-size", type=_positive, help="resize folder images to this square size")
@@ -174,8 +175,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate_payload(args: argparse.Namespace) -> dict[str, Any]:
-    model = io.load(args.checkpoint)
+def _evaluate_payload(args: argparse.Namespace, model: torch.nn.Module) -> dict[str, Any]:
     payload: dict[str, Any] = {"checkpoint": str(args.checkpoint)}
     bundle = _load_data(args) if args.data else None
     x = _example_inputs(model, bundle)[:1]
@@ -203,8 +203,42 @@ def _evaluate_payload(args: argparse.Namespace) -> dict[str, Any]:
     return payload
 
 
+def _eval_task(args: argparse.Namespace, model: torch.nn.Module) -> str:
+    """``--task`` as given, or inferred: an ``ul:`` model is a detector; refuse a task the model cannot do."""
+    name = str((getattr(model, "prunekit_arch", None) or {}).get("name", type(model).__name__))
+    detector = name.startswith("ul:")
+    task = args.task or ("detect" if detector else "classify")
+    if task == "detect" and not detector:
+        raise PrunekitError(f"{args.checkpoint} holds '{name}', a classifier: --task detect needs an Ultralytics "
+                            "detector (a model created as ul:<name>, e.g. ul:yolov8n)")
+    if task == "classify" and detector:
+        raise PrunekitError(f"{args.checkpoint} holds the detector '{name}': evaluate it with --task detect "
+                            "(mAP on a VOC directory or YOLO data yaml)")
+    return task
+
+
+def _eval_detect(args: argparse.Namespace, model: torch.nn.Module) -> int:
+    from .yolo import tools
+
+    unused = [f"--{k.replace('_', '-')}" for k in ("data_root", "download", "image_size", "limit", "base")
+              if getattr(args, k, None)]
+    if unused:
+        raise PrunekitError(f"{', '.join(unused)} apply to classifiers only; a detector takes --data (a Pascal VOC "
+                            "directory or a YOLO data yaml), --split and --imgsz")
+    res = tools.evaluate(model, args.data, split=args.split, imgsz=args.imgsz, batch=args.batch_size,
+                         repeats=args.repeats, threads=args.threads, cache_dir=args.cache_dir)
+    res = {"checkpoint": str(args.checkpoint), **res}
+    print(json.dumps(res) if args.json else tools.format_evaluation(res))
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    payload = _evaluate_payload(args)
+    model = io.load(args.checkpoint)
+    if _eval_task(args, model) == "detect":
+        return _eval_detect(args, model)
+    if args.split != "test" or args.imgsz is not None:
+        raise PrunekitError("--split and --imgsz apply to detectors (--task detect) only")
+    payload = _evaluate_payload(args, model)
     if args.json:
         print(json.dumps(payload))
         return 0
@@ -316,9 +350,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true")
     p.set_defaults(fn=cmd_prune)
 
-    p = sub.add_parser("eval", help="accuracy, params, MACs, size and latency of a model file")
+    p = sub.add_parser("eval", help="accuracy (or mAP), params, MACs, size and latency of a model file")
     p.add_argument("--checkpoint", required=True)
+    p.add_argument("--task", choices=["classify", "detect"],
+                   help="default: detect for an ul: (Ultralytics) model, classify otherwise")
     _add_data_args(p)
+    p.add_argument("--split", default="test", help="detect: the split mAP is measured on (default test)")
+    p.add_argument("--imgsz", type=_positive, help="detect: square image size (default: the model's input size)")
+    p.add_argument("--batch-size", type=_positive, default=16, help="detect: validation batch size")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--onnx", action="store_true", help="also time ONNX Runtime")
     p.add_argument("--base", help="unpruned model file: report theoretical and measured speedup")

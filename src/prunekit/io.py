@@ -137,10 +137,22 @@ def arch_of(model: nn.Module) -> dict:
             "state_versions": versions}
 
 
+ROUTING_ATTRS = ("f", "i", "type")  # how Ultralytics' DetectionModel.forward finds each layer's inputs
+
+
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Replace the submodule at dotted ``name`` (used for pruned-away blocks)."""
+    """Replace the submodule at dotted ``name`` (pruned-away blocks, rewritten modules).
+
+    The replacement keeps the routing attributes a container reads from its layers (``ROUTING_ATTRS``),
+    so a residual layer of a YOLO backbone can become an identity and still be fed the right input.
+    """
     parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+    owner = model.get_submodule(parent) if parent else model
+    old = getattr(owner, leaf, None)
+    for attr in ROUTING_ATTRS:
+        if hasattr(old, attr) and not hasattr(new, attr):
+            setattr(new, attr, getattr(old, attr))
+    setattr(owner, leaf, new)
 
 
 def check_arch(arch: Any, path: str | Path = "<memory>") -> None:

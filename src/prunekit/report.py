@@ -4,7 +4,8 @@ One self-contained HTML page (plots embedded as data URIs, no network) and the s
 as Markdown (plots as PNG files beside it): the before/after table, channels per layer
 before/after, the |γ| histogram with the threshold for BN-based methods, the norm histogram of
 one layer for dist-fit against l1-norm's pick, training curves, and for several runs the
-metric against MACs.
+metric against MACs. For a detector run (``"task": "detect"`` in metrics.json) the table shows
+mAP50-95 and mAP50, and a grid of validation images shows the base's and the pruned model's boxes.
 """
 
 from __future__ import annotations
@@ -72,10 +73,37 @@ def _channels_plot(run: dict) -> bytes | None:
     return png(fig)
 
 
+DETECT_ROWS = [("test mAP50", "mAP50", "{:.3f}")]  # beside the task's metric (mAP50-95) for detectors
+
+
 def _metric(run: dict) -> tuple[str, str]:
-    """(key, label) of the task's metric the run recorded."""
+    """(key, label) of the task's metric the run recorded (detectors: mAP50-95 unless it names another)."""
     m = run["metrics"]
+    if m.get("task") == "detect":
+        return m.get("metric", "mAP50-95"), m.get("metric_label", "mAP50-95")
     return m.get("metric", "top1"), m.get("metric_label", "top-1 (%)")
+
+
+def _run_path(run: dict, value: str) -> Path:
+    """A path metrics.json records: as written if it exists (absolute, or relative to here), else inside the run."""
+    p = Path(value).expanduser()
+    return p if p.is_absolute() or p.exists() else run["dir"] / p
+
+
+def _detections_plot(run: dict) -> tuple[bytes | None, str | None]:
+    """(grid of validation images with the base's and the pruned model's boxes, or why there is none)."""
+    m = run["metrics"]
+    files = m.get("models") or {}
+    if m.get("task") != "detect" or not files or not m.get("data"):
+        return None, None
+    try:
+        from .yolo.tools import draw_detections
+
+        models = {label: io.load(_run_path(run, files[key])) for key, label in (("before", "base"), ("after", "pruned"))
+                  if files.get(key)}
+        return draw_detections(models, _run_path(run, m["data"]), split="val", n=4), None
+    except (PrunekitError, OSError) as exc:
+        return None, f"validation images not drawn: {exc}"
 
 
 def _method_figures(run: dict) -> list[tuple[str, bytes]]:
@@ -130,7 +158,9 @@ def _table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
     header = ["", "base"] + [r["metrics"]["name"] for r in runs]
     rows = []
     metric, metric_label = _metric(runs[0])
-    for label, key, fmt in [(f"test {metric_label}", metric, "{:.2f}"), *ROWS]:
+    detect = runs[0]["metrics"].get("task") == "detect"
+    first = [(f"test {metric_label}", metric, "{:.3f}" if detect else "{:.2f}")]
+    for label, key, fmt in [*first, *(DETECT_ROWS if detect else []), *ROWS]:
         base = runs[0]["metrics"]["before"].get(key)
         cells = [label, fmt.format(base) if base is not None else "–"]
         cells += [fmt.format(r["metrics"]["after"][key]) if r["metrics"]["after"].get(key) is not None else "–"
@@ -146,8 +176,11 @@ def write_report(run_dirs: list[str | Path], out: str | Path | None = None) -> t
     out.mkdir(parents=True, exist_ok=True)
     title = "prunekit report — " + ", ".join(r["metrics"]["name"] for r in runs)
     plots: list[tuple[str, bytes]] = []
+    notes: list[str] = []
     for r in runs:
-        figures = [("channels", _channels_plot(r)), *_method_figures(r)]
+        detections, why = _detections_plot(r)
+        notes += [f"{r['metrics']['name']}: {why}"] if why else []
+        figures = [("channels", _channels_plot(r)), *_method_figures(r), ("detections", detections)]
         plots += [(f"{r['metrics']['name']}-{label}", fig) for label, fig in figures if fig]
     for label, fig in (("curves", _curves_plot(runs)), ("tradeoff", _tradeoff_plot(runs))):
         if fig:
@@ -162,6 +195,9 @@ def write_report(run_dirs: list[str | Path], out: str | Path | None = None) -> t
             "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
     body += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows]
     body.append("</table><p>Latency: median of timed CPU runs at one thread after warm-up.</p>")
+    for note in notes:
+        md += [f"Note: {note}", ""]
+        body.append(f"<p class='note'>Note: {html.escape(note)}</p>")
     for name, image in plots:
         (files / f"{name}.png").write_bytes(image)
         md.append(f"![{name}](report_files/{name}.png)")

@@ -135,7 +135,7 @@ class ThresholdFit:
     means: tuple[float, float]
     stds: tuple[float, float]
     bimodal: bool
-    method: str  # "em" (Gaussian mixture by EM) or "otsu" (fallback split of the histogram)
+    method: str  # "em" (two-Gaussian mixture), "em-k" (3-5, split between neighbours) or "otsu" (fallback)
     separation: float  # Ashman's D of the two components
     valley: float  # smoothed density at its lowest between the means / at the lower of the two means
     reason: str  # why nothing is pruned; "" when bimodal
@@ -200,6 +200,39 @@ def _em(x: np.ndarray, floor: float):
     return best[1][order], best[2][order], best[3][order]
 
 
+def _em_many(x: np.ndarray, floor: float, ks: Sequence[int] = (3, 4, 5)):
+    """The BIC-best mixture of 3 to 5 Gaussians, or None: the shape sparsity training leaves when the
+    negligible scores pile up in a skewed heap with a long tail towards the important mode (seen on YOLO
+    after 40 epochs), which two Gaussians cannot place. Started, like ``_em``, from quantile splits."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.mixture import GaussianMixture
+
+    col, best = x[:, None], None
+    for k in ks:
+        cuts = np.quantile(x, np.arange(1, k) / k)
+        parts = np.split(np.sort(x), np.searchsorted(np.sort(x), cuts))
+        if min(p.size for p in parts) == 0:
+            continue
+        sd = np.maximum([p.std() for p in parts], floor)
+        gm = GaussianMixture(k, covariance_type="spherical", reg_covar=floor ** 2, max_iter=300, tol=1e-7,
+                             weights_init=np.array([p.size for p in parts]) / x.size,
+                             means_init=[[p.mean()] for p in parts], precisions_init=1 / sd ** 2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            gm.fit(col)
+        if gm.weights_.min() > 1e-9 and (best is None or gm.bic(col) < best.bic(col)):
+            best = gm
+    if best is None:
+        return None
+    order = np.argsort(best.means_[:, 0])
+    return best.bic(col), best.weights_[order], best.means_[order, 0], np.sqrt(best.covariances_[order])
+
+
+def _bic2(x: np.ndarray, w: np.ndarray, mu: np.ndarray, sd: np.ndarray) -> float:
+    dens = (w / (sd * np.sqrt(2 * np.pi)) * np.exp(-0.5 * ((x[:, None] - mu) / sd) ** 2)).sum(1)
+    return float(-2 * np.log(np.maximum(dens, 1e-300)).sum() + 5 * np.log(x.size))
+
+
 def _crossing(w: np.ndarray, mu: np.ndarray, sd: np.ndarray) -> float | None:
     """Where the weighted component densities cross between the two means (None if they do not)."""
 
@@ -258,8 +291,34 @@ def learn_threshold(values: torch.Tensor | np.ndarray | Sequence[float], *, log:
         sides = x[x < t], x[x >= t]
         fitted = (np.array([s.size / x.size for s in sides]), np.array([s.mean() for s in sides]),
                   np.array([max(s.std(), 1e-9) for s in sides]))
-    w, mu, sd = fitted
-    cut = _crossing(w, mu, sd) if method == "em" else t
+    fit = _judge(x, *fitted, method, eta, log, min_weight, min_separation, max_valley, min_ratio, min_otsu_eta)
+    if fit[-1] and method == "em" and (many := _em_many(x, floor=max(1e-2 * float(x.std()), 1e-6))) is not None \
+            and many[0] < _bic2(x, *fitted):
+        # Two Gaussians cannot place a skewed, long-tailed low population: split the mixture between two
+        # neighbouring components, the negligible side holding everything below (weights merged), the cut
+        # where the two neighbours cross; of the splits that pass every check, the best separated.
+        _, wk, muk, sdk = many
+        passing = []
+        for k in range(len(wk) - 1):
+            pair = (np.array([wk[: k + 1].sum(), wk[k + 1:].sum()]), muk[k:k + 2], sdk[k:k + 2])
+            cand = _judge(x, *pair, "em-k", 1.0, log, min_weight, min_separation, max_valley, min_ratio,
+                          min_otsu_eta, crossing_weights=wk[k:k + 2])
+            if not cand[-1]:
+                passing.append(cand)
+        if passing:
+            fit = max(passing, key=lambda c: c[5])
+    cut, w, mu, sd, method, separation, valley, reason = fit
+    threshold = None if reason else (10 ** cut if log else cut)
+    return ThresholdFit(None if threshold is None else float(threshold), None if reason else float(cut),
+                        (float(w[0]), float(w[1])), (float(mu[0]), float(mu[1])), (float(sd[0]), float(sd[1])),
+                        not reason, method, separation, valley, reason, log, samples)
+
+
+def _judge(x: np.ndarray, w: np.ndarray, mu: np.ndarray, sd: np.ndarray, method: str, eta: float, log: bool,
+           min_weight: float, min_separation: float, max_valley: float, min_ratio: float, min_otsu_eta: float,
+           crossing_weights: np.ndarray | None = None) -> tuple:
+    """The cut between two components and the first check it fails ('' when it passes them all)."""
+    cut = _crossing(w if crossing_weights is None else crossing_weights, mu, sd) if method != "otsu" else _otsu(x)[0]
     separation = float(np.sqrt(2) * (mu[1] - mu[0]) / np.hypot(sd[0], sd[1]))
     valley = _valley(x, mu[0], mu[1])
     checks = [(cut is not None, "the component densities do not cross between the means"),
@@ -270,7 +329,4 @@ def learn_threshold(values: torch.Tensor | np.ndarray | Sequence[float], *, log:
               (not log or 10 ** (mu[1] - mu[0]) >= min_ratio, f"component centres differ by less than {min_ratio:g}x"),
               (eta >= min_otsu_eta, f"Otsu split not clearly bimodal (η {eta:.2f} < {min_otsu_eta:g})")]
     reason = next((why for ok, why in checks if not ok), "")
-    threshold = None if reason else (10 ** cut if log else cut)
-    return ThresholdFit(None if threshold is None else float(threshold), None if reason else float(cut),
-                        (float(w[0]), float(w[1])), (float(mu[0]), float(mu[1])), (float(sd[0]), float(sd[1])),
-                        not reason, method, separation, valley, reason, log, samples)
+    return cut, w, mu, sd, method, separation, valley, reason

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import logging
 import os
 import pickle
 import re
@@ -200,6 +201,8 @@ def load_weights(model: nn.Module, path: Path, num_classes: int, *, trust_pickle
         if value.shape[0] != want.shape[0]:
             raise PrunekitError(f"the head in {path} predicts {value.shape[0]} classes but num_classes="
                                 f"{num_classes}; pass num_classes={value.shape[0]}")
+    if any(".cv1a." in k for k in state):  # trained by prunekit (yolo.train): split blocks, rewrite first
+        make_traceable(model)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -281,10 +284,7 @@ def make_traceable(model: nn.Module) -> nn.Module:
             new = SplitC2PSA(*split_conv(mod.cv1, [mod.c, mod.c]), mod.m, mod.cv2)
         else:
             continue
-        for attr in ("f", "i", "type"):  # DetectionModel routes its layers by these
-            if hasattr(mod, attr):
-                setattr(new, attr, getattr(mod, attr))
-        if hasattr(mod, "np"):
+        if hasattr(mod, "np"):  # set_module carries over the routing attributes f, i, type
             new.np = sum(p.numel() for p in new.parameters())
         new.train(mod.training)
         set_module(model, name, new)
@@ -365,8 +365,9 @@ def train(model: nn.Module, dataset: str | Path, *, epochs: int = 1, imgsz: int 
     Ultralytics' validator's on the epoch that ``best`` picked (``metrics/mAP50(B)``, ``metrics/mAP50-95(B)``, ...).
 
     ``after_backward`` (e.g. ``train.BNSparsity``, the sparsity training of S0/S3) runs on the model before
-    every optimiser step, after the loss gradients are unscaled and clipped (a penalty is not part of the
-    loss whose gradient the clip bounds; weight decay is not clipped either). Ultralytics sums
+    every optimiser step, after the gradients are unscaled and before Ultralytics clips their norm: the clip
+    then bounds the gradient of the regularised objective and keeps the ratio between the loss's pull on a
+    γ and the penalty's (added after the clip, the penalty would shrink every γ alike). Ultralytics sums
     its loss over the images of a batch and accumulates ``nbs / batch`` batches per step, so the model's
     gradients are that many times those of a mean loss; the hook's rate ``s`` is multiplied by the same
     factor, so that ``s`` means what it means in classification training (s·Σ|γ| beside a mean loss).
@@ -394,12 +395,12 @@ def train(model: nn.Module, dataset: str | Path, *, epochs: int = 1, imgsz: int 
             return model
 
         def optimizer_step(self) -> None:
-            """Ultralytics' step (unscale, clip to norm 10, step, EMA) with the regulariser after the clip."""
+            """Ultralytics' step (unscale, clip to norm 10, step, EMA) with the regulariser before the clip."""
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=10.0)
             if after_backward is not None:
                 with _scaled(after_backward, self.batch_size * self.accumulate):
                     after_backward(self.model)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=10.0)
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.optimizer.zero_grad()
@@ -436,11 +437,14 @@ METRICS = {"mAP50-95": "metrics/mAP50-95(B)", "mAP50": "metrics/mAP50(B)", "prec
 
 
 def validate(model: nn.Module, dataset: str | Path, *, split: str = "val", imgsz: int | None = None,
-             batch: int = 16, device: str = "cpu", conf: float = 0.001, iou: float = 0.7) -> dict[str, float]:
+             batch: int = 16, device: str = "cpu", conf: float = 0.001, iou: float = 0.7,
+             verbose: bool = False) -> dict[str, float]:
     """mAP50-95, mAP50, precision and recall of ``model`` on a split of ``dataset``, by Ultralytics' validator.
 
     The validator fuses conv and BN of the model it is given, so it gets a copy: ``model`` is unchanged.
     ``conf``/``iou`` are Ultralytics' validation defaults (the mAP protocol: low confidence, NMS IoU 0.7).
+    Ultralytics' own log lines (its per-class table) are shown only with ``verbose``: a CLI printing JSON
+    to stdout must not get them mixed in.
     """
     ultralytics()
     from ultralytics.models.yolo.detect import DetectionValidator
@@ -455,5 +459,12 @@ def validate(model: nn.Module, dataset: str | Path, *, split: str = "val", imgsz
     validator = DetectionValidator(args=args)
     net = copy.deepcopy(model).float().eval()
     net.names = dict(enumerate(ds.names))
-    stats = validator(model=net)
+    logger = logging.getLogger("ultralytics")
+    level = logger.level
+    if not verbose:
+        logger.setLevel(logging.WARNING)
+    try:
+        stats = validator(model=net)
+    finally:
+        logger.setLevel(level)
     return {short: float(stats[key]) for short, key in METRICS.items()}

@@ -202,11 +202,11 @@ def _link(src: Path, dst: Path) -> None:
 
 
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def split_images(data: DetectionData, split: str) -> list[Path]:
-    """The image files of a split as the data yaml names them: a folder, a ``.txt`` list of files, or a list."""
+    """The image files of a split as the data yaml names them: a folder, a ``.txt`` list, a file, or a list of them."""
     cfg = yaml.safe_load(data.yaml.read_text())
     root = Path(cfg.get("path") or data.yaml.parent)
     root = root if root.is_absolute() else data.yaml.parent / root
@@ -217,12 +217,14 @@ def split_images(data: DetectionData, split: str) -> list[Path]:
     for entry in entries if isinstance(entries, list) else [entries]:
         p = Path(entry) if Path(entry).is_absolute() else root / entry
         if p.is_dir():
-            files += [f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES]
+            files += [f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES]
         elif p.is_file() and p.suffix == ".txt":
             lines = [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
             files += [Path(ln) if Path(ln).is_absolute() else p.parent / ln for ln in lines]
+        elif p.is_file():
+            files.append(p)
         else:
-            raise PrunekitError(f"{data.yaml}: the {split} entry {entry!r} is neither a folder nor a .txt list")
+            raise PrunekitError(f"{data.yaml}: split {split!r} points to {p}, which does not exist")
     return sorted(files)
 
 
