@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
-import os
 import re
 from pathlib import Path
 
@@ -27,53 +26,12 @@ from prunekit import yolo  # noqa: E402  (does not import ultralytics by itself)
 from prunekit.yolo import tools  # noqa: E402
 
 from .conftest import SHARED  # noqa: E402
+from .test_yolo import net_attempts, offline  # noqa: E402, F401  (the socket guard, one per module)
 
 BCCD = SHARED / "bccd"
 pytestmark = pytest.mark.filterwarnings("ignore:bccd-subset")  # its counted box fixes: test_yolo.py checks them
 IMGSZ = 160
 X = torch.zeros(1, 3, IMGSZ, IMGSZ)
-
-
-@pytest.fixture(scope="module")
-def net_attempts(tmp_path_factory):
-    """No connection but loopback while this module runs; Ultralytics' settings in a fresh PRUNEKIT_CACHE."""
-    import socket
-
-    attempts: list = []
-    local = {None, "localhost", "127.0.0.1", "::1", "0.0.0.0"}
-    saved = socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo
-
-    def guard(original):
-        def connect(sock, address):
-            if sock.family != getattr(socket, "AF_UNIX", None) and not (isinstance(address, tuple)
-                                                                         and address[0] in local):
-                attempts.append(address)
-                raise OSError(f"test guard: network access to {address!r}")
-            return original(sock, address)
-        return connect
-
-    def getaddrinfo(host, *args, **kwargs):
-        if host not in local:
-            attempts.append(host)
-            raise OSError(f"test guard: DNS lookup of {host!r}")
-        return saved[2](host, *args, **kwargs)
-
-    env = os.environ.get("PRUNEKIT_CACHE")
-    os.environ["PRUNEKIT_CACHE"] = str(tmp_path_factory.mktemp("pk-yolo-tools-cache"))
-    socket.socket.connect, socket.socket.connect_ex = guard(saved[0]), guard(saved[1])
-    socket.getaddrinfo = getaddrinfo
-    yield attempts
-    socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo = saved
-    if env is None:
-        os.environ.pop("PRUNEKIT_CACHE", None)
-    else:
-        os.environ["PRUNEKIT_CACHE"] = env
-
-
-@pytest.fixture(autouse=True)
-def offline(net_attempts):
-    yield
-    assert net_attempts == [], f"network access attempted: {net_attempts}"
 
 
 @pytest.fixture(scope="module")
