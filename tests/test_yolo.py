@@ -447,6 +447,42 @@ def test_training_keeps_the_pruned_model(bccd, tmp_path: Path) -> None:
         yolo.train(pk.models.create("ul:yolov3-tinyu", num_classes=5), tmp_path / "data.yaml")
 
 
+def test_interrupted_training_resumes_from_its_next_epoch(bccd, tmp_path: Path, monkeypatch) -> None:
+    """A run killed after epoch 1 of 2 continues at epoch 2 with the model it trained, not a rebuilt one."""
+    yolo.ultralytics()  # offline before this test's own import from Ultralytics
+    from ultralytics.models.yolo.detect import DetectionTrainer
+
+    subset_yaml(bccd, tmp_path, {"train": 8, "val": 4})
+    model = base("yolov3-tinyu")
+    pk.prune(model, "l1-norm", X, speedup=1.5)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    run = {"epochs": 2, "imgsz": 160, "batch": 8, "workers": 0, "project": tmp_path / "runs", "name": "r", "seed": 0,
+           "plots": False}
+    saved = DetectionTrainer.save_model
+
+    def save_then_die(self):  # the kill comes right after epoch 1's checkpoint is written
+        saved(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(DetectionTrainer, "save_model", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        yolo.train(model, tmp_path / "data.yaml", **run)
+    monkeypatch.setattr(DetectionTrainer, "save_model", saved)
+    starts, train_loop = [], DetectionTrainer._do_train
+
+    def record_start(self):
+        out = train_loop(self)
+        starts.append(self.start_epoch)  # set by resume_training inside the loop's set-up
+        return out
+
+    monkeypatch.setattr(DetectionTrainer, "_do_train", record_start)
+    resumed = base("yolov3-tinyu")  # the same pruned architecture, as the pipeline reloads it from its file
+    pk.prune(resumed, "l1-norm", X, speedup=1.5)
+    yolo.train(resumed, tmp_path / "data.yaml", resume=True, **run)
+    assert starts == [1]  # epoch index 1: the second of two
+    assert {k: tuple(v.shape) for k, v in resumed.state_dict().items()} == shapes
+
+
 def subset_yaml(bccd, tmp_path: Path, sizes: dict[str, int]) -> Path:
     """A YOLO data yaml over the first images of each BCCD split (txt lists, as Ultralytics reads them)."""
     import yaml

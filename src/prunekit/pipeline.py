@@ -15,7 +15,8 @@ their options, their sparsity regulariser, whether zeros must stay zero.
 Detectors (``model.name: ul:<yaml>``, or ``task: detect`` for a checkpoint): ``data.name`` is a Pascal
 VOC directory or a YOLO data yaml whose own val split selects and the test split reports; training
 stages run Ultralytics' trainer on prunekit's model (``yolo.train``, settings under ``ultralytics:``),
-the metric is mAP50-95 (%), and calibration batches are letterboxed training images.
+the metric is mAP50-95 (%), and calibration batches are letterboxed training images. An interrupted
+training stage resumes from Ultralytics' last epoch checkpoint in its stage directory.
 """
 
 from __future__ import annotations
@@ -460,6 +461,7 @@ class Run:
             metrics = yolo.train(model, self.det.yaml, epochs=epochs, imgsz=self.imgsz,
                                  batch=stage.get("batch_size", self.cfg["data"].get("batch_size", 16)),
                                  device=self._ul_device(), project=sdir, name="ultralytics", after_backward=hook,
+                                 resume=True,
                                  keep="last" if stage["stage"] == "sparsify" else "best",
                                  seed=stage.get("seed", self.cfg["seed"]), **stage.get("ultralytics", {}))
         if stage["stage"] != "train":

@@ -351,7 +351,7 @@ def export_mode(model: nn.Module) -> Iterator[nn.Module]:
 # ---- training through Ultralytics ----
 def train(model: nn.Module, dataset: str | Path, *, epochs: int = 1, imgsz: int | None = None, batch: int = 16,
           device: str = "cpu", project: str | Path | None = None, name: str = "train",
-          after_backward: Callable[[nn.Module], None] | None = None, keep: str = "best",
+          after_backward: Callable[[nn.Module], None] | None = None, keep: str = "best", resume: bool = False,
           **overrides: Any) -> dict[str, float]:
     """Train or fine-tune ``model`` (pruned or not) with Ultralytics' ``DetectionTrainer`` and return its metrics.
 
@@ -371,6 +371,11 @@ def train(model: nn.Module, dataset: str | Path, *, epochs: int = 1, imgsz: int 
     its loss over the images of a batch and accumulates ``nbs / batch`` batches per step, so the model's
     gradients are that many times those of a mean loss; the hook's rate ``s`` is multiplied by the same
     factor, so that ``s`` means what it means in classification training (s·Σ|γ| beside a mean loss).
+
+    ``resume``: when ``project/name/weights/last.pt`` holds an unfinished run (killed mid-training), continue
+    it from its next epoch with its optimiser, EMA and best-so-far, the weights loaded into ``model`` (which
+    must have the architecture that run trained); Ultralytics' own resume would rebuild the model instead.
+    A finished or missing run starts afresh.
     """
     ultralytics()
     from ultralytics.engine import trainer as ul_trainer
@@ -407,6 +412,18 @@ def train(model: nn.Module, dataset: str | Path, *, epochs: int = 1, imgsz: int 
             if self.ema:
                 self.ema.update(self.model)
 
+    last = Path(args["project"]) / name / "weights" / "last.pt"
+    if resume and last.is_file():
+        ckpt = torch.load(last, map_location="cpu", weights_only=False)  # this function's own file: trusted
+        if ckpt.get("optimizer") is not None and ckpt.get("epoch", -1) >= 0:  # finished runs drop both
+            args["resume"] = str(last)
+            state = (ckpt.get("ema") or ckpt.get("model")).float().state_dict()
+            try:
+                model.load_state_dict(state)
+            except RuntimeError as exc:
+                raise PrunekitError(f"cannot resume {last}: it trained another architecture than this model "
+                                    f"({' '.join(str(exc).split())[:200]})") from exc
+            KeepModelTrainer.setup_model = lambda self: ckpt  # resume_training restores epoch, optimiser, EMA
     trainer = KeepModelTrainer(overrides=args)
     trainer.model = model  # setup_model keeps a ready nn.Module instead of building one from cfg
     trainer.train()
