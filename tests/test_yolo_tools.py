@@ -26,7 +26,7 @@ from prunekit import yolo  # noqa: E402  (does not import ultralytics by itself)
 from prunekit.yolo import tools  # noqa: E402
 
 from .conftest import SHARED  # noqa: E402
-from .test_yolo import net_attempts, offline  # noqa: E402, F401  (the socket guard, one per module)
+from .test_yolo import net_attempts, offline, randomise_bn  # noqa: E402, F401  (the socket guard, one per module)
 
 BCCD = SHARED / "bccd"
 pytestmark = pytest.mark.filterwarnings("ignore:bccd-subset")  # its counted box fixes: test_yolo.py checks them
@@ -59,16 +59,8 @@ def detector(pruned: bool = False) -> nn.Module:
     if key not in _BASE:
         if "base" not in _BASE:
             torch.manual_seed(0)
-            model = pk.models.create("ul:yolov3-tinyu", num_classes=3, imgsz=IMGSZ).eval()
-            g = torch.Generator().manual_seed(0)
+            model = randomise_bn(pk.models.create("ul:yolov3-tinyu", num_classes=3, imgsz=IMGSZ).eval())
             with torch.no_grad():
-                for m in model.modules():
-                    if isinstance(m, nn.BatchNorm2d):
-                        n = m.num_features
-                        m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
-                        m.running_var.copy_(0.5 + 1.5 * torch.rand(n, generator=g))
-                        m.weight.copy_(0.5 + torch.rand(n, generator=g))
-                        m.bias.copy_(0.4 * torch.rand(n, generator=g) - 0.2)
                 for seq in model.model[-1].cv3:
                     seq[-1].bias.zero_()
             _BASE["base"] = model
