@@ -206,7 +206,7 @@ def _evaluate_payload(args: argparse.Namespace, model: torch.nn.Module) -> dict[
 def _eval_task(args: argparse.Namespace, model: torch.nn.Module) -> str:
     """``--task`` as given, or inferred: an ``ul:`` model is a detector; refuse a task the model cannot do."""
     name = str((getattr(model, "prunekit_arch", None) or {}).get("name", type(model).__name__))
-    detector = name.startswith("ul:")
+    detector = models.is_detector(model)
     task = args.task or ("detect" if detector else "classify")
     if task == "detect" and not detector:
         raise PrunekitError(f"{args.checkpoint} holds '{name}', a classifier: --task detect needs an Ultralytics "

@@ -400,7 +400,7 @@ class Run:
         if mc.get("checkpoint"):
             model = io.load(mc["checkpoint"])
             arch = getattr(model, "prunekit_arch", {})
-            if not str(arch.get("name", "")).startswith(models.UL_PREFIX):
+            if not models.is_detector(model):
                 raise PrunekitError(f"checkpoint {mc['checkpoint']} is not an Ultralytics detector (ul:<name>); "
                                     "task: detect needs one")
             if arch["num_classes"] != classes:
@@ -444,9 +444,7 @@ class Run:
         from . import yolo
 
         sdir = self._stage_dir(name)
-        epochs = stage.get("epochs", 10)
-        if epochs == REST:
-            epochs = max(0, self.cfg["budget"] - self.spent)
+        epochs = self._detect_epochs(stage)
         done = self._done(sdir)
         if done is not None:
             self.spent += done.get("epochs", epochs) if stage["stage"] != "train" else 0
@@ -470,6 +468,11 @@ class Run:
         self._finish(sdir, model, {"stage": name, "epochs": epochs,
                                    "metric": None if metric is None else 100 * metric})
         return model
+
+    def _detect_epochs(self, stage: dict) -> int:
+        """A detector stage's epochs (default 10; ``rest``: what the run's budget has left)."""
+        epochs = stage.get("epochs", 10)
+        return max(0, self.cfg["budget"] - self.spent) if epochs == REST else epochs
 
     def _prune(self, model, name: str, cycle: int = 1) -> tuple[torch.nn.Module, dict]:
         sdir = self._stage_dir(name)
@@ -541,9 +544,8 @@ class Run:
         return metrics
 
     def _cycle_epochs(self, st: dict) -> int:
-        if self.detect:
-            return sum(s.get("epochs", 10) for s in st["stages"] if s["stage"] != "prune")
-        return sum(self._train_cfg(s).epochs for s in st["stages"] if s["stage"] != "prune")
+        epochs = self._detect_epochs if self.detect else lambda s: self._train_cfg(s).epochs
+        return sum(epochs(s) for s in st["stages"] if s["stage"] != "prune")
 
     def _cycle(self, st: dict, model) -> torch.nn.Module:
         """Repeat the inner stages until a round removes < stop_below of MACs, the validation metric falls by

@@ -14,7 +14,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -166,71 +166,65 @@ def _otsu(x: np.ndarray, bins: int = 128) -> tuple[float, float]:
     return float(edges[k + 1]), float(between[k] / x.var())
 
 
+def _mixture(x: np.ndarray, parts: Sequence[np.ndarray], floor: float, max_iter: int):
+    """A 1-D Gaussian mixture (scikit-learn EM), one component started on each part of a split of ``x``."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.mixture import GaussianMixture
+
+    sd = np.maximum([p.std() for p in parts], floor)
+    gm = GaussianMixture(len(parts), covariance_type="spherical", reg_covar=floor ** 2, max_iter=max_iter, tol=1e-7,
+                         weights_init=np.array([p.size for p in parts]) / x.size,
+                         means_init=[[p.mean()] for p in parts], precisions_init=1 / sd ** 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        gm.fit(x[:, None])
+    return gm
+
+
+def _sorted(gm) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(weights, means, stds) of a fitted mixture, components in increasing order of their means."""
+    order = np.argsort(gm.means_[:, 0])
+    return gm.weights_[order], gm.means_[order, 0], np.sqrt(gm.covariances_[order])
+
+
 def _em(x: np.ndarray, floor: float):
     """Best of a few EM fits of a 1-D two-Gaussian mixture (scikit-learn), started from splits of the data.
 
     Starts: Otsu's split and the 10/50/90 % quantiles (EM finds a thin low mode from a split near it,
     not from k-means). A fit whose smaller component holds almost nothing has collapsed and is
     skipped; None if every start did. ``floor`` keeps a component from shrinking onto one value.
+    Returns (weights, means, stds, BIC).
     """
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.mixture import GaussianMixture
-
     col = x[:, None]
-    best = None
+    best, best_ll = None, None
     for t in (_otsu(x)[0], *np.quantile(x, (0.1, 0.5, 0.9))):
         lo, hi = x[x < t], x[x >= t]
         if lo.size == 0 or hi.size == 0:
             continue
-        sd = np.maximum([lo.std(), hi.std()], floor)
-        gm = GaussianMixture(2, covariance_type="spherical", reg_covar=floor ** 2, max_iter=200, tol=1e-7,
-                             weights_init=np.array([lo.size, hi.size]) / x.size,
-                             means_init=[[lo.mean()], [hi.mean()]], precisions_init=1 / sd ** 2)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            gm.fit(col)
+        gm = _mixture(x, (lo, hi), floor, max_iter=200)
         ll = float(gm.score(col))
         if not np.isfinite(ll) or gm.weights_.min() < 1e-9:
             continue
-        if best is None or ll > best[0]:
-            best = (ll, gm.weights_, gm.means_[:, 0], np.sqrt(gm.covariances_))
-    if best is None:
-        return None
-    order = np.argsort(best[2])
-    return best[1][order], best[2][order], best[3][order]
+        if best is None or ll > best_ll:
+            best, best_ll = gm, ll
+    return None if best is None else (*_sorted(best), best.bic(col))
 
 
 def _em_many(x: np.ndarray, floor: float, ks: Sequence[int] = (3, 4, 5)):
-    """The BIC-best mixture of 3 to 5 Gaussians, or None: the shape sparsity training leaves when the
-    negligible scores pile up in a skewed heap with a long tail towards the important mode (seen on YOLO
-    after 40 epochs), which two Gaussians cannot place. Started, like ``_em``, from quantile splits."""
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.mixture import GaussianMixture
-
+    """The BIC-best mixture of 3 to 5 Gaussians as (weights, means, stds, BIC), or None: the shape sparsity
+    training leaves when the negligible scores pile up in a skewed heap with a long tail towards the
+    important mode (seen on YOLO after 40 epochs), which two Gaussians cannot place. Started, like
+    ``_em``, from quantile splits."""
     col, best = x[:, None], None
+    xs = np.sort(x)
     for k in ks:
-        cuts = np.quantile(x, np.arange(1, k) / k)
-        parts = np.split(np.sort(x), np.searchsorted(np.sort(x), cuts))
+        parts = np.split(xs, np.searchsorted(xs, np.quantile(x, np.arange(1, k) / k)))
         if min(p.size for p in parts) == 0:
             continue
-        sd = np.maximum([p.std() for p in parts], floor)
-        gm = GaussianMixture(k, covariance_type="spherical", reg_covar=floor ** 2, max_iter=300, tol=1e-7,
-                             weights_init=np.array([p.size for p in parts]) / x.size,
-                             means_init=[[p.mean()] for p in parts], precisions_init=1 / sd ** 2)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            gm.fit(col)
+        gm = _mixture(x, parts, floor, max_iter=300)
         if gm.weights_.min() > 1e-9 and (best is None or gm.bic(col) < best.bic(col)):
             best = gm
-    if best is None:
-        return None
-    order = np.argsort(best.means_[:, 0])
-    return best.bic(col), best.weights_[order], best.means_[order, 0], np.sqrt(best.covariances_[order])
-
-
-def _bic2(x: np.ndarray, w: np.ndarray, mu: np.ndarray, sd: np.ndarray) -> float:
-    dens = (w / (sd * np.sqrt(2 * np.pi)) * np.exp(-0.5 * ((x[:, None] - mu) / sd) ** 2)).sum(1)
-    return float(-2 * np.log(np.maximum(dens, 1e-300)).sum() + 5 * np.log(x.size))
+    return None if best is None else (*_sorted(best), best.bic(col))
 
 
 def _crossing(w: np.ndarray, mu: np.ndarray, sd: np.ndarray) -> float | None:
@@ -284,41 +278,51 @@ def learn_threshold(values: torch.Tensor | np.ndarray | Sequence[float], *, log:
     if x.size < 4 or np.ptp(x) == 0:
         return ThresholdFit(None, None, (1.0, 0.0), (float(x.mean()) if x.size else 0.0,) * 2, (0.0, 0.0), False,
                             "em", 0.0, 1.0, "fewer than 4 distinct values", log, samples)
-    fitted = _em(x, floor=max(1e-2 * float(x.std()), 1e-6))
-    method, eta = "em", 1.0
-    if fitted is None:
-        method, (t, eta) = "otsu", _otsu(x)
+    floor = max(1e-2 * float(x.std()), 1e-6)
+    limits = (log, min_weight, min_separation, max_valley, min_ratio, min_otsu_eta)
+    fitted = _em(x, floor)
+    if fitted is not None:
+        *two, bic2 = fitted
+        fit = _judge(x, _crossing(*two), *two, "em", 1.0, *limits)
+    else:
+        t, eta = _otsu(x)
         sides = x[x < t], x[x >= t]
-        fitted = (np.array([s.size / x.size for s in sides]), np.array([s.mean() for s in sides]),
-                  np.array([max(s.std(), 1e-9) for s in sides]))
-    fit = _judge(x, *fitted, method, eta, log, min_weight, min_separation, max_valley, min_ratio, min_otsu_eta)
-    if fit[-1] and method == "em" and (many := _em_many(x, floor=max(1e-2 * float(x.std()), 1e-6))) is not None \
-            and many[0] < _bic2(x, *fitted):
+        two = (np.array([s.size / x.size for s in sides]), np.array([s.mean() for s in sides]),
+               np.array([max(s.std(), 1e-9) for s in sides]))
+        fit = _judge(x, t, *two, "otsu", eta, *limits)
+    if fit.reason and fitted is not None and (many := _em_many(x, floor)) is not None and many[-1] < bic2:
         # Two Gaussians cannot place a skewed, long-tailed low population: split the mixture between two
         # neighbouring components, the negligible side holding everything below (weights merged), the cut
         # where the two neighbours cross; of the splits that pass every check, the best separated.
-        _, wk, muk, sdk = many
-        passing = []
-        for k in range(len(wk) - 1):
-            pair = (np.array([wk[: k + 1].sum(), wk[k + 1:].sum()]), muk[k:k + 2], sdk[k:k + 2])
-            cand = _judge(x, *pair, "em-k", 1.0, log, min_weight, min_separation, max_valley, min_ratio,
-                          min_otsu_eta, crossing_weights=wk[k:k + 2])
-            if not cand[-1]:
-                passing.append(cand)
-        if passing:
-            fit = max(passing, key=lambda c: c[5])
-    cut, w, mu, sd, method, separation, valley, reason = fit
-    threshold = None if reason else (10 ** cut if log else cut)
-    return ThresholdFit(None if threshold is None else float(threshold), None if reason else float(cut),
+        wk, muk, sdk, _ = many
+        splits = [_judge(x, _crossing(wk[k:k + 2], muk[k:k + 2], sdk[k:k + 2]),
+                         np.array([wk[: k + 1].sum(), wk[k + 1:].sum()]), muk[k:k + 2], sdk[k:k + 2], "em-k", 1.0,
+                         *limits) for k in range(len(wk) - 1)]
+        fit = max((c for c in splits if not c.reason), key=lambda c: c.separation, default=fit)
+    cut, w, mu, sd = fit.cut, fit.weights, fit.means, fit.stds
+    threshold = None if fit.reason else (10 ** cut if log else cut)
+    return ThresholdFit(None if threshold is None else float(threshold), None if fit.reason else float(cut),
                         (float(w[0]), float(w[1])), (float(mu[0]), float(mu[1])), (float(sd[0]), float(sd[1])),
-                        not reason, method, separation, valley, reason, log, samples)
+                        not fit.reason, fit.method, fit.separation, fit.valley, fit.reason, log, samples)
 
 
-def _judge(x: np.ndarray, w: np.ndarray, mu: np.ndarray, sd: np.ndarray, method: str, eta: float, log: bool,
-           min_weight: float, min_separation: float, max_valley: float, min_ratio: float, min_otsu_eta: float,
-           crossing_weights: np.ndarray | None = None) -> tuple:
-    """The cut between two components and the first check it fails ('' when it passes them all)."""
-    cut = _crossing(w if crossing_weights is None else crossing_weights, mu, sd) if method != "otsu" else _otsu(x)[0]
+class _Split(NamedTuple):
+    """Two components (or a mixture split into two sides), the cut between them, and the first check failed."""
+
+    cut: float | None
+    weights: np.ndarray
+    means: np.ndarray
+    stds: np.ndarray
+    method: str
+    separation: float
+    valley: float
+    reason: str  # "" when every check passes
+
+
+def _judge(x: np.ndarray, cut: float | None, w: np.ndarray, mu: np.ndarray, sd: np.ndarray, method: str, eta: float,
+           log: bool, min_weight: float, min_separation: float, max_valley: float, min_ratio: float,
+           min_otsu_eta: float) -> _Split:
+    """A cut between two components, checked against ``learn_threshold``'s conditions."""
     separation = float(np.sqrt(2) * (mu[1] - mu[0]) / np.hypot(sd[0], sd[1]))
     valley = _valley(x, mu[0], mu[1])
     checks = [(cut is not None, "the component densities do not cross between the means"),
@@ -329,4 +333,4 @@ def _judge(x: np.ndarray, w: np.ndarray, mu: np.ndarray, sd: np.ndarray, method:
               (not log or 10 ** (mu[1] - mu[0]) >= min_ratio, f"component centres differ by less than {min_ratio:g}x"),
               (eta >= min_otsu_eta, f"Otsu split not clearly bimodal (η {eta:.2f} < {min_otsu_eta:g})")]
     reason = next((why for ok, why in checks if not ok), "")
-    return cut, w, mu, sd, method, separation, valley, reason
+    return _Split(cut, w, mu, sd, method, separation, valley, reason)

@@ -36,6 +36,7 @@ __all__ = [
     "PadShortcut",
     "create",
     "default_input_size",
+    "is_detector",
     "is_zoo",
     "names",
 ]
@@ -78,6 +79,11 @@ def names() -> list[str]:
 def is_zoo(name: str) -> bool:
     """True for a zoo model name, False for ``tv:`` names and unknown names."""
     return name in _ZOO
+
+
+def is_detector(model: nn.Module) -> bool:
+    """Whether ``model`` was built as an Ultralytics detector (``ul:<name>``), by its ``prunekit.save`` recipe."""
+    return str((getattr(model, "prunekit_arch", None) or {}).get("name", "")).startswith(UL_PREFIX)
 
 
 def default_input_size(name: str) -> tuple[int, int, int]:

@@ -151,6 +151,12 @@ def create(name: str, num_classes: int = 80, **kwargs: Any) -> nn.Module:
     return model
 
 
+def input_size(model: nn.Module) -> int:
+    """The square image size the detector was built for (its recorded input shape), else Ultralytics' 640."""
+    shape = (getattr(model, "prunekit_arch", None) or {}).get("input_shape") or [3, DEFAULT_IMGSZ, DEFAULT_IMGSZ]
+    return int(shape[-1])
+
+
 def predictions(out: Any) -> list[torch.Tensor]:
     """The tensors of an eval forward that are the detector's results (decoded boxes and scores, raw box and
     class maps), without the neck's feature maps Ultralytics also returns: pruning may narrow those."""
@@ -216,9 +222,17 @@ def _state_from_pickle(path: Path) -> dict[str, torch.Tensor]:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # a damaged or foreign pickle raises anything
         raise PrunekitError(f"cannot read {path} as an Ultralytics checkpoint ({type(exc).__name__}: {exc})") from exc
-    obj = ckpt.get("ema") or ckpt.get("model") if isinstance(ckpt, dict) else ckpt
-    if not isinstance(obj, nn.Module):
+    state = _trained_state(ckpt if isinstance(ckpt, dict) else {"model": ckpt})
+    if state is None:
         raise PrunekitError(f"{path} holds no Ultralytics model (expected a checkpoint with 'model' or 'ema')")
+    return state
+
+
+def _trained_state(ckpt: dict) -> dict[str, torch.Tensor] | None:
+    """The weights of an Ultralytics checkpoint (its EMA when it has one, as Ultralytics loads it), in float32."""
+    obj = ckpt.get("ema") or ckpt.get("model")
+    if not isinstance(obj, nn.Module):
+        return None
     return {k: v.float() if v.is_floating_point() else v for k, v in obj.state_dict().items()}
 
 
@@ -390,14 +404,30 @@ def train(model: nn.Module, dataset: str | Path, *, epochs: int = 1, imgsz: int 
                             f"{len(ds.names)} ({', '.join(ds.names)}); build it with num_classes={len(ds.names)}")
     # Its AMP self-test downloads yolo26n.pt; prunekit never downloads, so AMP is used on CUDA untested.
     ul_trainer.check_amp = lambda m: next(m.parameters()).device.type == "cuda"
-    shape = (getattr(model, "prunekit_arch", None) or {}).get("input_shape") or [3, DEFAULT_IMGSZ, DEFAULT_IMGSZ]
     args = {"model": f"{model.yaml.get('yaml_file', 'prunekit')}", "data": str(ds.yaml), "epochs": epochs,
-            "imgsz": imgsz or shape[-1], "batch": batch, "device": device, "name": name, "exist_ok": True,
+            "imgsz": imgsz or input_size(model), "batch": batch, "device": device, "name": name, "exist_ok": True,
             "project": str(project or config_dir() / "runs"), "pretrained": False, "plots": False} | overrides
+
+    resumed = None
+    last = Path(args["project"]) / name / "weights" / "last.pt"
+    if resume and last.is_file():
+        ckpt = torch.load(last, map_location="cpu", weights_only=False)  # this function's own file: trusted
+        if ckpt.get("optimizer") is not None and ckpt.get("epoch", -1) >= 0:  # finished runs drop both
+            args["resume"], resumed = str(last), ckpt
+            try:
+                model.load_state_dict(_trained_state(ckpt))
+            except RuntimeError as exc:
+                raise PrunekitError(f"cannot resume {last}: it trained another architecture than this model "
+                                    f"({' '.join(str(exc).split())[:200]})") from exc
 
     class KeepModelTrainer(DetectionTrainer):
         def get_model(self, cfg: Any = None, weights: Any = None, verbose: bool = True) -> nn.Module:
             return model
+
+        def setup_model(self) -> dict | None:
+            """The model is prunekit's, never built here; the checkpoint to resume from, if any, goes on to
+            ``resume_training`` (epoch, optimiser, EMA)."""
+            return resumed
 
         def optimizer_step(self) -> None:
             """Ultralytics' step (unscale, clip to norm 10, step, EMA) with the regulariser before the clip."""
@@ -412,26 +442,12 @@ def train(model: nn.Module, dataset: str | Path, *, epochs: int = 1, imgsz: int 
             if self.ema:
                 self.ema.update(self.model)
 
-    last = Path(args["project"]) / name / "weights" / "last.pt"
-    if resume and last.is_file():
-        ckpt = torch.load(last, map_location="cpu", weights_only=False)  # this function's own file: trusted
-        if ckpt.get("optimizer") is not None and ckpt.get("epoch", -1) >= 0:  # finished runs drop both
-            args["resume"] = str(last)
-            state = (ckpt.get("ema") or ckpt.get("model")).float().state_dict()
-            try:
-                model.load_state_dict(state)
-            except RuntimeError as exc:
-                raise PrunekitError(f"cannot resume {last}: it trained another architecture than this model "
-                                    f"({' '.join(str(exc).split())[:200]})") from exc
-            KeepModelTrainer.setup_model = lambda self: ckpt  # resume_training restores epoch, optimiser, EMA
     trainer = KeepModelTrainer(overrides=args)
-    trainer.model = model  # setup_model keeps a ready nn.Module instead of building one from cfg
+    trainer.model = model
     trainer.train()
     chosen = trainer.best if keep == "best" else trainer.last
     if chosen.is_file():  # written by this trainer just now, so unpickling it is safe
-        ckpt = torch.load(chosen, map_location="cpu", weights_only=False)
-        best = ckpt.get("ema") or ckpt.get("model")
-        model.load_state_dict({k: v.float() for k, v in best.state_dict().items()})
+        model.load_state_dict(_trained_state(torch.load(chosen, map_location="cpu", weights_only=False)))
     model.float().eval()
     return {k: float(v) for k, v in (trainer.metrics or {}).items()}
 
@@ -469,8 +485,7 @@ def validate(model: nn.Module, dataset: str | Path, *, split: str = "val", imgsz
     ds = data.detection_data(dataset)
     if split not in ds.images:
         raise PrunekitError(f"{ds.yaml} has no split {split!r}; it has {', '.join(ds.images)}")
-    shape = (getattr(model, "prunekit_arch", None) or {}).get("input_shape") or [3, DEFAULT_IMGSZ, DEFAULT_IMGSZ]
-    args = {"data": str(ds.yaml), "split": split, "imgsz": imgsz or shape[-1], "batch": batch, "device": device,
+    args = {"data": str(ds.yaml), "split": split, "imgsz": imgsz or input_size(model), "batch": batch, "device": device,
             "conf": conf, "iou": iou, "plots": False, "verbose": False, "save_json": False,
             "project": str(config_dir() / "runs"), "name": "val", "exist_ok": True}
     validator = DetectionValidator(args=args)

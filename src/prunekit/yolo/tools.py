@@ -22,19 +22,8 @@ import torch
 from torch import nn
 
 from ..errors import PrunekitError
-from . import DEFAULT_IMGSZ, PREFIX, export_mode, ultralytics, validate
+from . import export_mode, input_size, ultralytics, validate
 from .data import detection_data, split_images
-
-
-def is_detector(model: nn.Module) -> bool:
-    """Whether ``model`` is a prunekit ``ul:`` detector (by the recipe ``prunekit.save`` records)."""
-    return str((getattr(model, "prunekit_arch", None) or {}).get("name", "")).startswith(PREFIX)
-
-
-def input_size(model: nn.Module) -> int:
-    """The square image size the detector was built for (its recorded input shape), else Ultralytics' 640."""
-    shape = (getattr(model, "prunekit_arch", None) or {}).get("input_shape") or [3, DEFAULT_IMGSZ, DEFAULT_IMGSZ]
-    return int(shape[-1])
 
 
 def _check_detector(model: nn.Module) -> None:
@@ -136,10 +125,8 @@ def evaluate(model: nn.Module, dataset: str | Path | None = None, *, split: str 
         if len(ds.names) != model.model[-1].nc:
             raise PrunekitError(f"the model predicts {model.model[-1].nc} classes but {path} has {len(ds.names)} "
                                 f"({', '.join(ds.names)})")
-        if split not in (ds.images or {split: 0}):
-            raise PrunekitError(f"{path} has no split {split!r}; it has {', '.join(ds.images)}")
-        out |= {"data": str(path), "split": split, "images": (ds.images or {}).get(split)}
-        out |= validate(model, ds.yaml, split=split, imgsz=imgsz, batch=batch)
+        maps = validate(model, ds.yaml, split=split, imgsz=imgsz, batch=batch)  # refuses a split ds lacks
+        out |= {"data": str(path), "split": split, "images": ds.images[split]} | maps
     x = torch.zeros(1, 3, imgsz, imgsz)
     with export_mode(model), torch.no_grad():
         stats = measure(model, x, batch_sizes=(1,), repeats=repeats, threads=threads)
