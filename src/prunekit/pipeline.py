@@ -449,15 +449,15 @@ class Run:
         if done is not None:
             self.spent += done.get("epochs", epochs) if stage["stage"] != "train" else 0
             return io.load(sdir / "model.pt")
+        batch = stage.get("batch_size", self.cfg["data"].get("batch_size", 16))
         hook = None
         if stage["stage"] == "sparsify":
             settings = self.method.check_regularizer_options(stage)
-            steps = max(1, epochs * -(-self.det.images["train"] // stage.get("batch_size", 16)))
+            steps = max(1, epochs * -(-self.det.images["train"] // batch))
             hook = self.method.regularizer(model, settings, steps)
         metrics: dict = {}
         if epochs:
-            metrics = yolo.train(model, self.det.yaml, epochs=epochs, imgsz=self.imgsz,
-                                 batch=stage.get("batch_size", self.cfg["data"].get("batch_size", 16)),
+            metrics = yolo.train(model, self.det.yaml, epochs=epochs, imgsz=self.imgsz, batch=batch,
                                  device=self._ul_device(), project=sdir, name="ultralytics", after_backward=hook,
                                  resume=True,
                                  keep="last" if stage["stage"] == "sparsify" else "best",
