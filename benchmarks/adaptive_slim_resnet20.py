@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 import torch
-from cifar_methods import BASE_CFG, FT_CFG, add_protocol_args, base_model
+from cifar_methods import BASE_CFG, FT_CFG, add_protocol_args, base_model, cached
 
 import prunekit as pk
 from prunekit.criteria import bn_gamma
@@ -59,26 +59,24 @@ def sparse_model(args, base, bundle, x, dev) -> tuple[torch.nn.Module, dict, Pat
     """The shared sparsified checkpoint, trained once and cached beside the base (validated on a held-out split)."""
     path = Path(args.cache) / f"{args.model}-e{args.base_epochs}-s{args.base_seed}-sparse-s{args.s:g}" \
                               f"-e{args.sparsify_epochs}.pt"
-    meta_path = path.with_suffix(".json")
-    if path.exists():
-        return pk.load(path), json.loads(meta_path.read_text()), path
-    t0 = time.perf_counter()
-    held = bundle.holdout(0.1, seed=args.seed)
-    train_loader, _ = held.loaders(batch_size=BASE_CFG["batch_size"], device=dev, seed=args.seed)
-    model, res = sparsify(copy.deepcopy(base), train_loader, held.eval_loader(held.val, 256, dev),
-                          sparsify_cfg(args, args.sparsify_epochs), s=args.s, example_inputs=x, device=dev,
-                          run_dir=path.parent / f"{path.stem}-run", resume=True, desc=f"sparsify s={args.s:g}")
-    pg = PruneGraph(model, x.to(dev))
-    gammas = torch.cat([g for grp in pg.groups if (g := bn_gamma(model, grp)) is not None])
-    fitted = learn_threshold(gammas)
-    below = float((gammas < fitted.threshold).float().mean()) if fitted.threshold is not None else 0.0
-    meta = {"top1": evaluate(model, bundle.eval_loader(bundle.test, 256, dev), dev)["top1"],
-            "epochs": args.sparsify_epochs, "s": args.s, "lr": args.sparsify_lr,
-            "wall_s": round(time.perf_counter() - t0, 1), "channels": int(gammas.numel()),
-            "learned_threshold": fitted.threshold, "fraction_below": below, "fit_reason": fitted.reason}
-    pk.save(model, path)
-    meta_path.write_text(json.dumps(meta))
-    return model, meta, path
+
+    def train() -> tuple[torch.nn.Module, dict]:
+        t0 = time.perf_counter()
+        held = bundle.holdout(0.1, seed=args.seed)
+        train_loader, _ = held.loaders(batch_size=BASE_CFG["batch_size"], device=dev, seed=args.seed)
+        model, res = sparsify(copy.deepcopy(base), train_loader, held.eval_loader(held.val, 256, dev),
+                              sparsify_cfg(args, args.sparsify_epochs), s=args.s, example_inputs=x, device=dev,
+                              run_dir=path.parent / f"{path.stem}-run", resume=True, desc=f"sparsify s={args.s:g}")
+        pg = PruneGraph(model, x.to(dev))
+        gammas = torch.cat([g for grp in pg.groups if (g := bn_gamma(model, grp)) is not None])
+        fitted = learn_threshold(gammas)
+        below = float((gammas < fitted.threshold).float().mean()) if fitted.threshold is not None else 0.0
+        return model, {"top1": evaluate(model, bundle.eval_loader(bundle.test, 256, dev), dev)["top1"],
+                       "epochs": args.sparsify_epochs, "s": args.s, "lr": args.sparsify_lr,
+                       "wall_s": round(time.perf_counter() - t0, 1), "channels": int(gammas.numel()),
+                       "learned_threshold": fitted.threshold, "fraction_below": below, "fit_reason": fitted.reason}
+
+    return (*cached(path, train), path)
 
 
 def pipeline_config(args, name: str, sparse_path: Path, method: str, params: dict, target: dict,

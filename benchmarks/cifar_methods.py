@@ -18,6 +18,7 @@ import platform
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,24 +32,34 @@ BASE_CFG = dict(epochs=12, lr=0.2, optimizer="sgd", momentum=0.9, nesterov=True,
 FT_CFG = dict(BASE_CFG, epochs=6, lr=0.05)
 
 
-def base_model(args, bundle, train_loader, test_loader, dev) -> tuple[torch.nn.Module, dict]:
-    """Train the protocol's base once and cache it, so every method starts from the same weights."""
-    path = Path(args.cache) / f"{args.model}-e{args.base_epochs}-s{args.base_seed}.pt"
+def cached(path: Path, train: Callable[[], tuple[torch.nn.Module, dict]]) -> tuple[torch.nn.Module, dict]:
+    """A checkpoint trained once by ``train`` and kept at ``path`` (its facts in ``path.json``), so that every
+    run of every benchmark that names it starts from the same weights."""
     meta_path = path.with_suffix(".json")
     if path.exists():
         return pk.load(path), json.loads(meta_path.read_text())
-    torch.manual_seed(args.base_seed)
-    model = pk.models.create(args.model, num_classes=bundle.num_classes)
-    model.prunekit_arch["input_shape"] = list(bundle.input_shape)
-    t0 = time.perf_counter()
-    cfg = TrainConfig(**dict(BASE_CFG, epochs=args.base_epochs, seed=args.base_seed))
-    model, res = fit(model, train_loader, test_loader, cfg, device=dev, run_dir=path.parent / f"{path.stem}-run",
-                     resume=True, desc=f"base {args.model}")
-    meta = {"top1": res.final["val_top1"], "epochs": args.base_epochs, "wall_s": time.perf_counter() - t0,
-            "config": BASE_CFG | {"epochs": args.base_epochs}}
+    model, meta = train()
     pk.save(model, path)
     meta_path.write_text(json.dumps(meta))
     return model, meta
+
+
+def base_model(args, bundle, train_loader, test_loader, dev) -> tuple[torch.nn.Module, dict]:
+    """Train the protocol's base once and cache it, so every method starts from the same weights."""
+    path = Path(args.cache) / f"{args.model}-e{args.base_epochs}-s{args.base_seed}.pt"
+
+    def train() -> tuple[torch.nn.Module, dict]:
+        torch.manual_seed(args.base_seed)
+        model = pk.models.create(args.model, num_classes=bundle.num_classes)
+        model.prunekit_arch["input_shape"] = list(bundle.input_shape)
+        t0 = time.perf_counter()
+        cfg = TrainConfig(**dict(BASE_CFG, epochs=args.base_epochs, seed=args.base_seed))
+        model, res = fit(model, train_loader, test_loader, cfg, device=dev, run_dir=path.parent / f"{path.stem}-run",
+                         resume=True, desc=f"base {args.model}")
+        return model, {"top1": res.final["val_top1"], "epochs": args.base_epochs, "wall_s": time.perf_counter() - t0,
+                       "config": BASE_CFG | {"epochs": args.base_epochs}}
+
+    return cached(path, train)
 
 
 def run(args) -> None:

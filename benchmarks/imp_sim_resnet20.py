@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import torch
-from cifar_methods import BASE_CFG, FT_CFG, add_protocol_args, base_model
+from cifar_methods import BASE_CFG, FT_CFG, add_protocol_args, base_model, cached
 
 import prunekit as pk
 from prunekit.errors import PrunekitError
@@ -46,20 +46,19 @@ def sparse_model(args, base, train_loader, val_loader, test_loader, x, dev) -> t
     """The shared sparsified checkpoint (training split minus the held-out part), trained once and cached."""
     path = Path(args.cache) / (f"{args.model}-e{args.base_epochs}-s{args.base_seed}-sparse-s{args.s:g}"
                                f"-e{args.sparsify_epochs}-holdout{args.holdout:g}.pt")
-    meta_path = path.with_suffix(".json")
-    if path.exists():
-        return pk.load(path), json.loads(meta_path.read_text())
-    t0 = time.perf_counter()
-    cfg = TrainConfig(**dict(BASE_CFG, epochs=args.sparsify_epochs, lr=args.sparsify_lr, schedule="constant",
-                             seed=args.seed))
-    model, res = sparsify(copy.deepcopy(base), train_loader, val_loader, cfg, s=args.s, example_inputs=x, device=dev,
-                          run_dir=path.parent / f"{path.stem}-run", resume=True, desc=f"sparsify s={args.s:g}")
-    meta = {"val_top1": res.final["val_top1"], "test_top1": evaluate(model, test_loader, dev)["top1"],
-            "epochs": args.sparsify_epochs, "s": args.s, "lr": args.sparsify_lr,
-            "wall_s": round(time.perf_counter() - t0, 1)}
-    pk.save(model, path)
-    meta_path.write_text(json.dumps(meta))
-    return model, meta
+
+    def train() -> tuple[torch.nn.Module, dict]:
+        t0 = time.perf_counter()
+        cfg = TrainConfig(**dict(BASE_CFG, epochs=args.sparsify_epochs, lr=args.sparsify_lr, schedule="constant",
+                                 seed=args.seed))
+        model, res = sparsify(copy.deepcopy(base), train_loader, val_loader, cfg, s=args.s, example_inputs=x,
+                              device=dev, run_dir=path.parent / f"{path.stem}-run", resume=True,
+                              desc=f"sparsify s={args.s:g}")
+        return model, {"val_top1": res.final["val_top1"], "test_top1": evaluate(model, test_loader, dev)["top1"],
+                       "epochs": args.sparsify_epochs, "s": args.s, "lr": args.sparsify_lr,
+                       "wall_s": round(time.perf_counter() - t0, 1)}
+
+    return cached(path, train)
 
 
 def run(args) -> None:

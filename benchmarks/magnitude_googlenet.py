@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from cifar_methods import cached
 from torch import nn
 
 import prunekit as pk
@@ -55,21 +56,19 @@ def tag(args) -> str:
 def base_model(args, bundle, train_loader, test_loader, dev) -> tuple[nn.Module, dict]:
     """Train the base once and cache it, so the pruned and the dense runs start from the same weights."""
     path = Path(args.cache) / f"{tag(args)}.pt"
-    meta_path = path.with_suffix(".json")
-    if path.exists():
-        return pk.load(path), json.loads(meta_path.read_text())
-    torch.manual_seed(args.base_seed)
-    model = pk.models.create("googlenet", num_classes=bundle.num_classes, **model_kwargs(args))
-    model.prunekit_arch["input_shape"] = list(bundle.input_shape)
-    t0 = time.perf_counter()
-    cfg = TrainConfig(**dict(BASE_CFG, epochs=args.base_epochs, seed=args.base_seed))
-    model, res = fit(model, train_loader, test_loader, cfg, device=dev, run_dir=path.parent / f"{path.stem}-run",
-                     resume=True, desc="base googlenet")
-    meta = {"top1": res.final["val_top1"], "epochs": args.base_epochs, "wall_s": time.perf_counter() - t0,
-            "config": BASE_CFG | {"epochs": args.base_epochs}, "model_kwargs": model_kwargs(args)}
-    pk.save(model, path)
-    meta_path.write_text(json.dumps(meta))
-    return model, meta
+
+    def train() -> tuple[nn.Module, dict]:
+        torch.manual_seed(args.base_seed)
+        model = pk.models.create("googlenet", num_classes=bundle.num_classes, **model_kwargs(args))
+        model.prunekit_arch["input_shape"] = list(bundle.input_shape)
+        t0 = time.perf_counter()
+        cfg = TrainConfig(**dict(BASE_CFG, epochs=args.base_epochs, seed=args.base_seed))
+        model, res = fit(model, train_loader, test_loader, cfg, device=dev, run_dir=path.parent / f"{path.stem}-run",
+                         resume=True, desc="base googlenet")
+        return model, {"top1": res.final["val_top1"], "epochs": args.base_epochs, "wall_s": time.perf_counter() - t0,
+                       "config": BASE_CFG | {"epochs": args.base_epochs}, "model_kwargs": model_kwargs(args)}
+
+    return cached(path, train)
 
 
 def costs(model: nn.Module, x: torch.Tensor, run_dir: Path, name: str, args) -> dict:
