@@ -422,3 +422,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("prunekit: interrupted; re-run with --resume to continue", file=sys.stderr)
         return 130
+    finally:  # under torchrun: a gloo group left alive at exit can abort the process ("terminate called ...")
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
