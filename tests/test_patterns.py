@@ -23,7 +23,7 @@ class TwoHeads(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.body = nn.Sequential(cbr(3, 16), cbr(16, 24))
+        self.body = nn.Sequential(cbr(3, 32), cbr(32, 24))  # the 32-wide group prunes; the 24 feed F.linear
         self.dense = nn.Conv2d(24, 4, 1)
         self.fc = nn.Linear(24, 7)
 
@@ -114,9 +114,9 @@ class Chunked(nn.Module):
 class Transposed(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.down = cbr(3, 16)
-        self.up = nn.Sequential(nn.ConvTranspose2d(16, 16, 2, stride=2), nn.BatchNorm2d(16), nn.ReLU())
-        self.out = nn.Conv2d(16, 2, 1)
+        self.down = cbr(3, 32)  # 32 wide: fine enough steps for every method to land within 3 % of 1.5x
+        self.up = nn.Sequential(nn.ConvTranspose2d(32, 32, 2, stride=2), nn.BatchNorm2d(32), nn.ReLU())
+        self.out = nn.Conv2d(32, 2, 1)
 
     def forward(self, x):
         return self.out(self.up(nn.functional.max_pool2d(self.down(x), 2)))
@@ -126,7 +126,7 @@ class Attention(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.embed = nn.Conv2d(3, 32, 4, stride=4)
-        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.attn = nn.MultiheadAttention(32, 2, batch_first=True)
         self.mlp = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
         self.fc = nn.Linear(32, 5)
 
@@ -136,12 +136,76 @@ class Attention(nn.Module):
         return self.fc((t + self.mlp(t)).mean(1))
 
 
+class SelfAttention(nn.Module):
+    """Attention written by hand: its forward views the qkv channels as (heads, dims) with fixed sizes."""
+
+    def __init__(self, dim: int = 32, num_heads: int = 4) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, t):
+        b, n, _ = t.shape
+        q, k, v = self.qkv(t).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        a = (q @ k.transpose(-2, -1) / self.head_dim ** 0.5).softmax(-1) @ v
+        return self.proj(a.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
+
+
+class HandAttention(Attention):
+    """Hand-written attention keeps its widths; the feed-forward hidden layer still prunes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = SelfAttention()
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        t = t + self.attn(t)
+        return self.fc((t + self.mlp(t)).mean(1))
+
+
+class FunctionalLinear(nn.Module):
+    """A layer whose weights are used through F.linear (as torchvision's Swin does): what touches it stays."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(cbr(3, 32), cbr(32, 24))  # the 32-wide group prunes; the 24 feed F.linear
+        self.proj = nn.Linear(24, 24)
+        self.fc = nn.Linear(24, 5)
+
+    def forward(self, x):
+        return self.fc(torch.relu(nn.functional.linear(self.body(x).mean((2, 3)), self.proj.weight, self.proj.bias)))
+
+
+class ShuffleBlock(nn.Module):
+    """A conv whose output channels are shuffled between two groups (ShuffleNet's channel shuffle)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = cbr(16, 16, groups=2)
+
+    def forward(self, x):
+        y = self.conv(x)
+        b, c, h, w = y.shape
+        return y.view(b, 2, c // 2, h, w).transpose(1, 2).contiguous().view(b, c, h, w)
+
+
+class Shuffle(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.block, self.fc = cbr(3, 16), ShuffleBlock(), nn.Linear(16, 5)
+
+    def forward(self, x):
+        return self.fc(self.block(self.stem(x)).mean((2, 3)))
+
+
 PATTERNS = [TwoHeads, DictOut, ConcatBranches, FlattenLinear, Depthwise, InplaceResidual, NoBatchNorm, Chunked,
-            Transposed, Attention]
+            Transposed, Attention, HandAttention, FunctionalLinear, Shuffle]
 STRUCTURED = ["l1-norm", "l2-norm", "fpgm", "net-slim", "random", "dist-fit"]
 # What must prune (not merely be refused cleanly), with the methods that may still refuse it by name.
 MUST_PRUNE = {TwoHeads: (), DictOut: (), ConcatBranches: (), FlattenLinear: (), InplaceResidual: (),
-              NoBatchNorm: ("net-slim",), Depthwise: ("fpgm",)}  # Torch-Pruning's FPGM fails on grouped convs
+              NoBatchNorm: ("net-slim",), Depthwise: ("fpgm",),  # Torch-Pruning's FPGM fails on grouped convs
+              Transposed: (), Attention: ("net-slim",), HandAttention: ("net-slim",), FunctionalLinear: ()}
 
 
 def _varied(cls: type[nn.Module]) -> nn.Module:
@@ -194,3 +258,28 @@ def test_adaptive_slim_without_batchnorm_says_so():
     model = _varied(NoBatchNorm)
     with pytest.raises(PrunekitError, match="no BatchNorm"):
         pk.prune(model, "adaptive-slim", torch.randn(1, 3, 16, 16))
+
+
+def test_attention_keeps_equal_head_dims_and_reloads(tmp_path):
+    model = _varied(Attention)
+    result = pk.prune(model, "l1-norm", torch.randn(1, 3, 16, 16), speedup=1.5)
+    attn = result.model.attn
+    assert attn.num_heads == 2 and attn.embed_dim < 32 and attn.head_dim * attn.num_heads == attn.embed_dim
+    pk.save(result.model, tmp_path / "m.pt")
+    back = pk.load(tmp_path / "m.pt", model=Attention()).attn
+    assert (back.embed_dim, back.head_dim, back.in_proj_weight.shape) == (attn.embed_dim, attn.head_dim,
+                                                                         attn.in_proj_weight.shape)
+
+
+def test_hand_written_attention_and_functional_weights_are_protected_by_name():
+    from prunekit.graph import PruneGraph
+
+    x = torch.randn(1, 3, 16, 16)
+    assert {"attn.qkv", "attn.proj"} <= set(PruneGraph(_varied(HandAttention), x).protected)
+    assert "proj" in PruneGraph(_varied(FunctionalLinear), x).protected
+
+
+def test_channel_shuffle_is_refused_by_name():
+    model = _varied(Shuffle)
+    with pytest.raises(PrunekitError, match="block.*shuffles channels"):
+        pk.prune(model, "l1-norm", torch.randn(1, 3, 16, 16), speedup=1.5)

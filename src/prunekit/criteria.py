@@ -79,4 +79,7 @@ def distribution_fit_keep(norms: torch.Tensor, keep: int, filters: torch.Tensor 
 
 def root_filters(group: Group) -> torch.Tensor:
     """The root layer's output filters of ``group``, one row per channel (for similarity)."""
-    return group.root.weight.detach()[: group.size].flatten(1).float().cpu()
+    w = group.root.weight.detach()
+    if getattr(group.root, "transposed", False):  # (in, out / groups, *kernel): output channels on dim 1
+        w = w.transpose(0, 1)
+    return w[: group.size].flatten(1).float().cpu()

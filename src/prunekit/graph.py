@@ -5,6 +5,15 @@ channels must be removed together: a conv, its BN, the next layers' inputs, ever
 residual sum). It predicts the MACs of any per-group keep count analytically (conv/linear
 MACs are out·in/groups·k²·H·W with H·W fixed by the trace), which lets thresholds search a
 speedup target without pruning trial copies, then physically removes the chosen channels.
+Everything else the model computes (attention products, functional layers) enters that model as
+a constant measured by PyTorch's FLOP counter, so the prediction is the independent count's.
+
+Attention: ``nn.MultiheadAttention`` prunes as Torch-Pruning does (its embedding width with the
+stream around it, the same positions in every head so heads keep equal dimensions); the MACs
+model has its projections (quadratic in the width) and its attention products (linear).
+Attention written by hand, whose forward views channels as (heads, dims) with fixed sizes (a module
+with a ``num_heads``/``n_heads`` attribute), keeps the widths its layers produce, and layers whose
+weights are only used through functional calls keep every width they touch.
 
 Also here: residual-block discovery and removal (replace f in x + f(x) by nothing), masks for
 unstructured sparsity, and the per-layer hooks that methods use to compensate for what they
@@ -13,6 +22,7 @@ remove (fold a constant into the next layer, merge one input channel into anothe
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 
@@ -23,7 +33,7 @@ from torch_pruning.pruner import function as F_
 
 from .errors import PrunekitError
 from .io import set_module
-from .measure import LAYERS, hooked, layer_macs
+from .measure import LAYERS, WEIGHTED, count_macs, hooked, layer_macs
 
 CONV_LINEAR = LAYERS
 # Torch-Pruning handlers that shrink a conv/linear layer's outputs or inputs (methods read group members by them).
@@ -31,6 +41,7 @@ OUT_CHANNEL_FNS = {F_.prune_conv_out_channels, F_.prune_linear_out_channels, F_.
 IN_CHANNEL_FNS = {F_.prune_conv_in_channels, F_.prune_linear_in_channels, F_.prune_depthwise_conv_in_channels}
 _ADDS_BIAS = {nn.Conv1d.forward, nn.Conv2d.forward, nn.Linear.forward}  # forwards that add self.bias
 _BN = nn.modules.batchnorm._BatchNorm
+_PRODUCTS = "#attention"  # suffix of an MHA's attention-product term in the MACs model
 
 
 @dataclass
@@ -41,7 +52,7 @@ class Group:
     name: str
     size: int
     tp_group: object
-    # (module name, 'out' | 'in' | 'dw', channels of this member per group channel)
+    # (module name, 'out' | 'in' | 'dw' | 'mha', channels of this member per group channel)
     members: list[tuple[str, str, int]] = field(default_factory=list)
     bns: list[str] = field(default_factory=list)
     # Grouped convs (ResNeXt, RegNet) split the channels into `chunks` equal blocks; the same positions
@@ -137,13 +148,15 @@ class PruneGraph:
         self.round_to = round_to
         self.names = {m: n for n, m in model.named_modules()}
         self.ignored = [self._resolve(x) for x in (ignored_layers or [])]
-        self._probe()
+        self.protected: dict[str, str] = {}  # layer name -> why its widths stay (beyond the output heads)
+        unreached = self._probe()
         try:
             with hooked(model, grad=True):  # Torch-Pruning traces the autograd graph
                 self.DG = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
         except Exception as exc:
             run_checked(model, example_inputs, "tracing")  # names the module if forward itself fails
             raise PrunekitError(f"Torch-Pruning could not trace this model: {str(exc).splitlines()[0][:200]}") from exc
+        self._functional = self._functional_weights(unreached)
         self.groups = self._collect_groups()
 
     def _resolve(self, layer) -> nn.Module:
@@ -154,40 +167,112 @@ class PruneGraph:
         except AttributeError as exc:
             raise PrunekitError(f"ignored layer {layer!r} is not a module of this model") from exc
 
-    def _probe(self) -> None:
-        """One forward pass that learns what tracing needs besides the graph.
+    def _probe(self) -> list[nn.Module]:
+        """Forward passes that learn what tracing needs besides the graph.
 
-        It records per conv/linear the MACs per (out·in/groups) unit for the analytic MACs, the
-        measured MACs, and the layers producing any output (the heads, added to the ignored layers: those
-        the model declares in ``prunekit_protected``, else ``output_layers``), and it refuses layers the
-        example input never reaches.
+        They record per conv/linear the MACs per (out·in/groups) unit for the analytic MACs (and per
+        ``nn.MultiheadAttention`` its projection and attention-product terms), the MACs outside these
+        (``other``, a constant), and the layers producing any output (the heads, added to the ignored
+        layers: those the model declares in ``prunekit_protected``, else ``output_layers``); hand-written
+        attention keeps its widths. Returns the conv/linear layers that never ran as modules (ignored or not).
         """
         _, macs = self._layer_macs("tracing")
+        shuffles = _channel_shuffles(self.model, self.example_inputs)
+        if shuffles:
+            raise PrunekitError(f"module {shuffles[0]!r} shuffles channels between groups (view, transpose, view, as "
+                                "ShuffleNet does); Torch-Pruning cannot follow a channel shuffle, so this model is not "
+                                "pruned")
         self.unit = {n: m // max(1, self._units(self.model.get_submodule(n))) for n, m in macs.items()}
         order = [self.model.get_submodule(n) for n in macs]
         self._shapes = {name: self._shape(self.model.get_submodule(name)) for name in self.unit}
+        ran_mha = self._attention_terms()
+        self.other = 0
+        self.other = count_macs(self.model, self.example_inputs[:1]) - self.macs()
         self.base_macs = self.macs()
         declared = getattr(self.model, "prunekit_protected", None)  # a model that knows its heads (detectors)
         heads = ([self.model.get_submodule(n) for n in declared] if declared else
                  output_layers(self.model, self.example_inputs) or order[-1:])  # no autograd path: the last layer
         self.heads = [self.names[m] for m in heads]
         self.ignored += [m for m in heads if m not in self.ignored]
-        unreached = [self.names[m] for m in self.model.modules() if isinstance(m, CONV_LINEAR)
-                     and m not in order and m not in self.ignored]
-        if unreached:
+        if not declared:
+            for m, why in _head_views(self.model).items():
+                self.protected.setdefault(self.names[m], why)
+                if m not in self.ignored:
+                    self.ignored.append(m)
+        inner = {a.out_proj for a in ran_mha}  # run inside the attention's functional forward
+        return [m for m in self.model.modules() if isinstance(m, CONV_LINEAR) and m not in order and m not in inner]
+
+    def _attention_terms(self) -> list[nn.MultiheadAttention]:
+        """Add every ``nn.MultiheadAttention`` that runs to the MACs model; returns them.
+
+        With width E and the query, key and value token counts, its projections cost (2·q + k + v)·E²
+        (its ``[E, E]`` term) and the rest (the attention products, where PyTorch's counter sees them) is
+        linear in E (its ``[E]`` term), measured by that counter on the call the model makes.
+        """
+        calls: dict[nn.Module, tuple] = {}
+        attns = [m for m in self.model.modules() if isinstance(m, nn.MultiheadAttention)]
+        if not attns:
+            return []
+        handles = [m.register_forward_pre_hook(lambda m, a, kw: calls.setdefault(m, (a, kw)) and None,
+                                               with_kwargs=True) for m in attns]
+        try:
+            with hooked(self.model):
+                self.model(self.example_inputs[:1])
+        finally:
+            for h in handles:
+                h.remove()
+        for m, (args, kwargs) in calls.items():
+            name = self.names[m]
+            if not m._qkv_same_embed_dim:  # Torch-Pruning shrinks only attention whose key/value width is E
+                self.protected[name] = "attention with key/value widths other than its embed_dim"
+                self.ignored.append(m)
+                continue
+            bound = inspect.signature(m.forward).bind(*args, **kwargs).arguments
+            e = m.embed_dim
+            tokens = [bound[k].numel() // e for k in ("query", "key", "value")]
+            total = count_macs(m, (args, kwargs), run=lambda mod, a: mod(*a[0], **a[1]))
+            self.unit[name] = 2 * tokens[0] + tokens[1] + tokens[2]
+            self._shapes[name] = [e, e, 1]
+            self.unit[name + _PRODUCTS] = max(0, total - self.unit[name] * e * e) // e
+            self._shapes[name + _PRODUCTS] = [e, 1, 1]
+        return list(calls)
+
+    def _functional_weights(self, unreached: list[nn.Module]) -> set:
+        """The traced operations that use the weights of conv/linear layers that never ran as modules
+        (functional calls such as ``F.linear(x, layer.weight)``, which Torch-Pruning takes for element-wise
+        operations): every group through them stays whole.
+
+        A layer whose weights nothing uses is refused unless ignored: it never ran, and pruning around it
+        could break it.
+        """
+        weights = {id(m.weight): m for m in unreached}
+        ops, used = set(), set()
+        for node in self.DG.module2node.values():
+            hit = _weights_used(node.grad_fn, weights)
+            if hit:
+                ops.add(node)
+                used |= hit
+        never = [self.names[m] for m in unreached if m not in used and m not in self.ignored]
+        if never:
             raise PrunekitError(
-                f"layer(s) {', '.join(repr(n) for n in unreached[:5])} never ran on the example input "
-                "(data-dependent control flow, or weights used through a functional call); pruning them could "
-                "break the model: pass them in ignored_layers or call them as modules in a static forward"
-            )
+                f"layer(s) {', '.join(repr(n) for n in never[:5])} never ran on the example input "
+                "(data-dependent control flow); pruning them could break the model: pass them in ignored_layers "
+                "or call them as modules in a static forward")
+        for m in used:
+            self.protected[self.names[m]] = "weights used through a functional call"
+        return ops
 
     def _collect_groups(self) -> list[Group]:
         groups: list[Group] = []
-        self.ignored_groups: list[str] = []  # grouped-conv groups too small to shrink block-wise
+        # Groups left whole: grouped-conv groups too small to shrink block-wise, groups touching functional weights.
+        self.ignored_groups: list[str] = []
         for g in self.DG.get_all_groups(ignored_layers=self.ignored, root_module_types=CONV_LINEAR):
             root_dep, root_idxs = g[0]
             n = len(root_idxs)
             members, bns, chunks = [], [], 1
+            if any(dep.target in self._functional for dep, _ in g):
+                self.ignored_groups.append(self.names.get(root_dep.target.module, "?"))
+                continue
             for dep, idxs in g:
                 mod = dep.target.module
                 if not isinstance(mod, nn.Module):
@@ -199,7 +284,11 @@ class PruneGraph:
                     chunks = max(chunks, int(get(mod) or 1) if get else 1)
                 name = self.names.get(mod, "?")
                 per = max(1, len(idxs) // n)
-                if dep.handler is F_.prune_depthwise_conv_out_channels:
+                if isinstance(mod, nn.MultiheadAttention):  # same positions from every head: equal head dims
+                    chunks = math.lcm(chunks, mod.num_heads)
+                    if (name, "mha", per) not in members:
+                        members.append((name, "mha", per))
+                elif dep.handler is F_.prune_depthwise_conv_out_channels:
                     members.append((name, "dw", per))
                 elif dep.handler in OUT_CHANNEL_FNS:
                     members.append((name, "out", per))
@@ -238,7 +327,7 @@ class PruneGraph:
         return [m.out_channels, m.in_channels, m.groups]
 
     def macs(self, keep: dict[int, int] | None = None) -> int:
-        """Conv/linear MACs of the model if group i kept ``keep[i]`` channels (others untouched)."""
+        """MACs of the model if group i kept ``keep[i]`` channels (others untouched)."""
         shape = {name: list(s) for name, s in self._shapes.items()}
         for gi, k in (keep or {}).items():
             g = self.groups[gi]
@@ -251,11 +340,15 @@ class PruneGraph:
                     s[0] -= removed * per
                 elif kind == "in":
                     s[1] -= removed * per
+                elif kind == "mha":  # embed_dim: projections shrink on both sides, attention products once
+                    s[0] -= removed * per
+                    s[1] -= removed * per
+                    shape[name + _PRODUCTS][0] -= removed * per
                 else:  # depthwise: out, in and groups shrink together
                     s[0] -= removed * per
                     s[1] -= removed * per
                     s[2] -= removed * per
-        return int(sum(self.unit[n] * o * (i // max(gr, 1)) for n, (o, i, gr) in shape.items()))
+        return self.other + int(sum(self.unit[n] * o * (i // max(gr, 1)) for n, (o, i, gr) in shape.items()))
 
     @torch.no_grad()
     def fold_constant(self, consumer: nn.Module, idx: list[int], values: torch.Tensor) -> bool:
@@ -307,8 +400,8 @@ class PruneGraph:
     def apply(self, remove: dict[int, list[int]]) -> int:
         """Physically remove channels ``remove[group index]`` (indices into that group's channels).
 
-        Returns the pruned model's conv/linear MACs as counted (``measure.layer_macs``) on the forward
-        pass that checks it still runs.
+        Returns the pruned model's MACs as counted (``measure.count_macs``) on the forward pass that
+        checks it still runs.
         """
         for gi, idxs in remove.items():
             idxs = sorted(set(int(i) for i in idxs))
@@ -324,7 +417,74 @@ class PruneGraph:
                     raise PrunekitError(f"group {g.name} feeds a grouped conv ({g.chunks} groups): remove the same "
                                         "positions from every channel block and keep at least one per block")
             g.tp_group.prune(idxs=idxs)
-        return int(sum(self._layer_macs("after pruning")[1].values()))
+        sync_widths(self.model)
+        return count_macs(self.model, self.example_inputs[:1], run=lambda m, x: run_checked(m, x, "after pruning"))
+
+
+def sync_widths(model: nn.Module) -> None:
+    """Reset plain integer widths that a forward reads instead of a layer's shape (torchvision ViT's
+    ``hidden_dim``, used to reshape the patch embedding); ``io`` records them for loading."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    for m in model.modules():
+        if isinstance(m, VisionTransformer):
+            m.hidden_dim = m.conv_proj.out_channels
+
+
+def _head_views(model: nn.Module) -> dict[nn.Module, str]:
+    """Conv/linear layers of hand-written attention: the innermost modules with an integer ``num_heads`` or
+    ``n_heads`` (not ``nn.MultiheadAttention``, which Torch-Pruning handles) view their channels as (heads,
+    dims) with fixed sizes, so the widths these layers produce must stay."""
+    def heads(m: nn.Module) -> bool:
+        counts = [getattr(m, a, None) for a in ("num_heads", "n_heads")]
+        return not isinstance(m, nn.MultiheadAttention) and any(type(c) is int for c in counts)
+
+    found: dict[nn.Module, str] = {}
+    for m in model.modules():
+        if heads(m) and not any(heads(c) or isinstance(c, nn.MultiheadAttention) for c in m.modules() if c is not m):
+            found |= {c: f"in {type(m).__name__}, whose forward splits channels into heads"
+                      for c in m.modules() if isinstance(c, CONV_LINEAR)}
+    return found
+
+
+def _weights_used(fn, weights: dict[int, nn.Module], depth: int = 2) -> set[nn.Module]:
+    """Layers among ``weights`` (by id of their weight) whose weight feeds autograd node ``fn`` directly or
+    through a transpose/view of it."""
+    found: set[nn.Module] = set()
+    for f, _ in getattr(fn, "next_functions", ()) or ():
+        if f is None:
+            continue
+        var = getattr(f, "variable", None)
+        if var is not None and id(var) in weights:
+            found.add(weights[id(var)])
+        elif depth > 1 and f.name().startswith(("TBackward", "TransposeBackward", "PermuteBackward", "ViewBackward")):
+            found |= _weights_used(f, weights, depth - 1)
+    return found
+
+
+def _channel_shuffles(model: nn.Module, example_inputs: torch.Tensor) -> list[str]:
+    """Modules whose output is a channel shuffle: view into groups, swap dims 1 and 2, view back (ShuffleNet)."""
+    names = {m: n for n, m in model.named_modules()}
+    found: list[str] = []
+
+    def viewed(fn) -> bool:
+        return fn is not None and any(k in fn.name() for k in ("View", "Reshape"))
+
+    def hook(m: nn.Module, _inp, out) -> None:
+        fn = out.grad_fn if isinstance(out, torch.Tensor) else None
+        if not viewed(fn):
+            return
+        fn = fn.next_functions[0][0]
+        if fn is not None and fn.name().startswith("CloneBackward"):  # .contiguous()
+            fn = fn.next_functions[0][0]
+        if fn is not None and fn.name().startswith("TransposeBackward") and \
+                {getattr(fn, "_saved_dim0", None), getattr(fn, "_saved_dim1", None)} == {1, 2} and \
+                viewed(fn.next_functions[0][0]):
+            found.append(names[m])
+
+    with hooked(model, [(m, hook) for m in model.modules() if m is not model], grad=True):
+        model(example_inputs[:1].detach().clone().requires_grad_(True))
+    return found
 
 
 # ---- residual blocks ----
@@ -433,7 +593,7 @@ class Masks:
     def from_zeros(cls, model: nn.Module) -> Masks:
         """Masks that freeze the zero pattern of a pruned model (e.g. loaded from a sparse file) for training."""
         return cls({f"{name}.weight": m.weight.detach() != 0 for name, m in model.named_modules()
-                    if isinstance(m, LAYERS) and m.weight.requires_grad and bool((m.weight == 0).any())})
+                    if isinstance(m, WEIGHTED) and m.weight.requires_grad and bool((m.weight == 0).any())})
 
     @torch.no_grad()
     def apply(self, model: nn.Module) -> None:

@@ -27,9 +27,11 @@ from .errors import PrunekitError
 
 FORMAT = "prunekit-model"
 VERSION = 1
-# Attributes that shape a layer and that pruning changes; nothing else is ever set on a loaded module.
+# Attributes that shape a layer and that pruning changes (``hidden_dim``: torchvision ViT's width, which its
+# forward reads); nothing else is ever set on a loaded module.
 _SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "num_features", "in_features", "out_features",
-                "num_channels", "num_groups", "num_parameters", "embed_dim", "kdim", "vdim", "num_heads", "head_dim")
+                "num_channels", "num_groups", "num_parameters", "embed_dim", "kdim", "vdim", "num_heads", "head_dim",
+                "hidden_dim")
 _TUPLE_ATTRS = ("normalized_shape",)
 # Other file formats ``load`` reads (e.g. prunekit-sparse): format name -> loader(path, model).
 DECODERS: dict[str, Any] = {}
@@ -240,8 +242,10 @@ def build(arch: dict, state: dict[str, torch.Tensor] | None = None, model: nn.Mo
 
 def _expected_shape(mod: nn.Module, attr: str) -> tuple[int, ...] | None:
     """The shape a layer's recorded attributes imply for one of its tensors (None: no rule for it)."""
-    if isinstance(mod, nn.modules.conv._ConvNd) and not mod.transposed:
+    if isinstance(mod, nn.modules.conv._ConvNd):
         out, per_in = mod.out_channels, mod.in_channels // max(mod.groups, 1)
+        if mod.transposed:  # weight is (in, out / groups, *kernel)
+            return {"weight": (mod.in_channels, out // max(mod.groups, 1), *mod.kernel_size), "bias": (out,)}.get(attr)
         return {"weight": (out, per_in, *mod.kernel_size), "bias": (out,)}.get(attr)
     if isinstance(mod, nn.Linear):
         return {"weight": (mod.out_features, mod.in_features), "bias": (mod.out_features,)}.get(attr)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from .errors import PrunekitError
 
@@ -29,7 +29,10 @@ def count_params(model: nn.Module, nonzero: bool = False) -> int:
     return int(sum(p.numel() for p in model.parameters()))
 
 
-LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)  # the layers whose MACs pruning changes
+# The layers whose MACs pruning changes (transposed convolutions included).
+LAYERS = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.Linear)
+# Layers whose weights unstructured pruning masks: every convolution, linear and embedding.
+WEIGHTED = (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding)
 
 
 @contextmanager
@@ -60,16 +63,18 @@ def layer_macs(model: nn.Module, example_inputs: torch.Tensor, *, nonzero: bool 
     """(output, MACs per conv/linear layer) of one eval forward on ``example_inputs`` (batch as given).
 
     The one layer counter that pruning uses: a layer's MACs are its weight entries (only the non-zero
-    ones with ``nonzero``, what an ideal sparse kernel would do) times the output positions it ran at.
+    ones with ``nonzero``, what an ideal sparse kernel would do) times the output positions it ran at
+    (a transposed convolution: the input positions it scattered from, as PyTorch's FLOP counter does).
     Layers appear in the order they first ran; ``run(model, x)`` replaces ``model(x)`` (e.g. a forward
     that names the module that fails).
     """
     names = {m: n for n, m in model.named_modules()}
     counts: dict[str, int] = {}
 
-    def hook(m: nn.Module, _inp: Any, out: torch.Tensor) -> None:
+    def hook(m: nn.Module, inp: Any, out: torch.Tensor) -> None:
         weights = int((m.weight != 0).sum()) if nonzero else m.weight.numel()
-        positions = out.numel() // (out.shape[-1] if isinstance(m, nn.Linear) else out.shape[1])
+        at = inp[0] if getattr(m, "transposed", False) else out
+        positions = at.numel() // (at.shape[-1] if isinstance(m, nn.Linear) else at.shape[1])
         counts[names[m]] = counts.get(names[m], 0) + weights * positions
 
     layers = [(m, hook) for m in model.modules() if isinstance(m, LAYERS)]
@@ -78,11 +83,27 @@ def layer_macs(model: nn.Module, example_inputs: torch.Tensor, *, nonzero: bool 
     return out, counts
 
 
+# PyTorch's counter knows the fused attention kernels of CUDA but not the CPU one; count it the same way.
+_CPU_SDPA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+             lambda q, k, v, *_, out_shape=None, **__: sdpa_flop_count(q, k, v)}
+
+
 @torch.no_grad()
-def count_macs(model: nn.Module, example_inputs: torch.Tensor) -> int:
-    """Multiply-accumulates of one forward pass on ``example_inputs`` (batch as given)."""
-    with hooked(model), FlopCounterMode(display=False) as counter:
-        model(example_inputs)
+def count_macs(model: nn.Module, example_inputs: Any, *,
+               run: Callable[[nn.Module, Any], Any] | None = None) -> int:
+    """Multiply-accumulates of one forward pass on ``example_inputs`` (batch as given).
+
+    ``nn.MultiheadAttention``'s inference fast path (one fused kernel the counter cannot see into) is
+    off while counting, so its projections and attention products count on every device.
+    ``run(model, x)`` replaces ``model(x)`` (e.g. a forward that names the module that fails).
+    """
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with hooked(model), FlopCounterMode(display=False, custom_mapping=_CPU_SDPA) as counter:
+            run(model, example_inputs) if run is not None else model(example_inputs)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
     return int(counter.get_total_flops() // 2)
 
 

@@ -35,7 +35,7 @@ from torch import nn
 
 from . import io
 from .errors import PrunekitError
-from .measure import hooked, latency, size_bytes
+from .measure import WEIGHTED, hooked, latency, size_bytes
 
 FORMAT = "prunekit-sparse"
 VERSION = 1
@@ -87,7 +87,7 @@ def decode_csr(values: torch.Tensor, gaps: torch.Tensor, rowptr: torch.Tensor, n
 
 
 def _encoded_weights(model: nn.Module) -> set[str]:
-    return {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)}
+    return {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, WEIGHTED)}
 
 
 def export_sparse(model: nn.Module, path: str | Path, *, values: str = "fp32",

@@ -32,9 +32,10 @@ def _bisect(pg: PruneGraph, speedup: float, keep_at: Callable[[float], dict[int,
     base = pg.macs()
     ratio = lambda keep: base / max(pg.macs(keep), 1)  # noqa: E731
     if ratio(keep_at(hi)) < speedup * (1 - TOLERANCE):
+        kept = "".join(f"; {name!r} keeps its widths ({why})" for name, why in list(pg.protected.items())[:3])
         raise PrunekitError(
             f"speedup {speedup:g} is out of reach: pruning every group down to min_keep={pg.min_keep} gives "
-            f"{ratio(keep_at(hi)):.2f}x; lower the target or min_keep"
+            f"{ratio(keep_at(hi)):.2f}x; lower the target or min_keep{kept}"
         )
     for _ in range(iters):
         mid = (lo + hi) / 2

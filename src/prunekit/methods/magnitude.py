@@ -25,8 +25,9 @@ spares the small, sensitive layers (classifier 28 %, stem 42 % at 93.75 %) and t
 the large redundant ones (up to 99.7 %). Near initialisation it can empty a layer (the default-init
 classifier of GoogLeNet at 75 %): prune trained models, or use ``layer-std``.
 
-Prunable weights are those of trainable Conv2d and Linear layers (the classifier included,
-as the paper prunes FC too); biases, BN and frozen operator convs are never pruned. Zeros do
+Prunable weights are those of trainable convolutions (transposed ones too), Linear and Embedding
+layers (the classifier included, as the paper prunes FC too); biases, BN and frozen operator convs are
+never pruned. Zeros do
 not make dense kernels faster, so ``after["macs"]`` stays the dense count; ``info`` adds
 ``sparse_macs``, the MACs that would remain if every zero weight were skipped.
 """
@@ -41,19 +42,17 @@ from torch import nn
 
 from ..errors import PrunekitError
 from ..graph import Masks
-from ..measure import count_params, layer_macs
+from ..measure import WEIGHTED, count_params, layer_macs
 from . import Context, Option, PruneResult, register
-
-_LAYERS = (nn.Conv2d, nn.Linear)
 
 
 def prunable_layers(model: nn.Module, ignored_layers: Iterable[str | nn.Module] | None = None,
                     include_classifier: bool = True) -> dict[str, nn.Module]:
-    """Trainable Conv2d/Linear layers by name; frozen convs encode operations, not connections."""
+    """Trainable conv/linear/embedding layers by name; frozen convs encode operations, not connections."""
     modules = dict(model.named_modules())
-    layers = {n: m for n, m in modules.items() if isinstance(m, _LAYERS) and m.weight.requires_grad}
+    layers = {n: m for n, m in modules.items() if isinstance(m, WEIGHTED) and m.weight.requires_grad}
     if not layers:
-        raise PrunekitError("the model has no trainable Conv2d or Linear layer to prune")
+        raise PrunekitError("the model has no trainable convolution, Linear or Embedding layer to prune")
     classifier = next(reversed(layers))  # the last registered conv/linear is the output layer in every zoo model
     names = {m: n for n, m in modules.items()}
     for item in ignored_layers or ():
