@@ -22,7 +22,8 @@ def _randomise_bn(model: nn.Module, seed: int = 0) -> None:
             m.running_var = torch.rand(n, generator=g) + 0.5
 
 
-@pytest.mark.parametrize("name", ["resnet56", "vgg16_bn", "googlenet", "mobilenet_v2", "tv:regnet_x_400mf"])
+@pytest.mark.parametrize("name", ["resnet56", "vgg16_bn", "googlenet", "mobilenet_v2", "tv:regnet_x_400mf",
+                                  "tv:shufflenet_v2_x0_5", "tv:swin_t"])  # channel shuffle; channel-last windows
 def test_removing_zeroed_channels_keeps_output(name):
     torch.manual_seed(0)
     model = pk.models.create(name).eval()

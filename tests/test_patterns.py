@@ -178,14 +178,15 @@ class FunctionalLinear(nn.Module):
 
 
 class ShuffleBlock(nn.Module):
-    """A conv whose output channels are shuffled between two groups (ShuffleNet's channel shuffle)."""
+    """ShuffleNet's unit: a bottleneck whose output channels are shuffled between two groups. The shuffle's
+    channels stay; the bottleneck prunes."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv = cbr(16, 16, groups=2)
+        self.conv, self.proj = cbr(16, 32), cbr(32, 16, groups=2)
 
     def forward(self, x):
-        y = self.conv(x)
+        y = self.proj(self.conv(x))
         b, c, h, w = y.shape
         return y.view(b, 2, c // 2, h, w).transpose(1, 2).contiguous().view(b, c, h, w)
 
@@ -205,7 +206,8 @@ STRUCTURED = ["l1-norm", "l2-norm", "fpgm", "net-slim", "random", "dist-fit"]
 # What must prune (not merely be refused cleanly), with the methods that may still refuse it by name.
 MUST_PRUNE = {TwoHeads: (), DictOut: (), ConcatBranches: (), FlattenLinear: (), InplaceResidual: (),
               NoBatchNorm: ("net-slim",), Depthwise: ("fpgm",),  # Torch-Pruning's FPGM fails on grouped convs
-              Transposed: (), Attention: ("net-slim",), HandAttention: ("net-slim",), FunctionalLinear: ()}
+              Transposed: (), Attention: ("net-slim",), HandAttention: ("net-slim",), FunctionalLinear: (),
+              Shuffle: ("fpgm",)}  # a grouped conv again
 
 
 def _varied(cls: type[nn.Module]) -> nn.Module:
@@ -279,7 +281,34 @@ def test_hand_written_attention_and_functional_weights_are_protected_by_name():
     assert "proj" in PruneGraph(_varied(FunctionalLinear), x).protected
 
 
-def test_channel_shuffle_is_refused_by_name():
-    model = _varied(Shuffle)
-    with pytest.raises(PrunekitError, match="block.*shuffles channels"):
-        pk.prune(model, "l1-norm", torch.randn(1, 3, 16, 16), speedup=1.5)
+class TwoInputs(nn.Module):
+    """A model of two inputs (an image and a vector), called as model(image, vector)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.vec, self.fc = nn.Sequential(cbr(3, 32), cbr(32, 32)), nn.Linear(6, 32), nn.Linear(64, 5)
+
+    def forward(self, image, vector):
+        return self.fc(torch.cat([self.body(image).mean((2, 3)), torch.relu(self.vec(vector))], 1))
+
+
+def test_several_example_inputs_prune_exactly_or_refuse_untouched(tmp_path):
+    model = _varied(TwoInputs)
+    inputs = (torch.randn(2, 3, 16, 16), torch.randn(2, 6))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def macs(m: nn.Module) -> int:
+        return count_macs(m, tuple(t[:1] for t in inputs), run=lambda mod, a: mod(*a))
+
+    base = macs(model)
+    with pytest.raises(PrunekitError, match="out of reach"):
+        pk.prune(model, "l1-norm", inputs, speedup=1000.0)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    result = pk.prune(model, "l1-norm", tuple(t[:1] for t in inputs), speedup=1.5)
+    assert result.model is model and model.body[1][0].out_channels < 32
+    with torch.no_grad():
+        out = model(*inputs)
+    assert out.shape == (2, 5) and abs(base / macs(model) - 1.5) <= 0.03 * 1.5
+    pk.save(model, tmp_path / "m.pt")
+    with torch.no_grad():
+        assert torch.equal(pk.load(tmp_path / "m.pt", model=TwoInputs())(*inputs), out)

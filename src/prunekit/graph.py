@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch_pruning.dependency import index_mapping
 from torch_pruning.pruner import function as F_
 
 from .errors import PrunekitError
@@ -150,13 +152,15 @@ class PruneGraph:
         self.ignored = [self._resolve(x) for x in (ignored_layers or [])]
         self.protected: dict[str, str] = {}  # layer name -> why its widths stay (beyond the output heads)
         unreached = self._probe()
+        self.DG = tp.DependencyGraph()
         try:
-            with hooked(model, grad=True):  # Torch-Pruning traces the autograd graph
-                self.DG = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+            with hooked(model, grad=True), _Reshapes() as reshapes:  # Torch-Pruning traces the autograd graph
+                self.DG.prunekit_reshapes, self.DG.prunekit_opaque = reshapes.shapes, set()
+                self.DG.build_dependency(model, example_inputs=example_inputs, verbose=False)
         except Exception as exc:
             run_checked(model, example_inputs, "tracing")  # names the module if forward itself fails
             raise PrunekitError(f"Torch-Pruning could not trace this model: {str(exc).splitlines()[0][:200]}") from exc
-        self._functional = self._functional_weights(unreached)
+        self._functional = self._functional_weights(unreached) | self.DG.prunekit_opaque
         self.groups = self._collect_groups()
 
     def _resolve(self, layer) -> nn.Module:
@@ -177,11 +181,6 @@ class PruneGraph:
         attention keeps its widths. Returns the conv/linear layers that never ran as modules (ignored or not).
         """
         _, macs = self._layer_macs("tracing")
-        shuffles = _channel_shuffles(self.model, self.example_inputs)
-        if shuffles:
-            raise PrunekitError(f"module {shuffles[0]!r} shuffles channels between groups (view, transpose, view, as "
-                                "ShuffleNet does); Torch-Pruning cannot follow a channel shuffle, so this model is not "
-                                "pruned")
         self.unit = {n: m // max(1, self._units(self.model.get_submodule(n))) for n, m in macs.items()}
         order = [self.model.get_submodule(n) for n in macs]
         self._shapes = {name: self._shape(self.model.get_submodule(name)) for name in self.unit}
@@ -270,7 +269,7 @@ class PruneGraph:
             root_dep, root_idxs = g[0]
             n = len(root_idxs)
             members, bns, chunks = [], [], 1
-            if any(dep.target in self._functional for dep, _ in g):
+            if any(dep.target in self._functional for dep, _ in g):  # functional weights, unmapped reshapes
                 self.ignored_groups.append(self.names.get(root_dep.target.module, "?"))
                 continue
             for dep, idxs in g:
@@ -462,29 +461,67 @@ def _weights_used(fn, weights: dict[int, nn.Module], depth: int = 2) -> set[nn.M
     return found
 
 
-def _channel_shuffles(model: nn.Module, example_inputs: torch.Tensor) -> list[str]:
-    """Modules whose output is a channel shuffle: view into groups, swap dims 1 and 2, view back (ShuffleNet)."""
-    names = {m: n for n, m in model.named_modules()}
-    found: list[str] = []
+class _Reshapes(TorchFunctionMode):
+    """Records every reshape's real (input, output) shapes by the autograd node it creates."""
 
-    def viewed(fn) -> bool:
-        return fn is not None and any(k in fn.name() for k in ("View", "Reshape"))
+    NAMES = {"view", "reshape", "flatten", "unflatten", "view_as", "reshape_as"}
 
-    def hook(m: nn.Module, _inp, out) -> None:
-        fn = out.grad_fn if isinstance(out, torch.Tensor) else None
-        if not viewed(fn):
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: dict = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if getattr(func, "__name__", "") in self.NAMES and isinstance(out, torch.Tensor) and out.grad_fn is not None:
+            self.shapes[out.grad_fn] = (tuple(args[0].shape), tuple(out.shape))
+        return out
+
+
+def _opaque_reshape(graph, node) -> bool:
+    """Torch-Pruning's reshape rule reads dim 1 as channels and guesses the rest recursively: right for
+    flattening (N, C, H, W) to (N, C·H·W) and for reshapes that keep (N, C), wrong elsewhere (a channel
+    shuffle's view into groups crashes it; the window partitions of channel-last Swin and MaxViT get a bogus
+    flatten whose index lists explode). A reshape with recorded shapes that is neither is opaque."""
+    shapes = graph.prunekit_reshapes.get(node.grad_fn)
+    return shapes is not None and not _keeps_channels(*shapes)
+
+
+def _guarded(rule):
+    """Torch-Pruning's index rule for one kind of node, made safe on graphs prunekit traced: a reshape it
+    would misread, or a node on which the rule itself fails (Swin-S/B's concatenations), becomes opaque:
+    groups reach it (and are then left whole) but no index passes it."""
+    def run(graph, node) -> None:
+        if not hasattr(graph, "prunekit_reshapes"):  # a graph built by someone else: the library's own rule
+            rule(graph, node)
             return
-        fn = fn.next_functions[0][0]
-        if fn is not None and fn.name().startswith("CloneBackward"):  # .contiguous()
-            fn = fn.next_functions[0][0]
-        if fn is not None and fn.name().startswith("TransposeBackward") and \
-                {getattr(fn, "_saved_dim0", None), getattr(fn, "_saved_dim1", None)} == {1, 2} and \
-                viewed(fn.next_functions[0][0]):
-            found.append(names[m])
+        if not _opaque_reshape(graph, node):
+            try:
+                rule(graph, node)
+                return
+            except Exception:  # noqa: BLE001 - any failure of the rule leaves this node unmapped
+                pass
+        graph.prunekit_opaque.add(node)
+        for dep in node.dependencies:
+            dep.index_mapping[:] = [_stop, _stop]
+    return run
 
-    with hooked(model, [(m, hook) for m in model.modules() if m is not model], grad=True):
-        model(example_inputs[:1].detach().clone().requires_grad_(True))
-    return found
+
+def _stop(_idxs: list) -> list:
+    return []
+
+
+# Torch-Pruning re-runs its index rules for every group it builds, so the guards stay installed.
+for _rule in ("reshape", "concat", "split", "slice", "unbind", "expand"):
+    _name = f"update_{_rule}_index_mapping"
+    setattr(index_mapping, _name, _guarded(getattr(index_mapping, _name)))
+
+
+def _keeps_channels(before: tuple, after: tuple) -> bool:
+    """Whether a reshape keeps (batch, channel) indices where Torch-Pruning's reshape rule expects them."""
+    if len(before) < 2 or len(after) < 2 or before[0] != after[0]:
+        return False
+    return (before[1] == after[1] or (len(after) == 2 and after[1] == math.prod(before[1:]))  # kept or flattened
+            or (len(before) == 2 and before[1] == math.prod(after[1:])))  # unflattened
 
 
 # ---- residual blocks ----

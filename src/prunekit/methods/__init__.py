@@ -301,9 +301,11 @@ def prune(model: nn.Module, method: str, example_inputs: torch.Tensor | None = N
         if example_inputs is None and data is not None:
             example_inputs = next(iter(data))[0]
         ctx = Context(example_inputs, data, val, dev)
+    if isinstance(ctx.example_inputs, tuple | list) and ctx.example_inputs:
+        return _several_inputs(model, ctx, method, speedup=speedup, sparsity=sparsity, **options)
     if not isinstance(ctx.example_inputs, torch.Tensor):
-        raise PrunekitError("example_inputs must be a tensor batch shaped like the model's input "
-                            "(or pass data= and the first batch is used)")
+        raise PrunekitError("example_inputs must be a tensor batch shaped like the model's input, or a tuple of "
+                            "them for a model of several inputs (or pass data= and the first batch is used)")
     ctx.example_inputs = ctx.example_inputs.to(dev)
     ctx.device = dev
     if m.needs_data:
@@ -346,6 +348,51 @@ def _all_or_nothing(model: nn.Module, ctx: Context, m: Method, target: dict, opt
     except BaseException:
         model.__dict__.update(backup.__dict__)  # the caller's model is exactly as it was
         raise
+    return result
+
+
+class _Packed(nn.Module):
+    """A model of several inputs seen as a model of one: its float inputs flattened per sample and joined.
+
+    Tracing, MACs counting and every method call ``model(x)`` and slice ``x[:1]``; packing keeps all of
+    that (per-sample shapes are fixed, the batch dimension stays first) while the surgery acts on the
+    model's own layers.
+    """
+
+    def __init__(self, model: nn.Module, inputs: tuple[torch.Tensor, ...]):
+        super().__init__()
+        self.model = model
+        self.shapes = [tuple(t.shape[1:]) for t in inputs]
+
+    def pack(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return torch.cat([t.reshape(t.shape[0], -1) for t in inputs], dim=1)
+
+    def forward(self, x: torch.Tensor):
+        sizes = [math.prod(s) for s in self.shapes]
+        parts = torch.split(x, sizes, dim=1)
+        return self.model(*(p.reshape(x.shape[0], *s) for p, s in zip(parts, self.shapes, strict=True)))
+
+
+def _several_inputs(model: nn.Module, ctx: Context, method: str, **kwargs: Any) -> PruneResult:
+    """``prune`` for a model called as ``model(*example_inputs)``: pruned through ``_Packed``, and restored
+    exactly (the model itself, not only the wrapper) if anything fails."""
+    inputs = tuple(ctx.example_inputs)
+    if not all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in inputs) or \
+            len({t.shape[0] for t in inputs}) != 1 or any(t.dim() < 2 for t in inputs):
+        raise PrunekitError("several example inputs must be float tensors of one batch size, each shaped "
+                            "(batch, ...)")
+    if ctx.data is not None or ctx.val is not None:
+        raise PrunekitError(f"a model of several inputs is pruned by data-free methods only; {method!r} was "
+                            "given data")
+    backup = copy.deepcopy(model)
+    packed = _Packed(model, inputs)
+    ctx.example_inputs = packed.pack(tuple(t.to(ctx.device) for t in inputs))
+    try:
+        result = prune(packed, method, ctx=ctx, **kwargs)
+    except BaseException:
+        model.__dict__.update(backup.__dict__)
+        raise
+    result.model = model
     return result
 
 
