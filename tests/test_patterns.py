@@ -23,7 +23,7 @@ class TwoHeads(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.body = nn.Sequential(cbr(3, 32), cbr(32, 24))  # the 32-wide group prunes; the 24 feed F.linear
+        self.body = nn.Sequential(cbr(3, 32), cbr(32, 24))
         self.dense = nn.Conv2d(24, 4, 1)
         self.fc = nn.Linear(24, 7)
 

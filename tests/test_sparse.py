@@ -135,3 +135,31 @@ def test_torch_sparse_paths_match_dense():
     assert set(lat) == {"dense", "sparse_linear", "sparse_conv_linear"}
     assert lat["sparse_linear"]["max_abs_diff"] < 1e-4 and lat["sparse_conv_linear"]["max_abs_diff"] < 1e-4
     assert all(v["median_ms"] > 0 for v in lat.values())
+
+
+class _TokensAndUpsampling(nn.Module):
+    """Embedding and transposed-conv weights, which magnitude pruning and the sparse file cover too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.up = nn.ConvTranspose2d(16, 8, 2, stride=2)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, tokens):
+        e = self.embed(tokens).mean(1)[:, :, None, None].expand(-1, -1, 2, 2)
+        return self.head(self.up(e).mean((2, 3)))
+
+
+def test_magnitude_prunes_embeddings_and_transposed_convs_and_stores_them_sparse(tmp_path):
+    torch.manual_seed(0)
+    model = _TokensAndUpsampling().eval()
+    tokens = torch.randint(0, 50, (4, 7))
+    pk.prune(model, "magnitude", tokens, rule="layer-std")  # per layer: the embedding's scale is not the conv's
+    for layer in (model.embed, model.up):
+        assert 0.2 < (layer.weight == 0).float().mean() < 0.95
+    sizes = export_sparse(model, tmp_path / "m.spk")
+    assert sizes["sparse_layers"] == 3
+    loaded = load_sparse(tmp_path / "m.spk", model=_TokensAndUpsampling())
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens), model(tokens))
