@@ -200,14 +200,26 @@ class Shuffle(nn.Module):
         return self.fc(self.block(self.stem(x)).mean((2, 3)))
 
 
+class PixelShuffle(nn.Module):
+    """Sub-pixel upsampling: the channels feeding nn.PixelShuffle stay (r² of them make one), the rest prune."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.up = cbr(3, 32), cbr(32, 64), nn.PixelShuffle(2)
+        self.c, self.fc = nn.Conv2d(16, 8, 3, padding=1), nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(self.c(self.up(self.b(self.a(x)))).mean((2, 3)))
+
+
 PATTERNS = [TwoHeads, DictOut, ConcatBranches, FlattenLinear, Depthwise, InplaceResidual, NoBatchNorm, Chunked,
-            Transposed, Attention, HandAttention, FunctionalLinear, Shuffle]
+            Transposed, Attention, HandAttention, FunctionalLinear, Shuffle, PixelShuffle]
 STRUCTURED = ["l1-norm", "l2-norm", "fpgm", "net-slim", "random", "dist-fit"]
 # What must prune (not merely be refused cleanly), with the methods that may still refuse it by name.
 MUST_PRUNE = {TwoHeads: (), DictOut: (), ConcatBranches: (), FlattenLinear: (), InplaceResidual: (),
               NoBatchNorm: ("net-slim",), Depthwise: ("fpgm",),  # Torch-Pruning's FPGM fails on grouped convs
               Transposed: (), Attention: ("net-slim",), HandAttention: ("net-slim",), FunctionalLinear: (),
-              Shuffle: ("fpgm",)}  # a grouped conv again
+              Shuffle: ("fpgm",), PixelShuffle: ()}  # Shuffle: a grouped conv again
 
 
 def _varied(cls: type[nn.Module]) -> nn.Module:

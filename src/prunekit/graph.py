@@ -154,12 +154,15 @@ class PruneGraph:
         unreached = self._probe()
         self.DG = tp.DependencyGraph()
         try:
-            with hooked(model, grad=True), _Reshapes() as reshapes:  # Torch-Pruning traces the autograd graph
-                self.DG.prunekit_reshapes, self.DG.prunekit_opaque = reshapes.shapes, set()
+            with hooked(model, grad=True), _TraceLog() as log:  # Torch-Pruning traces the autograd graph
+                self.DG.prunekit_reshapes, self.DG.prunekit_opaque = log.reshapes, set()
                 self.DG.build_dependency(model, example_inputs=example_inputs, verbose=False)
         except Exception as exc:
             run_checked(model, example_inputs, "tracing")  # names the module if forward itself fails
             raise PrunekitError(f"Torch-Pruning could not trace this model: {str(exc).splitlines()[0][:200]}") from exc
+        for node in self.DG.module2node.values():
+            if node.grad_fn in log.shuffles:  # no index rule runs there: made opaque once, stays so
+                _make_opaque(self.DG, node)
         self._functional = self._functional_weights(unreached) | self.DG.prunekit_opaque
         self.groups = self._collect_groups()
 
@@ -461,19 +464,26 @@ def _weights_used(fn, weights: dict[int, nn.Module], depth: int = 2) -> set[nn.M
     return found
 
 
-class _Reshapes(TorchFunctionMode):
-    """Records every reshape's real (input, output) shapes by the autograd node it creates."""
+class _TraceLog(TorchFunctionMode):
+    """Records, by the autograd node each creates, every reshape's real (input, output) shapes and every
+    pixel or channel shuffle (an op Torch-Pruning takes for element-wise, mapping channel i to channel i)."""
 
-    NAMES = {"view", "reshape", "flatten", "unflatten", "view_as", "reshape_as"}
+    RESHAPES = {"view", "reshape", "flatten", "unflatten", "view_as", "reshape_as"}
+    SHUFFLES = {"pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "native_channel_shuffle"}
 
     def __init__(self) -> None:
         super().__init__()
-        self.shapes: dict = {}
+        self.reshapes: dict = {}
+        self.shuffles: set = set()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if getattr(func, "__name__", "") in self.NAMES and isinstance(out, torch.Tensor) and out.grad_fn is not None:
-            self.shapes[out.grad_fn] = (tuple(args[0].shape), tuple(out.shape))
+        name = getattr(func, "__name__", "")
+        if isinstance(out, torch.Tensor) and out.grad_fn is not None:
+            if name in self.RESHAPES:
+                self.reshapes[out.grad_fn] = (tuple(args[0].shape), tuple(out.shape))
+            elif name in self.SHUFFLES:
+                self.shuffles.add(out.grad_fn)
         return out
 
 
@@ -500,10 +510,14 @@ def _guarded(rule):
                 return
             except Exception:  # noqa: BLE001 - any failure of the rule leaves this node unmapped
                 pass
-        graph.prunekit_opaque.add(node)
-        for dep in node.dependencies:
-            dep.index_mapping[:] = [_stop, _stop]
+        _make_opaque(graph, node)
     return run
+
+
+def _make_opaque(graph, node) -> None:
+    graph.prunekit_opaque.add(node)
+    for dep in node.dependencies:
+        dep.index_mapping[:] = [_stop, _stop]
 
 
 def _stop(_idxs: list) -> list:
