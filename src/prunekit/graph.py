@@ -15,6 +15,10 @@ Attention written by hand, whose forward views channels as (heads, dims) with fi
 with a ``num_heads``/``n_heads`` attribute), keeps the widths its layers produce, and layers whose
 weights are only used through functional calls keep every width they touch.
 
+Where Torch-Pruning's index rules would misread a node (a reshape that neither keeps (N, C) nor
+flattens them: channel shuffles, channel-last window partitions; pixel shuffles, which it takes for
+element-wise; any node on which a rule raises), the node is opaque: the groups reaching it stay whole.
+
 Also here: residual-block discovery and removal (replace f in x + f(x) by nothing), masks for
 unstructured sparsity, and the per-layer hooks that methods use to compensate for what they
 remove (fold a constant into the next layer, merge one input channel into another).
