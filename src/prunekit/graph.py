@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -491,13 +492,27 @@ class _TraceLog(TorchFunctionMode):
         return out
 
 
-def _opaque_reshape(graph, node) -> bool:
-    """Torch-Pruning's reshape rule reads dim 1 as channels and guesses the rest recursively: right for
-    flattening (N, C, H, W) to (N, C·H·W) and for reshapes that keep (N, C), wrong elsewhere (a channel
-    shuffle's view into groups crashes it; the window partitions of channel-last Swin and MaxViT get a bogus
-    flatten whose index lists explode). A reshape with recorded shapes that is neither is opaque."""
+def _reshape(graph, node) -> str | None:
+    """How prunekit reads a reshape it recorded (None: not recorded, Torch-Pruning's rule decides).
+
+    Torch-Pruning's reshape rule reads dim 1 as channels and guesses the rest recursively. It is needed
+    for flattening (N, C, H, W) to (N, C·H·W) and back ("flatten"); a reshape that keeps (N, C) keeps every
+    channel index ("kept", no rule needed: its guess only costs time and, on channel-last models, goes
+    astray); anything else (a channel shuffle's view into groups, which crashes it, the window partitions
+    of channel-last Swin and MaxViT, where it makes a bogus flatten whose index lists explode) is opaque.
+    """
     shapes = graph.prunekit_reshapes.get(node.grad_fn)
-    return shapes is not None and not _keeps_channels(*shapes)
+    if shapes is None:
+        return None
+    before, after = shapes
+    if len(before) < 2 or len(after) < 2 or before[0] != after[0]:
+        return "opaque"
+    if before[1] == after[1]:
+        return "kept"
+    if (len(after) == 2 and after[1] == math.prod(before[1:])) or (len(before) == 2 and before[1] == math.prod(
+            after[1:])):
+        return "flatten"
+    return "opaque"
 
 
 def _guarded(rule):
@@ -508,9 +523,14 @@ def _guarded(rule):
         if not hasattr(graph, "prunekit_reshapes"):  # a graph built by someone else: the library's own rule
             rule(graph, node)
             return
-        if not _opaque_reshape(graph, node):
+        kind = _reshape(graph, node)
+        if kind == "kept":
+            return
+        if kind != "opaque":
             try:
-                rule(graph, node)
+                with warnings.catch_warnings():  # its shape guesser gives up on deep graphs: no mapping, as before
+                    warnings.filterwarnings("ignore", "Maximum recursive depth reached")
+                    rule(graph, node)
                 return
             except Exception:  # noqa: BLE001 - any failure of the rule leaves this node unmapped
                 pass
@@ -532,14 +552,6 @@ def _stop(_idxs: list) -> list:
 for _rule in ("reshape", "concat", "split", "slice", "unbind", "expand"):
     _name = f"update_{_rule}_index_mapping"
     setattr(index_mapping, _name, _guarded(getattr(index_mapping, _name)))
-
-
-def _keeps_channels(before: tuple, after: tuple) -> bool:
-    """Whether a reshape keeps (batch, channel) indices where Torch-Pruning's reshape rule expects them."""
-    if len(before) < 2 or len(after) < 2 or before[0] != after[0]:
-        return False
-    return (before[1] == after[1] or (len(after) == 2 and after[1] == math.prod(before[1:]))  # kept or flattened
-            or (len(before) == 2 and before[1] == math.prod(after[1:])))  # unflattened
 
 
 # ---- residual blocks ----
