@@ -77,7 +77,7 @@ def summary(path: Path) -> str:
     names = torchvision.models.list_models(module=torchvision.models)
     lines = []
     for method in METHODS:
-        got = {r["model"]: r for r in rows if r.get("method", "l1-norm") == method}
+        got = {r["model"]: r for r in rows if r["method"] == method}
         ok = [n for n in names if got.get(n, {}).get("ok")]
         bad = [got[n] for n in names if n in got and not got[n]["ok"]]
         missing = [n for n in names if n not in got]
@@ -114,10 +114,14 @@ def sweep(name: str, args: argparse.Namespace) -> list[dict]:
             err = [x for x in r.stderr.strip().splitlines() if x.strip()] or ["(no message)"]
             rows += [{"model": name, "method": m, "ok": False, "reason": err[-1][:300],
                       "s": time.perf_counter() - t0} for m in args.methods.split(",")[len(rows):]]
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired:  # pruning or a reload ran out of time: nothing unchecked counts as ok
+        reason = f"timeout after {args.timeout}s"
+        for row in rows:
+            if row["ok"] and "roundtrip_max_diff" not in row:
+                row |= {"ok": False, "reason": f"{reason} (reload)"}
         done = {r["method"] for r in rows}
-        rows += [{"model": name, "method": m, "ok": False, "reason": f"timeout after {args.timeout}s",
-                  "s": time.perf_counter() - t0} for m in args.methods.split(",") if m not in done]
+        rows += [{"model": name, "method": m, "ok": False, "reason": reason, "s": time.perf_counter() - t0}
+                 for m in args.methods.split(",") if m not in done]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return rows
@@ -148,6 +152,7 @@ def main() -> None:
                 f.write("".join(json.dumps(r) + "\n" for r in rows))
             for r in rows:
                 print(json.dumps(r), flush=True)
+
 
 if __name__ == "__main__":
     main()

@@ -193,7 +193,7 @@ class PruneGraph:
         order = [self.model.get_submodule(n) for n in macs]
         self._shapes = {name: self._shape(self.model.get_submodule(name)) for name in self.unit}
         ran_mha = self._attention_terms()
-        self.other = 0
+        self.other = 0  # macs() adds it: zero while it sums the modelled layers alone
         self.other = count_macs(self.model, self.example_inputs[:1]) - self.macs()
         self.base_macs = self.macs()
         declared = getattr(self.model, "prunekit_protected", None)  # a model that knows its heads (detectors)

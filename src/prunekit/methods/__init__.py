@@ -363,19 +363,20 @@ class _Packed(nn.Module):
         super().__init__()
         self.model = model
         self.shapes = [tuple(t.shape[1:]) for t in inputs]
+        self.sizes = [math.prod(s) for s in self.shapes]
 
     def pack(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         return torch.cat([t.reshape(t.shape[0], -1) for t in inputs], dim=1)
 
     def forward(self, x: torch.Tensor):
-        sizes = [math.prod(s) for s in self.shapes]
-        parts = torch.split(x, sizes, dim=1)
+        parts = torch.split(x, self.sizes, dim=1)
         return self.model(*(p.reshape(x.shape[0], *s) for p, s in zip(parts, self.shapes, strict=True)))
 
 
 def _several_inputs(model: nn.Module, ctx: Context, method: str, **kwargs: Any) -> PruneResult:
     """``prune`` for a model called as ``model(*example_inputs)``: pruned through ``_Packed``, and restored
-    exactly (the model itself, not only the wrapper) if anything fails."""
+    exactly (the model itself, not only the wrapper) if anything fails: ``_all_or_nothing`` puts its copy of
+    the original into the wrapper, and the model takes that copy's state."""
     inputs = tuple(ctx.example_inputs)
     if not all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in inputs) or \
             len({t.shape[0] for t in inputs}) != 1 or any(t.dim() < 2 for t in inputs):
@@ -384,13 +385,13 @@ def _several_inputs(model: nn.Module, ctx: Context, method: str, **kwargs: Any) 
     if ctx.data is not None or ctx.val is not None:
         raise PrunekitError(f"a model of several inputs is pruned by data-free methods only; {method!r} was "
                             "given data")
-    backup = copy.deepcopy(model)
     packed = _Packed(model, inputs)
     ctx.example_inputs = packed.pack(tuple(t.to(ctx.device) for t in inputs))
     try:
         result = prune(packed, method, ctx=ctx, **kwargs)
     except BaseException:
-        model.__dict__.update(backup.__dict__)
+        if packed.model is not model:  # restored from the copy made before anything changed
+            model.__dict__.update(packed.model.__dict__)
         raise
     result.model = model
     return result
