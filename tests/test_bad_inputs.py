@@ -124,7 +124,31 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
                                                                               "epochs": "rest"}]))], "budget"),
     ("config-missing-data", lambda t: ["run", str(_config(t, data={"name": str(t / "nowhere")}))], "does not exist"),
     ("report-of-a-non-run", lambda t: ["report", str(t)], "not a finished prunekit run"),
+    ("compare-unknown-method", lambda t: ["compare", str(_compare(t, methods=["l1-nrom"]))], "unknown method"),
+    ("compare-learned-for-l1", lambda t: ["compare", str(_compare(t, targets=["learned"]))], "'learned' is for"),
+    ("compare-no-methods", lambda t: ["compare", str(_compare(t, methods=[]))], "the list is empty"),
+    ("compare-seed-not-int", lambda t: ["compare", str(_compare(t, seeds=[1.5]))], "integers"),
+    ("compare-sparsify-over-budget", lambda t: ["compare", str(_compare(
+        t, methods=[{"name": "net-slim", "sparsify": {"epochs": 5}}]))], "do not fit the budget"),
+    ("compare-other-config-in-folder", lambda t: ["compare", str(_compare(t, seeds=[1], claimed=True))],
+     "holds a compare with another config (differs at: seeds)"),
+    ("compare-empty-out", lambda t: ["compare", str(_compare(t)), "--out", ""], "--out is empty"),
 ]
+
+
+def _compare(tmp: Path, claimed: bool = False, **changes) -> Path:
+    """A small compare config; ``claimed``: its out folder already holds another compare's config."""
+    cfg = {"data": {"name": "digits"}, "base": {"model": {"name": "digits_cnn"}, "train": {"epochs": 1}},
+           "methods": ["l1-norm"], "targets": [2.0], "seeds": [0], "budget": 1, "out": str(tmp / "cmp")}
+    if claimed:
+        from prunekit.compare import validate as validate_compare
+
+        (tmp / "cmp").mkdir()
+        (tmp / "cmp" / "compare.yaml").write_text(yaml.safe_dump(validate_compare(dict(cfg, out=str(tmp / "cmp")))))
+    cfg.update(changes)
+    path = tmp / "cmp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
 
 
 def _touch(path: Path) -> Path:

@@ -214,7 +214,7 @@ class PixelShuffle(nn.Module):
 
 PATTERNS = [TwoHeads, DictOut, ConcatBranches, FlattenLinear, Depthwise, InplaceResidual, NoBatchNorm, Chunked,
             Transposed, Attention, HandAttention, FunctionalLinear, Shuffle, PixelShuffle]
-STRUCTURED = ["l1-norm", "l2-norm", "fpgm", "net-slim", "random", "dist-fit"]
+STRUCTURED = ["l1-norm", "l2-norm", "fpgm", "net-slim", "random", "dist-fit", "tp-group-norm"]
 # What must prune (not merely be refused cleanly), with the methods that may still refuse it by name.
 MUST_PRUNE = {TwoHeads: (), DictOut: (), ConcatBranches: (), FlattenLinear: (), InplaceResidual: (),
               NoBatchNorm: ("net-slim",), Depthwise: ("fpgm",),  # Torch-Pruning's FPGM fails on grouped convs

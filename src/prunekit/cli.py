@@ -283,6 +283,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import run
+
+    board = run(args.config, out=args.out, force=args.force)
+    out = Path(board["base"]["checkpoint"]).parents[3]
+    print(f"leaderboard: {out / 'leaderboard.json'}, {out / 'leaderboard.html'}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
@@ -381,6 +390,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (overrides the config's out)")
     p.add_argument("--force", action="store_true", help="restart a run directory that holds another config")
     p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("compare", help="methods x targets x seeds from one base with one budget: a leaderboard")
+    p.add_argument("config")
+    p.add_argument("--out", help="compare folder (overrides the config's out)")
+    p.add_argument("--force", action="store_true",
+                   help="reuse a folder that holds another compare config (cells whose config changed re-run)")
+    p.set_defaults(fn=cmd_compare)
 
     p = sub.add_parser("report", help="HTML + Markdown report of one or more finished runs")
     p.add_argument("runs", nargs="+")

@@ -23,6 +23,10 @@ _IMPORTANCE = {
     "fpgm": lambda: tp.importance.FPGMImportance(p=2, normalizer=None),
     # Liu et al. 2017: BN scale factor |γ|.
     "net-slim": lambda: tp.importance.BNScaleImportance(normalizer=None),
+    # DepGraph (Fang et al. 2023): L2 norm over every coupled parameter of the group, BN included.
+    "group-norm": lambda: tp.importance.GroupMagnitudeImportance(p=2, normalizer=None),
+    # Molchanov et al. 2019: first-order Taylor |w·∂L/∂w| over the group; needs gradients on the weights.
+    "taylor": lambda: tp.importance.GroupTaylorImportance(normalizer=None),
 }
 
 NAMES = (*_IMPORTANCE, "random")

@@ -15,7 +15,7 @@ import fcntl
 import os
 import tempfile
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -48,13 +48,22 @@ def atomic_save(obj: Any, path: str | Path) -> None:
 
     The file gets the permissions the umask gives a new file (mkstemp alone would make it 0600).
     """
+    _atomic(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(text: str, path: str | Path) -> None:
+    """``atomic_save`` for a text file (JSON, YAML, Markdown, HTML)."""
+    _atomic(path, lambda f: f.write(text.encode()))
+
+
+def _atomic(path: str | Path, write: Callable[[Any], Any]) -> None:
     path = Path(path)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:200]}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())

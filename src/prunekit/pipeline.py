@@ -49,7 +49,7 @@ TASK_NAMES = ("classify", "detect")
 DETECT_TRAIN_KEYS = {"epochs", "batch_size", "seed", "ultralytics"}  # the rest is Ultralytics' own settings
 MODEL_KEYS = {"name": str, "checkpoint": str, "num_classes": int, "kwargs": dict}
 DATA_KEYS = {"name": str, "root": str, "limit": int, "image_size": int, "batch_size": int, "download": bool,
-             "val_fraction": float, "calibration_batches": int}
+             "val_fraction": float, "calibration_batches": int, "split_seed": int}
 METHOD_KEYS = {"name": str, "params": dict}
 TARGET_KEYS = {"speedup": (int, float), "sparsity": (int, float), "learned": bool, "schedule": list}
 CYCLE_KEYS = {"stage", "stages", "max_cycles", "stop_below", "tolerance"}
@@ -256,6 +256,7 @@ class Run:
         self.task = DETECTION if self.cfg["task"] == "detect" else CLASSIFICATION
         self.detect = self.task is DETECTION
         self.method = methods.get(self.cfg["method"]["name"]) if self.cfg["method"].get("name") else None
+        self.pruned: torch.nn.Module | None = None  # the model straight after the last prune stage
 
     def _claim(self, force: bool) -> None:
         """Bind the directory to this config; refuse another config's directory unless ``force``."""
@@ -336,10 +337,11 @@ class Run:
         d = self.cfg["data"]
         if self.detect:
             return self._detection_data(d)
+        split_seed = d.get("split_seed", self.cfg["seed"])  # compare fixes it, so every cell sees one split
         bundle = pkdata.load(d["name"], d.get("root"), image_size=d.get("image_size"), limit=d.get("limit"),
-                             download=bool(d.get("download")), seed=self.cfg["seed"])
-        bundle = bundle.holdout(d.get("val_fraction", VAL_FRACTION), seed=self.cfg["seed"])
-        split = {"val_fraction": d.get("val_fraction", VAL_FRACTION), "seed": self.cfg["seed"],
+                             download=bool(d.get("download")), seed=split_seed)
+        bundle = bundle.holdout(d.get("val_fraction", VAL_FRACTION), seed=split_seed)
+        split = {"val_fraction": d.get("val_fraction", VAL_FRACTION), "seed": split_seed,
                  "train": len(bundle.train), "val": len(bundle.val), "test": len(bundle.test),
                  "val_indices": bundle.val_indices.tolist()}
         path = self.dir / "split.json"
@@ -478,7 +480,8 @@ class Run:
         sdir = self._stage_dir(name)
         done = self._done(sdir)
         if done is not None:
-            return io.load(sdir / "model.pt"), done
+            self.pruned = io.load(sdir / "model.pt")
+            return self.pruned, done
         model = model.to(self.dev)
         tgt = self.cfg["target"]
         sparsity = tgt.get("sparsity")
@@ -492,6 +495,7 @@ class Run:
         record = {"stage": name, "metric": self._metric(result.model, self.val_loader), "prune": result.to_dict(),
                   "macs_removed": 1 - result.after["macs"] / max(result.before["macs"], 1)}
         self._finish(sdir, result.model, record)
+        self.pruned = copy.deepcopy(result.model)
         return result.model, record
 
     def _unclaim(self) -> None:
@@ -529,6 +533,8 @@ class Run:
                        "train": len(self.bundle.train), "val": len(self.bundle.val), "test": len(self.bundle.test)},
                    "before": self._metrics(before_model), "after": self._metrics(model),
                    "wall_s": round(time.perf_counter() - t0, 1)}
+        if self.pruned is not None:  # what pruning alone cost, before any fine-tuning (test split)
+            metrics["pruned"] = self._test_metrics(self.pruned)
         if self.detect:  # the report draws both models' boxes on validation images
             metrics["data"] = str(self.det.yaml)
             metrics["models"] = {k: str(self.dir / f"{k}.pt") for k in ("before", "after")}
@@ -574,16 +580,22 @@ class Run:
                 break
         return model
 
+    def _test_metrics(self, model) -> dict[str, float]:
+        """The task's metrics on the test split (the only use of the test split)."""
+        if self.detect:
+            maps = self._det_eval(model, "test")
+            return {"mAP50-95": 100 * maps["mAP50-95"], "mAP50": 100 * maps["mAP50"]}
+        return {self.task.metric: self._metric(model.to(self.dev), self.test_loader)}
+
     def _metrics(self, model) -> dict:
-        """Final table: the test split's metric (the only use of the test split), cost and latency."""
+        """Final table: the test split's metrics, cost and latency."""
         if self.detect:
             stats = measure(model.cpu(), self.x[:1], batch_sizes=(1,), repeats=10, warmup=2, threads=1)
-            maps = self._det_eval(model, "test")
-            return {"mAP50-95": 100 * maps["mAP50-95"], "mAP50": 100 * maps["mAP50"], "params": stats["params"],
+            return {**self._test_metrics(model), "params": stats["params"],
                     "macs": stats["macs"], "size_bytes": stats["size_bytes"],
                     "latency_b1_ms": stats["latency"]["b1"]["median_ms"], "latency_threads": 1}
         stats = measure(model.cpu(), self.x[:1], repeats=10, warmup=2, threads=1)
-        return {self.task.metric: self._metric(model, self.test_loader), "params": stats["params"],
+        return {**self._test_metrics(model), "params": stats["params"],
                 "nonzero_params": stats["nonzero_params"], "macs": stats["macs"], "size_bytes": stats["size_bytes"],
                 "latency_b1_ms": stats["latency"]["b1"]["median_ms"],
                 "latency_b64_ms": stats["latency"]["b64"]["median_ms"], "latency_threads": 1}

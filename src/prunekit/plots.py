@@ -56,3 +56,23 @@ def kept_histograms(name: str, values: Sequence[float], panels: Sequence[tuple[s
         ax.set_title(title, fontsize=9)
     fig.suptitle(f"filter norms of {name}", fontsize=10, y=1.06)
     return png(fig)
+
+
+def actions_per_group(groups: dict[str, dict]) -> bytes:
+    """imp-sim (auto): channels removed vs merged per group, and what each kind cost (summed error)."""
+    names = list(groups)
+    idx = np.arange(len(names))
+    fig, (ax, bx) = plt.subplots(2, 1, figsize=(max(6, 0.25 * len(names)), 5), sharex=True)
+    removed = [groups[n]["removed"] for n in names]
+    merged = [groups[n]["merged"] for n in names]
+    ax.bar(idx, removed, color="#2f6db3", label="removed (mean folded)")
+    ax.bar(idx, merged, bottom=removed, color="#e08a2c", label="merged into a partner")
+    ax.set_ylabel("channels")
+    ax.legend(fontsize=7)
+    ax.set_title("imp-sim: what left each coupled group, and at what cost")
+    bx.bar(idx - 0.2, [groups[n]["cost_removed"] for n in names], 0.4, color="#2f6db3")
+    bx.bar(idx + 0.2, [groups[n]["cost_merged"] for n in names], 0.4, color="#e08a2c")
+    bx.set_yscale("symlog", linthresh=1e-6)
+    bx.set_ylabel("estimated error")
+    bx.set_xticks(idx, names, rotation=90, fontsize=6)
+    return png(fig)

@@ -69,13 +69,18 @@ class PruneResult:
 # ---- declared options ----
 @dataclass(frozen=True)
 class Option:
-    """One option of a method: name, accepted type(s), default, one line of help, allowed values."""
+    """One option of a method: name, accepted type(s), default, one line of help, allowed values or range.
+
+    The range is declared here, not checked inside the method, so a config is refused before any stage runs.
+    """
 
     name: str
     type: type | tuple[type, ...]
     default: Any
     help: str
     choices: tuple | None = None
+    minimum: float | None = None
+    maximum: float | None = None
 
     def type_name(self) -> str:
         types = self.type if isinstance(self.type, tuple) else (self.type,)
@@ -89,9 +94,17 @@ class Option:
             ok = False
         if not ok:
             raise PrunekitError(f"method {method!r}: option {self.name} must be {self.type_name()}, got {value!r}")
-        if self.choices is not None and value not in self.choices:
+        ranged = self.minimum is not None or self.maximum is not None
+        numeric = isinstance(value, int | float) and not isinstance(value, bool)
+        if self.choices is not None and value not in self.choices and not (numeric and ranged):
             raise PrunekitError(f"method {method!r}: option {self.name}={value!r} is not one of "
                                 f"{', '.join(map(str, self.choices))}")
+        if numeric and (
+                (self.minimum is not None and value < self.minimum) or
+                (self.maximum is not None and value > self.maximum)):
+            lo = "-inf" if self.minimum is None else f"{self.minimum:g}"
+            hi = "inf" if self.maximum is None else f"{self.maximum:g}"
+            raise PrunekitError(f"method {method!r}: option {self.name}={value!r} is outside [{lo}, {hi}]")
         return value
 
 
@@ -107,7 +120,7 @@ STRUCTURED_OPTIONS = (
 # Sparsity training on BN scale factors (network slimming's L1 on γ), shared by the BN-|γ| methods.
 DEFAULT_S = 2e-3
 BN_SPARSITY_OPTIONS = (
-    Option("s", (int, float), DEFAULT_S, "L1 strength on BN γ (sub-gradient s·sign(γ) added each step)"),
+    Option("s", (int, float), DEFAULT_S, "L1 strength on BN γ (sub-gradient s·sign(γ) added each step)", minimum=0),
     Option("decay", str, "constant", "how s falls over the stage", BNSparsity.DECAYS),
 )
 

@@ -29,10 +29,27 @@ Steps, as in the paper (our reading, SPEC §4 S3):
 A group read by a depthwise or grouped conv cannot merge (its input channel j has no other input
 to move to) and is left to stage 1; stage 2 removes single channels, so it does not take
 ``round_to``.
+
+``stage1_share: auto`` (the default) replaces the fixed split by what each removal costs (issue 24).
+For every channel j of a group that can merge, and every layer m reading it, the calibration batches
+give j's variance v_mj at m's input and m's weights on it, w_mj = ‖W_m[:, j]‖²; then
+- *remove* j (its mean folded into the readers): cost Σ_m v_mj·w_mj, the expected squared error it
+  adds to the readers' outputs;
+- *merge* j into partner i (x_j ≈ a·x_i + b folded as in 4.): cost Σ_m (1 − R²_m[j, i])·v_mj·w_mj.
+The cheapest action per MAC saved is taken greedily (lazily re-scored: a partner taken away, a MACs
+saving that changed) until the target; a removed channel is never a partner and a partner is never
+removed. After sparsity training the low-|γ| channels are near constant, so they go first at almost
+no cost, as stage 1 takes them. ``tau`` is then an optional floor on R² (default none). The error of
+the choice (the sum of its costs) is compared with stage 1 alone's channels at the same target,
+removed the same way; if the greedy loses, or cannot reach the target (partners locked, groups it
+cannot measure left whole), stage 1's channels are taken: never worse than stage 1, and every target
+stage 1 reaches is reached.
 """
 
 from __future__ import annotations
 
+import heapq
+import math
 from typing import Any
 
 import torch
@@ -74,6 +91,11 @@ class Moments:
         self.n += x.shape[1]
         self.s = self.s + x.sum(1)
         self.ss = self.ss + x @ x.T
+
+    def mean_var(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each channel's mean and variance (float64)."""
+        d = self.s / self.n
+        return self.shift[:, 0] + d, (self.ss / self.n - torch.outer(d, d)).diagonal().clamp_min(0)
 
     def fit(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(R², a, b), each (C, C) and indexed [j, i]: the fit x_j ≈ a·x_i + b and its R².
@@ -221,9 +243,144 @@ def stage2(model: nn.Module, pg: PruneGraph, batches: list, stage1: dict[int, li
     return merges, best
 
 
-def _figures(info: dict) -> list[tuple[str, bytes]]:
-    from ..plots import threshold_histogram  # matplotlib only when a report is drawn
+# ---- auto: every removal decided by what it costs ----
+@torch.no_grad()
+def action_costs(views: dict[int, dict[nn.Module, torch.Tensor]],
+                 moments: dict[int, dict[nn.Module, Moments]]) -> dict[int, dict[str, Any]]:
+    """Per group: the cost of removing each channel (C,), of merging j into i (C, C), the lowest R² over
+    the readers, and each reader's fit and channel means (what the compensation folds)."""
+    out = {}
+    for gi, ms in moments.items():
+        remove, merge_cost, r2_min, fits, means = 0.0, 0.0, None, {}, {}
+        for m, mom in ms.items():
+            r2, a, b = mom.fit()
+            mu, var = mom.mean_var()
+            w2 = m.weight.detach().double().pow(2)
+            per_input = w2.sum(0).flatten(1).sum(1) if w2.dim() > 2 else w2.sum(0)  # ‖W[:, c]‖² per input
+            c = var * per_input[views[gi][m]].sum(1)
+            remove = remove + c
+            cost = (1 - r2.double()) * c[:, None]
+            cost[(a == 0).all(1)] = math.inf  # a constant channel is fitted by b alone: that is a removal
+            merge_cost = merge_cost + cost
+            r2_min = r2 if r2_min is None else torch.minimum(r2_min, r2)
+            fits[m], means[m] = (r2, a, b), mu.float()
+        out[gi] = {"remove": remove, "merge": merge_cost, "r2": r2_min, "fits": fits, "means": means}
+    return out
 
+
+def cheapest(pg: PruneGraph, costs: dict[int, dict[str, Any]], importance: dict[int, torch.Tensor],
+             keep: dict[int, int], tau: float, target_macs: int,
+             ceiling_macs: float) -> list[tuple[int, int, int | None, float]] | None:
+    """(group, channel, partner or None for a removal, cost): the cheapest action per MAC saved, greedily,
+    until ``target_macs``; None if the target cannot be reached this way. ``keep`` is updated in place."""
+    removed = {gi: set() for gi in costs}
+    partners = {gi: set() for gi in costs}
+    macs = pg.macs(keep)
+
+    def best(gi: int, j: int) -> tuple[float, int | None]:
+        c = costs[gi]
+        merge_cost = c["merge"][j].clone()
+        merge_cost[list(removed[gi] | {j})] = math.inf  # a removed channel is never a partner
+        if tau > 0:
+            merge_cost[c["r2"][j] <= tau] = math.inf
+        i = int(torch.argmin(merge_cost))
+        return (float(merge_cost[i]), i) if merge_cost[i] < c["remove"][j] else (float(c["remove"][j]), None)
+
+    def saving(gi: int) -> int:
+        keep[gi] -= 1
+        d = macs - pg.macs(keep)
+        keep[gi] += 1
+        return d
+
+    heap = []
+    for gi in costs:
+        d = saving(gi) if keep[gi] > pg.min_keep else 0
+        for j in range(len(costs[gi]["remove"])):
+            heap.append((best(gi, j)[0] / max(d, 1), float(importance[gi][j]), gi, j))
+    heapq.heapify(heap)
+    actions = []
+    while macs > target_macs and heap:
+        _, imp, gi, j = heapq.heappop(heap)
+        if j in removed[gi] or j in partners[gi] or keep[gi] - 1 < pg.min_keep:
+            continue
+        cost, partner = best(gi, j)
+        d = saving(gi)
+        if d <= 0:
+            continue
+        key = cost / d
+        if heap and key > heap[0][0]:  # its cost or saving changed since it was queued: re-queue (lazy greedy)
+            heapq.heappush(heap, (key, imp, gi, j))
+            continue
+        keep[gi] -= 1
+        now = pg.macs(keep)
+        if now < ceiling_macs:  # would land below the target's tolerance: pass over
+            keep[gi] += 1
+            continue
+        macs = now
+        removed[gi].add(j)
+        if partner is not None:
+            partners[gi].add(partner)
+        actions.append((gi, j, partner, cost))
+    return actions if macs <= target_macs else None
+
+
+@torch.no_grad()
+def apply_actions(pg: PruneGraph, views: dict[int, dict[nn.Module, torch.Tensor]], costs: dict[int, dict[str, Any]],
+                  actions: list[tuple[int, int, int | None, float]]) -> None:
+    """Fold every action into the readers before the channels go: a merge as in 4., a removal's mean."""
+    for gi, j, i, _ in actions:
+        if gi not in views:
+            continue
+        if i is not None:
+            merge(pg, views[gi], costs[gi]["fits"], j, i)
+        else:
+            for m, idx in views[gi].items():
+                pg.fold_constant(m, idx[j].tolist(), costs[gi]["means"][m][j].expand(idx.shape[1]).clone())
+
+
+def auto(model: nn.Module, pg: PruneGraph, batches: list, gamma: dict[int, torch.Tensor], speedup: float,
+         tau: float) -> tuple[dict[int, list[int]], dict[int, int], dict[str, Any]]:
+    """The cost-driven choice (or stage 1's, where that costs less or the greedy cannot reach the target),
+    folded into the model; returns (channels to remove per group, keep counts, info)."""
+    views = {g.index: v for g in pg.groups if (v := readers(pg, g.index)) is not None}
+    costs = action_costs(views, similarity(model, views, batches))
+    importance = {gi: gamma.get(gi, torch.zeros(len(c["remove"]))) for gi, c in costs.items()}
+    full = {g.index: g.size for g in pg.groups}
+    keep = dict(full)
+    target, ceiling = int(pg.base_macs / speedup), pg.base_macs / (speedup * (1 + thresholds.TOLERANCE))
+    actions = cheapest(pg, costs, importance, keep, tau, target, ceiling)
+    keep1 = full | thresholds.global_keep_for_speedup(pg, gamma, speedup)
+    stage1 = {gi: thresholds.lowest(gamma[gi], k, pg.groups[gi].chunks) for gi, k in keep1.items() if gi in gamma}
+    stage1_actions = [(gi, j, None, float(costs[gi]["remove"][j]) if gi in costs else 0.0)
+                      for gi, idx in stage1.items() for j in idx]
+    error = None if actions is None else sum(a[3] for a in actions)
+    stage1_error = sum(a[3] for a in stage1_actions)
+    chosen = "cost" if actions is not None and error <= stage1_error else "stage 1"
+    if chosen == "stage 1":
+        actions, keep = stage1_actions, keep1
+    apply_actions(pg, views, costs, actions)
+    remove: dict[int, list[int]] = {}
+    for gi, j, _, _ in actions:
+        remove.setdefault(gi, []).append(j)
+    per_group = {}
+    for gi, _, i, err in actions:
+        row = per_group.setdefault(pg.groups[gi].name, {"removed": 0, "merged": 0, "cost_removed": 0.0,
+                                                        "cost_merged": 0.0})
+        kind = "merged" if i is not None else "removed"
+        row[kind] += 1
+        row[f"cost_{kind}"] += err
+    info = {"chosen": chosen, "error": sum(a[3] for a in actions), "stage1_error": stage1_error,
+            "cost_error": error, "groups": per_group,
+            "pairs": [{"group": pg.groups[gi].name, "removed": j, "partner": i, "cost": c}
+                      for gi, j, i, c in actions if i is not None]}
+    return {gi: sorted(v) for gi, v in remove.items()}, keep, info
+
+
+def _figures(info: dict) -> list[tuple[str, bytes]]:
+    from ..plots import actions_per_group, threshold_histogram  # matplotlib only when a report is drawn
+
+    if info.get("groups"):
+        return [("actions", actions_per_group(info["groups"]))]
     if not info.get("similarity"):
         return []
     return [("similarity", threshold_histogram(info["similarity"], info["tau"],
@@ -234,29 +391,40 @@ def _figures(info: dict) -> list[tuple[str, bytes]]:
 @register("imp-sim", "S3: BN-|γ| pruning, then linearly similar channels merged into a partner with compensation",
           needs_data=True, regularizer=bn_sparsity, regularizer_options=BN_SPARSITY_OPTIONS, figures=_figures,
           options=(*STRUCTURED_OPTIONS,
-                   Option("stage1_share", (int, float), 0.5, "share of the MACs reduction taken by stage 1 "
-                          "(|γ| pruning); the rest by similarity merging. 1 = net-slim, 0 = merging only"),
-                   Option("tau", (int, float), 0.9, "merge only pairs whose R² of x_j ≈ a·x_i + b exceeds this "
-                          "at every layer reading them"),
-                   Option("calibration_batches", int, 8, "training batches whose activations the fits use")))
+                   Option("stage1_share", (int, float, str), "auto", "auto: every channel removed or merged by "
+                          "what it costs (never worse than stage 1); a number: the paper's fixed split, the share of "
+                          "the MACs reduction taken by stage 1 (|γ| pruning), the rest by similarity merging (1 = "
+                          "net-slim, 0 = merging only)", ("auto",), minimum=0, maximum=1),
+                   Option("tau", (int, float, type(None)), None, "merge only pairs whose R² of x_j ≈ a·x_i + b "
+                          "exceeds this at every layer reading them (default: 0.9 with a numeric stage1_share, as "
+                          "the paper; no floor with auto)", minimum=0, maximum=1),
+                   Option("calibration_batches", int, 8, "training batches whose activations the fits use",
+                          minimum=1)))
 def imp_sim(model: nn.Module, ctx: Context, *, speedup: float | None, ignored_layers: list | None, min_keep: int,
-            round_to: int | None, stage1_share: float, tau: float, calibration_batches: int) -> PruneResult:
+            round_to: int | None, stage1_share: float | str, tau: float | None,
+            calibration_batches: int) -> PruneResult:
     """Stage 1 then stage 2 toward ``speedup``; the model is left untouched if the target is out of reach.
 
     Stage 1 only masks its channels (zero weights, γ and β: the masked net computes what the pruned one
     will), so stage 2 measures the net as stage 1 leaves it and both are removed together at the end.
     ``info``: channels removed per stage, the merged pairs, every channel's best R² for the histogram.
     """
-    if not 0 <= stage1_share <= 1:
-        raise PrunekitError(f"imp-sim: stage1_share must be in [0, 1], got {stage1_share:g}")
-    if calibration_batches < 1:
-        raise PrunekitError(f"imp-sim: calibration_batches must be >= 1, got {calibration_batches}")
-    if round_to is not None and stage1_share < 1:
+    if round_to is not None and stage1_share != 1:
         raise PrunekitError("imp-sim: stage 2 merges single channels, so round_to works only with stage1_share=1")
     speedup = speedup or 1.0
     pg = PruneGraph(model, ctx.example_inputs, ignored_layers=ignored_layers, min_keep=min_keep, round_to=round_to)
     before = cost(model, pg.base_macs)
     gamma = {g.index: s for g in pg.groups if (s := criteria.scores(g, "net-slim")) is not None}
+    if stage1_share == "auto":
+        batches = ctx.batches(calibration_batches, "data", "imp-sim")
+        remove, keep, info = auto(model, pg, batches, gamma, speedup, tau or 0.0)
+        after = cost(model, pg.apply(remove))
+        name = {g.index: g.name for g in pg.groups}
+        info = {"stage1_share": "auto", "tau": tau, **info}
+        return PruneResult(model, "imp-sim", {"speedup": speedup, "stage1_share": "auto", "tau": tau}, before,
+                           after, {name[gi]: (pg.groups[gi].size, keep[gi]) for gi in remove},
+                           {name[gi]: idx for gi, idx in remove.items()}, info=info)
+    tau = 0.9 if tau is None else tau
     keep = thresholds.global_keep_for_speedup(pg, gamma, stage1_speedup(speedup, stage1_share))
     stage1 = {gi: thresholds.lowest(gamma[gi], k, pg.groups[gi].chunks) for gi, k in keep.items()}
     keep = {g.index: g.size for g in pg.groups} | keep

@@ -1,0 +1,573 @@
+"""``prunekit compare CONFIG.yaml``: which method, at what speedup, for how much accuracy, side by side.
+
+Every pruning user asks which method to pick for *their* model and data. A compare answers it the
+only fair way: from **one base** (a checkpoint, or a ``train`` stage run once and cached), every
+(method × target × seed) cell gets the **same post-base budget** in epochs (a method's sparsity
+training counts against it), on **one data split** (the held-out validation split is fixed by the
+base's seed, whatever the cell's seed), and is measured by the same code. Each cell is an ordinary
+pipeline run directory under ``OUT/cells/``, so a killed compare resumes at the cell and stage where it
+stopped and finished cells are never re-run. Latency is measured for every cell **side by side in one
+process** (``prunekit.timing``: interleaved rounds, fixed threads, median and spread; a ratio whose
+spread holds 1.0 is "within noise"). The result is ``OUT/leaderboard.json`` (one row per method and
+target, mean ± std over seeds), the same table printed and as Markdown, and an HTML page with the
+metric against the MACs ratio and against the measured latency ratio.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import hashlib
+import html
+import json
+import math
+import re
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from . import io, methods, models, pipeline
+from .errors import PrunekitError
+
+KEYS = {"name": str, "out": str, "task": str, "device": str, "data": dict, "base": dict, "methods": list,
+        "targets": list, "seeds": list, "budget": int, "finetune": dict, "sparsify": dict, "latency": dict}
+BASE_KEYS = {"checkpoint": str, "model": dict, "train": dict, "seed": int}
+ENTRY_KEYS = {"name": str, "label": str, "params": dict, "targets": list, "sparsify": (dict, bool), "stages": list,
+              "search_epochs": int}
+LATENCY_KEYS = {"batch": int, "threads": int, "rounds": int, "runtimes": list}
+LATENCY_DEFAULTS = {"batch": 64, "threads": 2, "rounds": 15, "runtimes": ["eager", "onnxruntime"]}
+SPARSIFY_EPOCHS = 1  # a method's sparsity training when the config does not say (it counts against the budget)
+LEARNED = "learned"
+_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
+
+
+def _err(key: str, msg: str) -> PrunekitError:
+    return PrunekitError(f"compare config error at '{key}': {msg}")
+
+
+def _check_keys(section: Any, allowed: dict, where: str) -> None:
+    if not isinstance(section, dict):
+        raise _err(where, "must be a mapping")
+    unknown = sorted(set(section) - set(allowed))
+    if unknown:
+        raise _err(f"{where}.{unknown[0]}" if where else unknown[0], f"unknown key; allowed: {', '.join(allowed)}")
+    for k, v in section.items():
+        typ = allowed[k]
+        if v is not None and (not isinstance(v, typ) or (typ is int and isinstance(v, bool))):
+            names = " or ".join(t.__name__ for t in typ) if isinstance(typ, tuple) else typ.__name__
+            raise _err(f"{where}.{k}" if where else k, f"must be {names}, got {str(v)[:80]!r}")
+
+
+def _target_name(t: float | str) -> str:
+    return LEARNED if t == LEARNED else f"{float(t):g}x"
+
+
+def _entries(cfg: dict) -> list[dict]:
+    """The methods list as entries ``{name, label, params, targets, sparsify, stages}``, checked."""
+    if not cfg["methods"]:
+        raise _err("methods", "the list is empty: name at least one method (see `prunekit methods`)")
+    out, labels = [], set()
+    for i, e in enumerate(cfg["methods"]):
+        where = f"methods[{i}]"
+        e = {"name": e} if isinstance(e, str) else e
+        _check_keys(e, ENTRY_KEYS, where)
+        if not e.get("name"):
+            raise _err(f"{where}.name", "missing: a method name (see `prunekit methods`)")
+        names = [m.name for m in methods.available()]
+        if e["name"] not in names:
+            raise _err(f"{where}.name", f"unknown method {e['name']!r}; allowed: {', '.join(names)}")
+        m = methods.get(e["name"])
+        if m.kind == "unstructured":
+            raise _err(f"{where}.name", f"{m.name} is unstructured (sparsity, no speedup): compare ranks channel "
+                                        "pruning by speedup; benchmark it with a pipeline instead")
+        try:
+            m.check_options(e.get("params") or {})
+        except PrunekitError as exc:
+            raise _err(f"{where}.params", str(exc)) from exc
+        label = e.get("label") or e["name"]
+        if not _LABEL.match(label):
+            raise _err(f"{where}.label", f"{label!r} must be letters, digits, '.', '_', '+' or '-' (it names folders)")
+        if label in labels:
+            raise _err(f"{where}.label", f"{label!r} appears twice; give each entry its own label")
+        labels.add(label)
+        targets = e.get("targets", cfg["targets"])
+        _check_targets(targets, f"{where}.targets" if "targets" in e else "targets")
+        for t in targets:
+            if t == LEARNED and m.kind != "adaptive":
+                raise _err(f"{where}.targets" if "targets" in e else "targets",
+                           f"'learned' is for methods that choose their own cut (adaptive-slim); {m.name} needs a "
+                           "speedup: give this entry its own targets")
+        sparsify = e.get("sparsify", True)
+        if sparsify is not False and m.regularizer is None and isinstance(sparsify, dict):
+            raise _err(f"{where}.sparsify", f"{m.name} declares no sparsity regulariser")
+        search = e.get("search_epochs", 0)
+        if not 0 <= search < cfg["budget"]:
+            raise _err(f"{where}.search_epochs", f"must be in [0, budget) epochs, got {search}")
+        out.append({"name": m.name, "label": label, "params": e.get("params") or {}, "targets": targets,
+                    "sparsify": sparsify if m.regularizer is not None else False, "stages": e.get("stages"),
+                    "search_epochs": search})
+    return out
+
+
+def _check_targets(targets: Any, where: str) -> None:
+    if not isinstance(targets, list) or not targets:
+        raise _err(where, "give a non-empty list of speedups (base MACs / pruned MACs) and/or 'learned'")
+    for t in targets:
+        ok = t == LEARNED or (isinstance(t, int | float) and not isinstance(t, bool) and math.isfinite(t) and t > 1)
+        if not ok:
+            raise _err(where, f"{str(t)[:40]!r} is neither a speedup > 1 nor 'learned'")
+    if len({_target_name(t) for t in targets}) != len(targets):
+        raise _err(where, "a target appears twice")
+
+
+def validate(cfg: Any) -> dict:
+    """Check a compare config, build every cell's pipeline config and validate those too: all before any work."""
+    if not isinstance(cfg, dict):
+        raise PrunekitError("compare config error: the file must be a mapping with base, data, methods, targets, "
+                            "seeds, budget, out")
+    _check_keys(cfg, KEYS, "")
+    for key in ("base", "data", "methods", "targets", "seeds", "budget", "out"):
+        if cfg.get(key) is None or cfg.get(key) == "":
+            raise _err(key, "missing (required: base, data, methods, targets, seeds, budget, out)")
+    _check_keys(cfg["base"], BASE_KEYS, "base")
+    base = cfg["base"]
+    if bool(base.get("checkpoint")) == bool(base.get("model")):
+        raise _err("base", "give either checkpoint (a prunekit model file) or model (+ train settings)")
+    if base.get("checkpoint") and base.get("train"):
+        raise _err("base.train", "a checkpoint base is not trained again; drop train or give model instead")
+    seed = base.get("seed", 0)
+    if not 0 <= seed < 2 ** 32:
+        raise _err("base.seed", f"must be in [0, 2^32), got {seed}")
+    seeds = cfg["seeds"]
+    if not seeds or any(not isinstance(s, int) or isinstance(s, bool) or not 0 <= s < 2 ** 32 for s in seeds):
+        raise _err("seeds", f"must be a non-empty list of integers in [0, 2^32), got {str(seeds)[:80]}")
+    if len(set(seeds)) != len(seeds):
+        raise _err("seeds", "a seed appears twice")
+    if cfg["budget"] < 1:
+        raise _err("budget", f"must be >= 1 epoch after the base, got {cfg['budget']}")
+    _check_targets(cfg["targets"], "targets")
+    lat = {**LATENCY_DEFAULTS, **(cfg.get("latency") or {})}
+    _check_keys(lat, LATENCY_KEYS, "latency")
+    for k in ("batch", "threads", "rounds"):
+        if lat[k] < 1:
+            raise _err(f"latency.{k}", f"must be >= 1, got {lat[k]}")
+    if not lat["runtimes"] or set(lat["runtimes"]) - {"eager", "onnxruntime"}:
+        raise _err("latency.runtimes", "a non-empty list of eager and/or onnxruntime")
+    for key in ("finetune", "sparsify"):
+        if key in cfg and not isinstance(cfg[key], dict):
+            raise _err(key, "must be a mapping of training settings")
+        if "epochs" in (cfg.get("finetune") or {}):
+            raise _err("finetune.epochs", "the fine-tune takes what the budget leaves (epochs: rest); set budget")
+    data = dict(cfg["data"])
+    for key in ("root", "name"):  # paths made absolute: every run of the compare reads the same files
+        if isinstance(data.get(key), str) and (key == "root" or Path(data[key]).exists()):
+            data[key] = str(Path(data[key]).expanduser().absolute().resolve())
+    if base.get("checkpoint"):
+        base = {**base, "checkpoint": str(Path(base["checkpoint"]).expanduser().absolute().resolve())}
+    cfg = {**cfg, "latency": lat, "base": {**base, "seed": seed}, "data": data}
+    cfg.setdefault("name", Path(cfg["out"]).name)
+    cfg.setdefault("device", "auto")
+    entries = _entries(cfg)
+    base_cfg = _base_config(cfg, Path(cfg["out"]))
+    pipeline.validate(copy.deepcopy(base_cfg))
+    cells = _cells(cfg, entries, Path(cfg["out"]))
+    for cell in cells:
+        try:
+            pipeline.validate(copy.deepcopy(cell["config"]))
+        except PrunekitError as exc:
+            raise PrunekitError(f"compare cell {cell['id']}: {exc}") from exc
+    return cfg
+
+
+def load_config(path: str | Path) -> dict:
+    """Read and validate a compare config."""
+    return validate(_read(path))
+
+
+def _read(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise PrunekitError(f"compare config {path} does not exist")
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise PrunekitError(f"compare config {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    return cfg
+
+
+# ---- the runs a compare consists of ----
+def _task(cfg: dict) -> str | None:
+    name = str((cfg["base"].get("model") or {}).get("name") or "")
+    return cfg.get("task") or ("detect" if name.startswith(models.UL_PREFIX) else None)
+
+
+def _data(cfg: dict) -> dict:
+    """The data section every run gets: one held-out split, fixed by the base's seed."""
+    return {**cfg["data"], "split_seed": cfg["base"]["seed"]}
+
+
+def _base_config(cfg: dict, out: Path) -> dict:
+    """The base as a pipeline run: its train stage (0 epochs for a checkpoint, which only measures it)."""
+    b = cfg["base"]
+    model = {"checkpoint": b["checkpoint"]} if b.get("checkpoint") else b["model"]
+    train = {**(b.get("train") or {}), "stage": "train"} if b.get("model") else {"stage": "train", "epochs": 0}
+    base = {"name": "base", "model": model, "data": _data(cfg), "seed": b["seed"], "device": cfg["device"],
+            "out": str(out / "base"), "stages": [train]}
+    if _task(cfg):
+        base["task"] = _task(cfg)
+    return base
+
+
+def _base_model_path(cfg: dict, out: Path) -> Path:
+    return out / "base" / "stages" / "01-train" / "model.pt"
+
+
+def _cells(cfg: dict, entries: list[dict], out: Path) -> list[dict]:
+    """Every (seed, target, method) cell as a pipeline config, seed-major so a partial compare has whole seeds."""
+    cells = []
+    ft = dict(cfg.get("finetune") or {})
+    for seed in cfg["seeds"]:
+        for e in entries:
+            for t in e["targets"]:
+                cid = f"{e['label']}-{_target_name(t)}-s{seed}"
+                if e["stages"] is not None:
+                    stages = copy.deepcopy(e["stages"])
+                else:
+                    stages = []
+                    if e["sparsify"] is not False:
+                        sp = {**ft, **(cfg.get("sparsify") or {}), **(e["sparsify"] if isinstance(e["sparsify"], dict)
+                                                                       else {})}
+                        sp.setdefault("epochs", SPARSIFY_EPOCHS)
+                        if isinstance(sp["epochs"], int) and sp["epochs"] > cfg["budget"] - e["search_epochs"]:
+                            raise _err(f"methods ({e['label']}).sparsify.epochs",
+                                       f"{sp['epochs']} sparsity epochs do not fit the budget of {cfg['budget']}")
+                        stages.append({"stage": "sparsify", **sp})
+                    stages += [{"stage": "prune"}, {"stage": "finetune", **ft, "epochs": "rest"}]
+                budget = cfg["budget"] - e["search_epochs"]  # a search (auto-mend's) is charged as epochs
+                _check_budget(stages, budget, e["label"])
+                target = {"learned": True} if t == LEARNED else {"speedup": float(t)}
+                params = dict(e["params"])
+                if "seed" in methods.get(e["name"]).options:  # a method's own randomness follows the cell's seed
+                    params.setdefault("seed", seed)
+                config = {"name": cid, "model": {"checkpoint": str(_base_model_path(cfg, out))}, "data": _data(cfg),
+                          "method": {"name": e["name"], "params": params}, "target": target, "seed": seed,
+                          "budget": budget, "device": cfg["device"], "out": str(out / "cells" / cid),
+                          "stages": stages}
+                if _task(cfg):
+                    config["task"] = _task(cfg)
+                cells.append({"id": cid, "label": e["label"], "method": e["name"], "target": _target_name(t),
+                              "seed": seed, "config": config})
+    return cells
+
+
+def _check_budget(stages: list, budget: int, label: str) -> None:
+    """Epochs a method's stages spend outside 'rest' (cycles at their most rounds) must fit the budget."""
+    def epochs(s: dict) -> int:
+        if not isinstance(s, dict):
+            return 0
+        if s.get("stage") == "cycle":
+            return int(s.get("max_cycles", 3)) * sum(epochs(x) for x in s.get("stages") or [])
+        if s.get("stage") == "train":
+            raise _err(f"methods ({label}).stages", "a train stage after the base is not part of a compare; use "
+                                                    "sparsify or finetune (they count against the budget)")
+        e = s.get("epochs", 0)
+        return e if isinstance(e, int) and not isinstance(e, bool) else 0
+
+    spent = sum(epochs(s) for s in stages)
+    if spent > budget:
+        raise _err(f"methods ({label})", f"its stages need {spent} epochs, more than the budget of {budget}")
+
+
+# ---- running ----
+def _claim(cfg: dict, out: Path, force: bool) -> None:
+    """Bind the out folder to this config; another compare's folder is refused, listing what differs."""
+    path = out / "compare.yaml"
+    if path.exists():
+        old = yaml.safe_load(path.read_text())
+        if old != cfg and not force:
+            diff = sorted(k for k in set(old or {}) | set(cfg) if (old or {}).get(k) != cfg.get(k))
+            raise PrunekitError(f"{out} holds a compare with another config (differs at: {', '.join(diff)}); use "
+                                "--force to reuse it (cells whose own config changed are re-run), or another --out")
+    io.atomic_write_text(yaml.safe_dump(cfg, sort_keys=False), path)
+
+
+def _say(msg: str) -> None:
+    print(f"compare: {msg}", file=sys.stderr, flush=True)
+
+
+def _finished(config: dict) -> dict | None:
+    """A pipeline run's metrics if it finished with this very config (read, not re-measured), else None."""
+    out = Path(config["out"])
+    if not (out / "metrics.json").exists() or not (out / "config.yaml").exists():
+        return None
+    if yaml.safe_load((out / "config.yaml").read_text()) != pipeline.validate(copy.deepcopy(config)):
+        return None
+    return json.loads((out / "metrics.json").read_text())
+
+
+def _run(config: dict, force: bool) -> dict:
+    return _finished(config) or pipeline.run(config, force=force)
+
+
+def _run_cell(cell: dict, force: bool, errors_dir: Path) -> dict | None:
+    """Run (or resume) one cell; a failure is recorded and returned as None so the others go on."""
+    err_path = errors_dir / f"{cell['id']}.json"
+    try:
+        metrics = _run(cell["config"], force)
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # a method refusing a target, or any bug: recorded, the compare goes on
+        msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        if not isinstance(exc, PrunekitError):
+            msg = f"{type(exc).__name__}: {msg}"
+        errors_dir.mkdir(parents=True, exist_ok=True)
+        io.atomic_write_text(json.dumps({"error": msg, "trace": traceback.format_exc()[-4000:]}, indent=1), err_path)
+        _say(f"{cell['id']} failed: {msg}")
+        return None
+    err_path.unlink(missing_ok=True)
+    return metrics
+
+
+def final_model_path(run_dir: Path) -> Path:
+    """The model a finished pipeline run ended with: its last finished stage's model."""
+    done = sorted((run_dir / "stages").glob("*/done.pt"))
+    if not done:
+        raise PrunekitError(f"{run_dir} has no finished stage")
+    return done[-1].parent / "model.pt"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _latency(cfg: dict, out: Path, base_path: Path, cells: list[dict]) -> dict[str, dict]:
+    """Every finished cell's final model timed side by side with the base; cached until a model changes."""
+    from . import timing
+
+    files = {"base": base_path} | {c["id"]: c["model_path"] for c in cells}
+    hashes = {k: _sha256(p) for k, p in files.items()}
+    settings = cfg["latency"]
+    cache = out / "latency.json"
+    if cache.exists():
+        old = json.loads(cache.read_text())
+        if old.get("settings") == settings and old.get("models") == hashes:
+            return old["results"]
+    loaded = {k: io.load(p) for k, p in files.items()}
+    base = loaded["base"]
+    shape = (getattr(base, "prunekit_arch", None) or {}).get("input_shape")
+    if not shape:
+        raise PrunekitError(f"{base_path} records no input shape; cannot time it")
+    mode = None
+    if models.is_detector(base):  # Ultralytics' eval forward returns a tuple: time the single-output export
+        from .yolo import export_mode as mode
+    _say(f"measuring latency of {len(loaded)} models side by side (this takes a few minutes; keep the machine quiet)")
+    batches = sorted({1, settings["batch"]})
+    results = timing.side_by_side(loaded, torch.zeros(1, *shape), batch_sizes=batches, runtimes=settings["runtimes"],
+                                  threads=settings["threads"], rounds=settings["rounds"], mode=mode, progress=_say)
+    io.atomic_write_text(json.dumps({"settings": settings, "models": hashes, "results": results}, indent=1), cache)
+    return results
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _rows(cfg: dict, cells: list[dict], lat: dict[str, dict], base_metrics: dict, metric: str) -> list[dict]:
+    rows = []
+    keys = list(dict.fromkeys((c["label"], c["target"]) for c in cells))
+    for label, target in keys:
+        group = [c for c in cells if (c["label"], c["target"]) == (label, target)]
+        ok = [c for c in group if c.get("metrics")]
+        values = [c["metrics"]["after"][metric] for c in ok]
+        mean, std = _mean_std(values)
+        pruned = [c["metrics"]["pruned"][metric] for c in ok if c["metrics"].get("pruned")]
+        macs = [base_metrics["macs"] / max(c["metrics"]["after"]["macs"], 1) for c in ok]
+        row = {"method": label, "method_name": group[0]["method"], "target": target,
+               "seeds": [c["seed"] for c in ok], "metric_mean": mean, "metric_std": std,
+               "metric_per_seed": {str(c["seed"]): c["metrics"]["after"][metric] for c in ok},
+               "pruned_metric_mean": _mean_std(pruned)[0],
+               "macs_ratio": statistics.fmean(macs) if macs else None,
+               "params": round(statistics.fmean(c["metrics"]["after"]["params"] for c in ok)) if ok else None,
+               "latency": {}, "wall_s": statistics.fmean(c["metrics"]["wall_s"] for c in ok) if ok else None,
+               "errors": {str(c["seed"]): c["error"] for c in group if c.get("error")},
+               "options": group[0]["config"]["method"]["params"],
+               "search_epochs": cfg["budget"] - group[0]["config"]["budget"],
+               "stages": [s["stage"] + (f" {s['epochs']}" if "epochs" in s else "")
+                          for s in group[0]["config"]["stages"]]}
+        if "mAP50" in base_metrics:
+            m50 = [c["metrics"]["after"]["mAP50"] for c in ok]
+            row["mAP50_mean"], row["mAP50_std"] = _mean_std(m50)
+            row["mAP50_per_seed"] = {str(c["seed"]): c["metrics"]["after"]["mAP50"] for c in ok}
+        for setting, per_model in lat.items():
+            stats = [per_model[c["id"]]["ratio"] for c in ok if c["id"] in per_model]
+            if stats:  # several seeds: the median of their medians, the widest spread
+                med = statistics.median(s["median"] for s in stats)
+                lo, hi = min(s["lo"] for s in stats), max(s["hi"] for s in stats)
+                row["latency"][setting] = {"median": med, "lo": lo, "hi": hi, "within_noise": bool(lo <= 1 <= hi)}
+        rows.append(row)
+    _mark_best(rows)
+    return rows
+
+
+def _mark_best(rows: list[dict]) -> None:
+    """The best row per target, and whether its lead over the runner-up exceeds both rows' seed spread."""
+    for target in dict.fromkeys(r["target"] for r in rows):
+        ranked = sorted((r for r in rows if r["target"] == target and r["metric_mean"] is not None),
+                        key=lambda r: -r["metric_mean"])
+        for r in rows:
+            if r["target"] == target:
+                r["best"], r["lead_beyond_spread"] = False, None
+        if ranked:
+            ranked[0]["best"] = True
+            if len(ranked) > 1:
+                a, b = ranked[0], ranked[1]
+                ranked[0]["lead"] = a["metric_mean"] - b["metric_mean"]
+                ranked[0]["lead_beyond_spread"] = bool(a["metric_mean"] - b["metric_mean"] > a["metric_std"] +
+                                                       b["metric_std"])
+
+
+def run(config: str | Path | dict, *, out: str | Path | None = None, force: bool = False) -> dict:
+    """Run (or resume) a compare; returns the leaderboard (also written to ``OUT/leaderboard.json``)."""
+    raw = copy.deepcopy(config) if isinstance(config, dict) else _read(config)
+    if out is not None:
+        if not str(out).strip():
+            raise PrunekitError("--out is empty: give a folder for the compare")
+        if isinstance(raw, dict):
+            raw["out"] = str(out)
+    cfg = validate(raw)
+    out = Path(cfg["out"]).absolute()
+    cfg = validate({**cfg, "out": str(out)})
+    t0 = time.perf_counter()
+    with io.run_lock(out):
+        _claim(cfg, out, force)
+        entries = _entries(cfg)
+        cells = _cells(cfg, entries, out)
+        _say(f"base: {out / 'base'}")
+        base = _run(_base_config(cfg, out), force)
+        base_path = _base_model_path(cfg, out)
+        metric = base["metric"]
+        for i, cell in enumerate(cells, 1):
+            done = _finished(cell["config"]) is not None
+            _say(f"cell {i}/{len(cells)} {cell['id']}" + (" (done)" if done else ""))
+            cell["metrics"] = _run_cell(cell, force, out / "errors")
+            if cell["metrics"] is None:
+                cell["error"] = json.loads((out / "errors" / f"{cell['id']}.json").read_text())["error"]
+            else:
+                cell["model_path"] = final_model_path(Path(cell["config"]["out"]))
+        finished = [c for c in cells if c.get("metrics")]
+        lat = _latency(cfg, out, base_path, finished)
+        board = {"name": cfg["name"], "task": base.get("task"), "metric": metric,
+                 "metric_label": base.get("metric_label"), "budget": cfg["budget"], "seeds": cfg["seeds"],
+                 "base": {"checkpoint": str(base_path), "sha256": _sha256(base_path), **base["after"]},
+                 "latency_settings": cfg["latency"], "cells": {"done": len(finished), "total": len(cells),
+                                                               "failed": [c["id"] for c in cells if c.get("error")]},
+                 "rows": _rows(cfg, cells, lat, base["after"], metric),
+                 "latency_base_ms": {k: v["base"]["median_ms"] for k, v in lat.items()},
+                 "torch": torch.__version__, "wall_s": round(time.perf_counter() - t0, 1)}
+        io.atomic_write_text(json.dumps(board, indent=1), out / "leaderboard.json")
+        md = table(board)
+        io.atomic_write_text(md + "\n", out / "leaderboard.md")
+        io.atomic_write_text(_html(board, md), out / "leaderboard.html")
+    print(md)
+    return board
+
+
+# ---- presenting ----
+def _fmt(v: float | None, spec: str = ".2f") -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def table(board: dict) -> str:
+    """The leaderboard as a Markdown table (what ``prunekit compare`` prints)."""
+    from .timing import label
+
+    settings = list(board["latency_base_ms"])
+    detect = any("mAP50_mean" in r for r in board["rows"])
+    head = ["method", "target", "seeds", f"{board['metric_label'] or board['metric']} mean ± std", "pruned (no FT)",
+            *(["mAP50 mean ± std"] if detect else []), "MACs ratio", "params", *settings, "wall s", ""]
+    base = board["base"]
+    lines = [f"Base: {board['metric_label'] or board['metric']} {_fmt(base.get(board['metric']))}"
+             + (f", mAP50 {_fmt(base.get('mAP50'))}" if detect else "")
+             + f", {base['macs'] / 1e6:.2f}M MACs, {base['params']:,} params (sha256 {board['base']['sha256'][:12]}); "
+             f"budget {board['budget']} epochs after the base; cells {board['cells']['done']}/{board['cells']['total']}"
+             " done. Latency: base/pruned, median (interquartile range) of interleaved rounds.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in board["rows"]:
+        mark = ""
+        if r.get("best"):
+            mark = "**best**" + ("" if r.get("lead_beyond_spread") is None else
+                                 " (lead beyond spread)" if r["lead_beyond_spread"] else " (lead within spread)")
+        if r["errors"]:
+            mark += (" " if mark else "") + "failed: " + "; ".join(f"s{k}: {v}" for k, v in r["errors"].items())[:200]
+        cells = [r["method"], r["target"], ",".join(map(str, r["seeds"])) or "–",
+                 f"{_fmt(r['metric_mean'])} ± {_fmt(r['metric_std'])}" if r["metric_mean"] is not None else "–",
+                 _fmt(r["pruned_metric_mean"]),
+                 *([f"{_fmt(r.get('mAP50_mean'))} ± {_fmt(r.get('mAP50_std'))}"] if detect else []),
+                 _fmt(r["macs_ratio"]) + ("x" if r["macs_ratio"] else ""),
+                 f"{r['params']:,}" if r["params"] else "–",
+                 *[label(r["latency"].get(s, {})) for s in settings], _fmt(r["wall_s"], ".0f"), mark]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _plots(board: dict) -> list[tuple[str, bytes]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .plots import png
+
+    rows = [r for r in board["rows"] if r["metric_mean"] is not None]
+    if not rows:
+        return []
+    lat_key = next((k for k in ("ort_b1", "eager_b1") if k in board["latency_base_ms"]), None)
+    figs = []
+    for name, xkey, xlabel in (("metric-vs-macs", "macs_ratio", "MACs ratio (base / pruned)"),
+                               ("metric-vs-latency", lat_key, f"measured latency ratio ({lat_key}, base / pruned)")):
+        if xkey is None:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.8))
+        for r in rows:
+            lat = r["latency"].get(xkey, {}) if xkey != "macs_ratio" else {}
+            x = r["macs_ratio"] if xkey == "macs_ratio" else lat.get("median")
+            if x is None:
+                continue
+            xerr = [[x - lat["lo"]], [lat["hi"] - x]] if lat else None  # the timing spread, as in the table
+            ax.errorbar(x, r["metric_mean"], yerr=r["metric_std"] or 0, xerr=xerr, fmt="o", capsize=3,
+                        label=f"{r['method']} @ {r['target']}")
+        ax.axhline(board["base"][board["metric"]], color="k", ls="--", lw=1, label="base")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"test {board['metric_label'] or board['metric']}")
+        ax.legend(fontsize=6, ncol=2)
+        ax.set_title(f"{board['name']}: mean ± std over seeds")
+        figs.append((name, png(fig)))
+    return figs
+
+
+def _html(board: dict, md: str) -> str:
+    lines = [ln for ln in md.splitlines() if ln.startswith("|")]
+    head, body = lines[0], lines[2:]
+    cells = lambda ln: [c.strip() for c in ln.strip("|").split(" | ")]  # noqa: E731
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(c).replace('**', '')}</td>" for c in cells(ln)) + "</tr>"
+                   for ln in body)
+    figs = "".join(f"<figure><img alt='{n}' src='data:image/png;base64,{base64.b64encode(b).decode()}'>"
+                   f"<figcaption>{n}</figcaption></figure>" for n, b in _plots(board))
+    title = f"prunekit compare — {html.escape(board['name'])}"
+    style = ("body{font-family:sans-serif;max-width:1300px;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right;font-size:13px}img{max-width:100%}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{style}</style></head>"
+            f"<body><h1>{title}</h1><p>{html.escape(md.splitlines()[0])}</p><table id='leaderboard'><tr>"
+            + "".join(f"<th>{html.escape(c)}</th>" for c in cells(head)) + f"</tr>{rows}</table>{figs}</body></html>")
