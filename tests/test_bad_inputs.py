@@ -133,7 +133,183 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("compare-other-config-in-folder", lambda t: ["compare", str(_compare(t, seeds=[1], claimed=True))],
      "holds a compare with another config (differs at: seeds)"),
     ("compare-empty-out", lambda t: ["compare", str(_compare(t)), "--out", ""], "--out is empty"),
+    # issue 26: trust only from the caller, values beyond their type, nothing silently accepted
+    ("recipe-names-weights-path-and-trust", lambda t: ["eval", "--checkpoint", str(_edit(
+        _digits_model(t / "m.pt"), lambda o: o["arch"]["kwargs"].update(
+            weights_path=str(_marker_pickle(t)), trust_pickle=True)))], "never a file to open or a trust flag"),
+    ("recipe-kwarg-of-wrong-type", lambda t: ["eval", "--checkpoint", str(_edit(
+        _digits_model(t / "m.pt"), lambda o: o["arch"]["kwargs"].update(in_channels="1; import os")))],
+     "is corrupt (architecture field kwargs"),
+    ("recipe-huge-input-shape", lambda t: ["eval", "--checkpoint", str(_edit(
+        _digits_model(t / "m.pt"), lambda o: o["arch"].update(input_shape=[1, 200000, 200000])))],
+     "too large for any model input"),
+    ("nan-weights", lambda t: ["eval", "--checkpoint", str(_edit(
+        _digits_model(t / "m.pt"), lambda o: o["state"].update({k: torch.full_like(v, float("nan")) for k, v in
+                                                                o["state"].items() if v.is_floating_point()})))],
+     "NaN or infinite"),
+    ("int64-weight", lambda t: ["eval", "--checkpoint", str(_edit(
+        _digits_model(t / "m.pt"), lambda o: o["state"].update(
+            {k: v.long() for k, v in list(o["state"].items())[:1]})))],
+     "not floating point"),
+    ("train-resume-finished", lambda t: ["train", "--model", "digits_cnn", "--data", "digits", "--epochs", "1",
+                                         "--resume", "--out", str(_finished_train(t))], "holds a finished run"),
+    ("train-resume-missing", lambda t: ["train", "--model", "digits_cnn", "--data", "digits", "--resume", "--out",
+                                        str(t / "nothing")], "no interrupted run to resume"),
+    ("train-resume-and-force", lambda t: ["train", "--model", "digits_cnn", "--data", "digits", "--resume", "--force",
+                                          "--out", str(_interrupted(t))], "give one of them"),
+    ("train-out-empty", lambda t: ["train", "--model", "digits_cnn", "--data", "digits", "--out", ""],
+     "--out is empty"),
+    ("run-out-empty", lambda t: ["run", str(_config(t)), "--out", ""], "--out is empty"),
+    ("prune-percentile-and-speedup", lambda t: ["prune", "--checkpoint", str(_digits_model(t / "m.pt")), "--method",
+                                                "net-slim", "--percentile", "50", "--speedup", "2", "--out",
+                                                str(t / "p.pt")], "give one of them"),
+    ("prune-speedup-one", lambda t: ["prune", "--checkpoint", str(_digits_model(t / "m.pt")), "--method", "l1-norm",
+                                     "--speedup", "1.0", "--out", str(t / "p.pt")], "removes nothing"),
+    ("prune-negative-option", lambda t: ["prune", "--checkpoint", str(_digits_model(t / "m.pt")), "--method",
+                                         "dist-fit", "--speedup", "2", "--param", "tol=-1", "--out", str(t / "p.pt")],
+     "tol=-1 is outside [0, inf]"),
+    ("prune-negative-search-seed", lambda t: ["prune", "--checkpoint", str(_digits_model(t / "m.pt")), "--method",
+                                              "auto-mend", "--speedup", "2", "--param", "seed=-5", "--out",
+                                              str(t / "p.pt")], "seed=-5 is outside"),
+    ("export-onnx-gzip", lambda t: ["export", "--checkpoint", str(_digits_model(t / "m.pt")), "--format", "onnx",
+                                    "--gzip", "--out", str(t / "m.onnx")], "--gzip compresses the sparse format only"),
+    ("finetune-on-other-classes", lambda t: ["finetune", "--checkpoint", str(_digits_model(t / "m.pt")), "--data",
+                                             str(_two_class(t)), "--image-size", "8", "--out", str(t / "o")],
+     "predicts 10 classes"),
+    ("config-duplicate-key", lambda t: ["run", str(_text(t / "c.yaml", "model: {name: digits_cnn}\n"
+                                                                      "model: {name: resnet20}\n"))],
+     "key 'model' is given twice"),
+    ("config-alias-bomb", lambda t: ["run", str(_text(t / "c.yaml", _BOMB))], "expands to more than"),
+    ("config-huge-seed", lambda t: ["run", str(_config(t, seed=2 ** 40))], "config error at 'seed'"),
+    ("config-weight-decay-negative", lambda t: ["run", str(_config(
+        t, stages=[{"stage": "train", "epochs": 1, "weight_decay": -1}]))], "weight_decay=-1"),
+    ("config-tolerance-nan", lambda t: ["run", str(_text(t / "c.yaml", yaml.safe_dump(
+        {"model": {"name": "digits_cnn"}, "data": {"name": "digits"}, "out": str(t / "run"),
+         "method": {"name": "l1-norm"}, "target": {"speedup": 2.0}}) + "stages: [{stage: cycle, tolerance: .nan, "
+                                                                         "stages: [{stage: prune}]}]\n"))],
+     "tolerance"),
+    ("config-stop-below-two", lambda t: ["run", str(_config(t, stages=[{"stage": "cycle", "stop_below": 2,
+                                                                         "stages": [{"stage": "prune"}]}]))],
+     "stop_below"),
+    ("config-image-size-zero", lambda t: ["run", str(_config(t, data={"name": "digits", "image_size": 0}))],
+     "data.image_size"),
+    ("config-num-classes-zero", lambda t: ["run", str(_config(t, model={"name": "digits_cnn", "num_classes": 0}))],
+     "model.num_classes"),
+    ("config-name-and-checkpoint", lambda t: ["run", str(_config(
+        t, model={"name": "digits_cnn", "checkpoint": str(_digits_model(t / "m.pt"))}))], "not both"),
+    ("report-garbage-metrics", lambda t: ["report", str(_garbage_run(t))], "is damaged"),
+    ("detect-settings-prunekit-key", lambda t: ["run", str(_detect_config(t, {"lr": 0.1}))], "lr0"),
+    ("detect-settings-unknown-key", lambda t: ["run", str(_detect_config(t, {"bogus_key": 1}))],
+     "'bogus_key' is not a valid YOLO argument"),
+    ("detect-settings-bad-value", lambda t: ["run", str(_detect_config(t, {"lr0": -1}))], "invalid value"),
+    ("detect-settings-epochs", lambda t: ["run", str(_detect_config(t, {"epochs": 5}))], "set by prunekit"),
+    ("detect-settings-project", lambda t: ["run", str(_detect_config(t, {"project": str(t)}))], "set by prunekit"),
+    ("detect-data-yaml-random-bytes", lambda t: ["run", str(_detect_config(t, {}, data=_random_bytes(t)))],
+     "is not valid YAML"),
+    ("detect-labels-in-pixels", lambda t: ["run", str(_detect_config(t, {}, data=_yolo_folder(t, "0 120 80 30 20")))],
+     "not pixels"),
+    ("detect-label-bad-class", lambda t: ["run", str(_detect_config(t, {}, data=_yolo_folder(t, "7 0.5 0.5 0.1 0.1")))],
+     "class id 7"),
+    ("detect-voc-image-is-text", lambda t: ["run", str(_detect_config(t, {}, data=_voc(t, text_image=True)))],
+     "is not a readable image"),
+    ("detect-voc-all-inverted", lambda t: ["run", str(_detect_config(t, {}, data=_voc(t, inverted=True)))],
+     "no object left"),
+    ("detect-voc-missing-xml", lambda t: ["run", str(_detect_config(t, {}, data=_voc(t, missing_xml=True)))],
+     "without an annotation"),
 ]
+
+_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefg", "bcdefgh", strict=True)) + \
+    "model: {name: digits_cnn}\ndata: {name: digits}\nout: run\nseed: *h\nstages: [{stage: prune}]\n"
+
+
+def _text(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def _marker_pickle(tmp: Path) -> Path:
+    """A pickle that creates ``tmp/MARKER`` if anything ever unpickles it."""
+    class Plant:
+        def __reduce__(self):
+            return (open, (str(tmp / "MARKER"), "w"))
+
+    import pickle
+
+    path = tmp / "plant.pt"
+    path.write_bytes(pickle.dumps(Plant()))
+    return path
+
+
+def _finished_train(tmp: Path) -> Path:
+    out = tmp / "done"
+    assert main(["train", "--model", "digits_cnn", "--data", "digits", "--epochs", "1", "--out", str(out)]) == 0
+    return out
+
+
+def _two_class(tmp: Path) -> Path:
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for c in ("cat", "dog"):
+            (tmp / "two" / split / c).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp / "two" / split / c / f"{i}.png")
+    return tmp / "two"
+
+
+def _garbage_run(tmp: Path) -> Path:
+    (tmp / "g").mkdir()
+    (tmp / "g" / "metrics.json").write_text("{not json")
+    return tmp / "g"
+
+
+def _detect_config(tmp: Path, settings: dict, data: str = "../shared/data/bccd") -> Path:
+    cfg = {"model": {"name": "ul:yolov3-tinyu"}, "data": {"name": str(data), "image_size": 64}, "out": str(tmp / "run"),
+           "stages": [{"stage": "train", "epochs": 1, **({"ultralytics": settings} if settings else {})}]}
+    path = tmp / "det.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _random_bytes(tmp: Path) -> Path:
+    (tmp / "data.yaml").write_bytes(bytes(range(256)) * 4)
+    return tmp / "data.yaml"
+
+
+def _yolo_folder(tmp: Path, label: str) -> Path:
+    from PIL import Image
+
+    for split in ("train", "val", "test"):
+        (tmp / "yolo" / "images" / split).mkdir(parents=True)
+        (tmp / "yolo" / "labels" / split).mkdir(parents=True)
+        Image.new("RGB", (64, 48), (90, 30, 10)).save(tmp / "yolo" / "images" / split / "a.jpg")
+        (tmp / "yolo" / "labels" / split / "a.txt").write_text(label + "\n")
+    (tmp / "yolo" / "data.yaml").write_text(yaml.safe_dump({"path": str(tmp / "yolo"), "train": "images/train",
+                                                            "val": "images/val", "test": "images/test",
+                                                            "names": {0: "cell"}}))
+    return tmp / "yolo" / "data.yaml"
+
+
+def _voc(tmp: Path, *, text_image: bool = False, inverted: bool = False, missing_xml: bool = False) -> Path:
+    from PIL import Image
+
+    root = tmp / "voc"
+    for d in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (root / d).mkdir(parents=True)
+    for i, split in enumerate(("train", "val", "test")):
+        name = f"im{i}"
+        if text_image and split == "val":
+            (root / "JPEGImages" / f"{name}.jpg").write_text("not an image")
+        else:
+            Image.new("RGB", (64, 48), (90, 30, 10)).save(root / "JPEGImages" / f"{name}.jpg")
+        x0, x1 = (40, 10) if inverted and split == "val" else (10, 40)
+        if not (missing_xml and split == "test"):
+            (root / "Annotations" / f"{name}.xml").write_text(
+                f"<annotation><object><name>cell</name><bndbox><xmin>{x0}</xmin><ymin>5</ymin><xmax>{x1}</xmax>"
+                "<ymax>30</ymax></bndbox></object></annotation>")
+        (root / "ImageSets" / "Main" / f"{split}.txt").write_text(name + "\n")
+    return root
 
 
 def _compare(tmp: Path, claimed: bool = False, **changes) -> Path:
@@ -184,6 +360,7 @@ def test_bad_input_is_one_clear_line_and_changes_nothing(case, tmp_path, capsys,
     assert len(lines) == 1 and expected in lines[0], err
     after = _snapshot(tmp_path)
     assert {k: v for k, v in after.items() if k in before} == before  # nothing that existed was touched
+    assert not (tmp_path / "MARKER").exists()  # no planted pickle was opened
 
 
 @pytest.mark.parametrize("argv", [["eval", "--checkpoint", "m.pt", "--repeats", "0"],

@@ -63,8 +63,13 @@ def test_config_errors_name_the_key(tmp_path, mutate, needle):
 
 
 def test_example_configs_are_valid():
-    for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
-        load_config(path)
+    from prunekit import compare
+
+    root = Path(__file__).resolve().parents[1]
+    for path in sorted((root / "configs").glob("*.yaml")):
+        (compare.load_config if path.name.startswith("compare-") else load_config)(path)
+    for path in sorted((root / "benchmarks" / "compare").glob("*.yaml")):  # the protocols are compare configs
+        compare.load_config(path)
 
 
 def test_run_dir_layout_resume_and_foreign_config(tmp_path):

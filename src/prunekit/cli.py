@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -38,10 +39,10 @@ def _add_train_args(p: argparse.ArgumentParser, epochs: int, lr: float) -> None:
     p.add_argument("--lr", type=float, default=lr, help="peak learning rate")
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
     p.add_argument("--schedule", default="onecycle", choices=["onecycle", "cosine", "constant"])
-    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--weight-decay", type=_non_negative, default=5e-4)
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--batch-size", type=_positive, default=128)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--out", required=True, help="run directory (checkpoint, log.jsonl, model.pt)")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
@@ -67,6 +68,13 @@ def _train_cfg(args: argparse.Namespace) -> TrainConfig:
 
 def _guard_out(out: Path, args: argparse.Namespace) -> None:
     """Never overwrite a run: a finished or interrupted one is resumed (--resume) or replaced (--force) only."""
+    if args.resume and args.force:
+        raise PrunekitError("--resume continues a run and --force replaces it: give one of them")
+    if args.resume and (out / "model.pt").exists():
+        raise PrunekitError(f"{out} holds a finished run (model.pt), nothing to resume; use --force to train it "
+                            "again or another --out")
+    if args.resume and not (out / "last.pt").exists():
+        raise PrunekitError(f"{out} holds no interrupted run to resume (no last.pt); drop --resume to start one")
     if args.force and not args.resume:
         for name in ("model.pt", "last.pt", "log.jsonl"):
             (out / name).unlink(missing_ok=True)
@@ -80,6 +88,8 @@ def _guard_out(out: Path, args: argparse.Namespace) -> None:
 
 def _run_training(model: torch.nn.Module, args: argparse.Namespace, bundle: pkdata.DataBundle,
                   desc: str) -> int:
+    if not str(args.out).strip():
+        raise PrunekitError("--out is empty: give a folder for the run")
     out = Path(args.out)
     cfg = _train_cfg(args)
     dev = resolve_device(args.device)
@@ -123,6 +133,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     bundle = _load_data(args)
     model = io.load(args.checkpoint)
+    classes = (getattr(model, "prunekit_arch", None) or {}).get("num_classes")
+    if classes is not None and classes != bundle.num_classes:
+        raise PrunekitError(f"{args.checkpoint} predicts {classes} classes but data {bundle.name} has "
+                            f"{bundle.num_classes}; fine-tune it on data with the classes it was trained on")
     return _run_training(model, args, bundle, "finetune")
 
 
@@ -161,6 +175,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
                                     f"its options: {', '.join(method.options) or 'none'}")
             opts[key] = value
     method.check_options(opts)  # before anything is loaded
+    if opts.get("percentile") is not None and args.speedup is not None:
+        raise PrunekitError("--percentile and --speedup both set the cut: give one of them")
+    if args.speedup is not None and args.speedup <= 1.0:
+        raise PrunekitError(f"--speedup {args.speedup:g} removes nothing: give a speedup > 1 (base MACs / pruned MACs)")
     model = io.load(args.checkpoint)
     bundle = _load_data(args).holdout(0.1, seed=args.seed) if args.data else None
     data = val = None
@@ -261,6 +279,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.force:
         raise PrunekitError(f"{out} already exists; use --force to overwrite or choose another --out")
+    if args.gzip and args.format != "sparse":
+        raise PrunekitError("--gzip compresses the sparse format only; ONNX files are written as they are")
     model = io.load(args.checkpoint)
     if args.format == "sparse":
         from .sparse import export_sparse
@@ -269,7 +289,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     else:
         from .export import export_onnx
 
-        info = export_onnx(model, _example_inputs(model, None)[:1], out, opset=args.opset)
+        if models.is_detector(model):  # one output tensor (decoded predictions), as Ultralytics' exporter does
+            from .yolo import export_mode
+
+            with export_mode(model):
+                info = export_onnx(model, _example_inputs(model, None)[:1], out, opset=args.opset)
+        else:
+            info = export_onnx(model, _example_inputs(model, None)[:1], out, opset=args.opset)
     print(json.dumps(info))
     return 0
 
@@ -346,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--param", action="append", type=_param, metavar="KEY=VALUE",
                    help="a method option (repeatable; `prunekit methods` lists them), e.g. --param ranking=global")
     _add_data_args(p)
-    p.add_argument("--seed", type=int, default=0, help="seed of the validation split held out of --data")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the validation split held out of --data")
     p.add_argument("--speedup", type=float, help="target MACs ratio base/pruned (structured methods)")
     p.add_argument("--sparsity", type=float, help="fraction of weights to zero (unstructured methods)")
     p.add_argument("--percentile", type=float, help="net-slim: global |γ| percentile instead of --speedup")
@@ -421,6 +447,22 @@ def _at_least(minimum: int):
 
 
 _positive, _count = _at_least(1), _at_least(0)
+
+
+def _seed(text: str) -> int:
+    """An argparse type: a seed, an integer in [0, 2^32) (what numpy and scikit-learn accept)."""
+    value = int(text)
+    if not 0 <= value < 2 ** 32:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2^32), got {text}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    """An argparse type: a finite number >= 0."""
+    value = float(text)
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

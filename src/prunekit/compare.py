@@ -191,14 +191,7 @@ def load_config(path: str | Path) -> dict:
 
 
 def _read(path: str | Path) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise PrunekitError(f"compare config {path} does not exist")
-    try:
-        cfg = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise PrunekitError(f"compare config {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
-    return cfg
+    return io.read_yaml(path, "compare config")
 
 
 # ---- the runs a compare consists of ----
@@ -303,12 +296,7 @@ def _say(msg: str) -> None:
 
 def _finished(config: dict) -> dict | None:
     """A pipeline run's metrics if it finished with this very config (read, not re-measured), else None."""
-    out = Path(config["out"])
-    if not (out / "metrics.json").exists() or not (out / "config.yaml").exists():
-        return None
-    if yaml.safe_load((out / "config.yaml").read_text()) != pipeline.validate(copy.deepcopy(config)):
-        return None
-    return json.loads((out / "metrics.json").read_text())
+    return pipeline.finished_metrics(Path(config["out"]), pipeline.validate(copy.deepcopy(config)))
 
 
 def _run(config: dict, force: bool) -> dict:

@@ -12,6 +12,9 @@ shapes; a parameter the state holds where the base has none (a bias added by com
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import hmac
+import math
 import os
 import tempfile
 from collections import OrderedDict
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
 from .errors import PrunekitError
@@ -71,8 +75,9 @@ def _atomic(path: str | Path, write: Callable[[Any], Any]) -> None:
     except BaseException as exc:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            reason = exc.strerror or exc
+        if isinstance(exc, OSError | RuntimeError):  # torch's zip writer reports a full disk as a RuntimeError
+            text = str(exc).strip().splitlines()
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else (text[0][:120] if text else exc)
             raise PrunekitError(f"cannot write {path}: {reason}; check the path, free space and permissions") from exc
         raise
 
@@ -126,6 +131,90 @@ def safe_load(path: str | Path) -> dict:
     return obj
 
 
+# ---- configs people write ----
+MAX_CONFIG_NODES = 100_000  # a config far beyond any real one: an alias bomb expands past this
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses a key given twice in one mapping (else the last would win silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"key {str(key)[:40]!r} is given twice",
+                                                            key_node.start_mark)
+                seen.add(key)
+            except TypeError:
+                pass  # an unhashable key: the base class says so
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: str | Path, what: str = "config file") -> Any:
+    """A YAML file people write, parsed safely: no duplicate keys, no alias bomb, errors in one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise PrunekitError(f"{what} {path} does not exist")
+    try:
+        obj = yaml.load(path.read_text(), Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
+        raise PrunekitError(f"{what} {path} is not valid YAML{where}: {str(problem)[:160]}") from exc
+    memo: dict[int, int] = {}
+
+    def size(x: Any) -> int:  # nodes after expanding every alias, each shared node counted once per use
+        if id(x) in memo:
+            return memo[id(x)]
+        items = list(x.items()) if isinstance(x, dict) else list(x) if isinstance(x, list) else []
+        memo[id(x)] = n = 1 + sum(size(v) for kv in items for v in (kv if isinstance(x, dict) else (kv,)))
+        if n > MAX_CONFIG_NODES:
+            raise PrunekitError(f"{what} {path} expands to more than {MAX_CONFIG_NODES:,} values (YAML aliases?); "
+                                "refused")
+        return n
+
+    size(obj)
+    return obj
+
+
+# ---- files prunekit wrote itself ----
+def _signing_key() -> bytes:
+    """This machine's key for signing files prunekit wrote (``$PRUNEKIT_CACHE/signing.key``, made once, 0600).
+
+    A run folder copied from elsewhere carries no signature made with this key, so nothing in it that
+    only a pickle can read (Ultralytics' ``last.pt``) is ever unpickled.
+    """
+    root = Path(os.environ.get("PRUNEKIT_CACHE") or Path.home() / ".cache" / "prunekit").expanduser()
+    path = root / "signing.key"
+    if not path.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(os.urandom(32))
+        except FileExistsError:
+            pass
+    return path.read_bytes()
+
+
+def file_signature(path: str | Path) -> str:
+    """HMAC-SHA256 of the file's bytes under this machine's key."""
+    mac = hmac.new(_signing_key(), digestmod=hashlib.sha256)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            mac.update(chunk)
+    return mac.hexdigest()
+
+
+def signed_by_us(path: str | Path, signature: str | None) -> bool:
+    """Whether ``path`` is byte for byte a file this machine's prunekit signed."""
+    return isinstance(signature, str) and Path(path).is_file() and hmac.compare_digest(file_signature(path),
+                                                                                         signature)
+
+
 def arch_of(model: nn.Module) -> dict:
     """The recipe that rebuilds ``model``'s architecture, including any pruning applied to it."""
     base = getattr(model, "prunekit_arch", None) or {"name": None, "num_classes": None, "kwargs": {}}
@@ -166,10 +255,16 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(owner, leaf, new)
 
 
+# A model file names an architecture and its shape parameters, never a file to open or a trust flag:
+# trust comes from the caller (``prunekit.models.create(..., weights_path=, trust_pickle=)``), never a file.
+_FILE_KWARGS = ("weights_path", "trust_pickle", "weights", "cfg", "yaml", "path", "file", "url")
+MAX_INPUT_ELEMENTS = 1 << 28  # an example input beyond 1 GiB of float32 is no image a model takes
+
+
 def check_arch(arch: Any, path: str | Path = "<memory>") -> None:
     """The recipe's fields have the types ``arch_of`` writes, before any of them is used."""
-    def plain(v: Any) -> bool:
-        return v is None or isinstance(v, bool | int | float | str) or (
+    def plain(v: Any) -> bool:  # shape parameters: numbers and flags (a string could name a file)
+        return v is None or isinstance(v, bool | int | float) or (
             isinstance(v, list | tuple) and all(plain(x) for x in v))
 
     fields = {
@@ -185,9 +280,17 @@ def check_arch(arch: Any, path: str | Path = "<memory>") -> None:
     }
     if not isinstance(arch, dict):
         raise PrunekitError(f"{path} is corrupt (its architecture is not a mapping); re-create it")
+    kwargs = arch.get("kwargs") if isinstance(arch.get("kwargs"), dict) else {}
+    named = sorted(str(k)[:40] for k in kwargs if any(f in str(k).lower() for f in _FILE_KWARGS))
+    if named:
+        raise PrunekitError(f"{path} names {named[0]!r} in its architecture recipe: a model file gives shape "
+                            "parameters only, never a file to open or a trust flag; refused")
     for key, ok in fields.items():
         if key in arch and not ok(arch[key]):
-            raise PrunekitError(f"{path} is corrupt (architecture field {key}={arch[key]!r:.60}); re-create it")
+            raise PrunekitError(f"{path} is corrupt (architecture field {key}={str(arch[key])[:60]!r}); re-create it")
+    shape = arch.get("input_shape") or []
+    if shape and (any(x > 65536 for x in shape) or math.prod(shape) > MAX_INPUT_ELEMENTS):
+        raise PrunekitError(f"{path} records an input shape {shape[:4]} too large for any model input; refused")
     if arch.get("name") is not None and arch.get("num_classes") is None:
         raise PrunekitError(f"{path} is corrupt (architecture {arch['name']!r} without num_classes); re-create it")
 
@@ -276,11 +379,17 @@ def _resize_to(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> N
             raise PrunekitError(f"weights do not fit {what}: no module {mod_name!r} for {key!r}") from None
         if not isinstance(value, torch.Tensor):
             raise PrunekitError(f"weights do not fit {what}: {key!r} is not a tensor")
+        cur = getattr(mod, attr, None)
+        if isinstance(cur, torch.Tensor) and cur.is_floating_point() and not value.is_floating_point():
+            raise PrunekitError(f"weights do not fit {what}: {key} is {str(value.dtype)[6:]}, not floating point; "
+                                "the file is damaged or was edited")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise PrunekitError(f"{key} holds NaN or infinite values: the model is broken (training diverged?); "
+                                "use an earlier checkpoint")
         want = _expected_shape(mod, attr)
         if want is not None and tuple(value.shape) != want:
             raise PrunekitError(f"weights do not fit {what}: {key} has shape {tuple(value.shape)} but the layer's "
                                 f"recorded shape needs {want}; the file is damaged or was edited")
-        cur = getattr(mod, attr, None)
         if isinstance(cur, torch.Tensor) and cur.shape == value.shape:
             continue
         if isinstance(cur, nn.Parameter) or (cur is None and attr in mod._parameters):

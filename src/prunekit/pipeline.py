@@ -24,7 +24,9 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import math
 import shutil
+import sys
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -94,8 +96,10 @@ def _check_stage(stage: Any, where: str, method: methods.Method | None, budget: 
                 raise _err(f"{where}.stages[{i}].epochs", "'rest' is for a stage after the cycles")
         for key, typ in (("max_cycles", int), ("stop_below", (int, float)), ("tolerance", (int, float))):
             v = stage.get(key)
-            if v is not None and (not isinstance(v, typ) or isinstance(v, bool) or v < 0):
-                raise _err(f"{where}.{key}", f"must be a non-negative number, got {v!r}")
+            if v is not None and (not isinstance(v, typ) or isinstance(v, bool) or not 0 <= v < math.inf):
+                raise _err(f"{where}.{key}", f"must be a finite number >= 0, got {str(v)[:40]!r}")
+        if not stage.get("stop_below", 0) <= 1:
+            raise _err(f"{where}.stop_below", f"is a fraction of the MACs in [0, 1], got {stage['stop_below']}")
         if stage.get("max_cycles", 3) < 1:
             raise _err(f"{where}.max_cycles", "must be >= 1")
         return
@@ -115,7 +119,14 @@ def _check_stage(stage: Any, where: str, method: methods.Method | None, budget: 
                                           "'ultralytics:' (e.g. lr0, optimizer, warmup_epochs)")
     _check_keys(stage, {"stage"} | (set() if kind == "prune" else train_keys) | set(reg), where)
     if detect and kind != "prune":
-        if not isinstance(stage.get("ultralytics", {}), dict):
+        if stage.get("ultralytics"):
+            from . import yolo
+
+            try:
+                yolo.check_settings(stage["ultralytics"])
+            except PrunekitError as exc:
+                raise _err(f"{where}.ultralytics", str(exc)) from exc
+        elif not isinstance(stage.get("ultralytics", {}), dict):
             raise _err(f"{where}.ultralytics", "must be a mapping of Ultralytics train settings")
         if stage.get("epochs") == REST and budget is None:
             raise _err(f"{where}.epochs", "'rest' needs a top-level budget (total training epochs of the run)")
@@ -151,14 +162,7 @@ def _check_target(method: methods.Method, params: dict, tgt: dict) -> None:
 
 def load_config(path: str | Path) -> dict:
     """Read and validate a run config; every problem names its key and the allowed values."""
-    path = Path(path)
-    if not path.is_file():
-        raise PrunekitError(f"config file {path} does not exist")
-    try:
-        cfg = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise PrunekitError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
-    return validate(cfg)
+    return validate(io.read_yaml(path))
 
 
 def validate(cfg: Any) -> dict:
@@ -179,6 +183,10 @@ def validate(cfg: Any) -> dict:
     _check_keys(cfg["model"], MODEL_KEYS, "model")
     if not cfg["model"].get("name") and not cfg["model"].get("checkpoint"):
         raise _err("model", "give name (zoo, tv:<name> or ul:<name>) or checkpoint")
+    if cfg["model"].get("name") and cfg["model"].get("checkpoint"):
+        raise _err("model", "give name (a new model) or checkpoint (a model file), not both")
+    if cfg["model"].get("num_classes") is not None and cfg["model"]["num_classes"] < 1:
+        raise _err("model.num_classes", f"must be >= 1, got {cfg['model']['num_classes']}")
     if cfg["model"].get("name") and not cfg["model"].get("checkpoint"):
         name = cfg["model"]["name"]
         if not (models.is_zoo(name) or name.startswith(("tv:", models.UL_PREFIX))):
@@ -192,6 +200,9 @@ def validate(cfg: Any) -> dict:
         raise _err("task", f"{cfg['model']['name']} is a detector: task must be detect")
     detect = cfg["task"] == "detect"
     _check_keys(cfg["data"], DATA_KEYS, "data")
+    for key in ("image_size", "batch_size", "calibration_batches", "limit"):
+        if cfg["data"].get(key) is not None and cfg["data"][key] < 1:
+            raise _err(f"data.{key}", f"must be >= 1, got {cfg['data'][key]}")
     if "name" not in cfg["data"]:
         raise _err("data.name", "missing: a VOC directory or YOLO data yaml" if detect else
                    "missing: digits, cifar10, synthetic or an ImageFolder path")
@@ -236,7 +247,13 @@ def validate(cfg: Any) -> dict:
     if "prune" in kinds and method is None:
         raise _err("method.name", "a prune stage needs a method; see `prunekit methods`")
     cfg.setdefault("device", "auto")
-    cfg.setdefault("seed", 0)
+    if cfg.get("seed") is None:
+        cfg["seed"] = 0
+    if not 0 <= cfg["seed"] < 2 ** 32:
+        raise _err("seed", f"must be an integer in [0, 2^32), got {str(cfg['seed'])[:40]}")
+    split_seed = cfg["data"].get("split_seed") or 0
+    if not 0 <= split_seed < 2 ** 32:
+        raise _err("data.split_seed", f"must be an integer in [0, 2^32), got {str(split_seed)[:40]}")
     cfg.setdefault("name", Path(cfg["out"]).name)
     return cfg
 
@@ -246,7 +263,7 @@ class Run:
 
     def __init__(self, cfg: dict, *, force: bool = False, out: str | Path | None = None):
         self.cfg = validate(copy.deepcopy(cfg))
-        self.dir = Path(out or self.cfg["out"])
+        self.dir = Path(out or self.cfg["out"]).expanduser().absolute()  # Ultralytics' folders live here too
         self.rank, _ = dist_info()
         self._claim(force)
         self.dev = resolve_device(self.cfg["device"])
@@ -304,6 +321,9 @@ class Run:
 
     def _finish(self, sdir: Path, model: torch.nn.Module, record: dict) -> None:
         if self.rank == 0:
+            if not (self.dir / "config.yaml").exists():  # a stage must not recreate a folder someone removed
+                raise PrunekitError(f"run folder {self.dir} (or its config.yaml) was removed while the run was "
+                                    "going; nothing more is written there")
             io.save(model, sdir / "model.pt")
             io.atomic_save(record, sdir / "done.pt")  # the marker is written last: its presence means done
             (sdir / "stage.json").write_text(json.dumps(record, indent=1, default=str))
@@ -622,7 +642,25 @@ def run(config: str | Path | dict, *, force: bool = False, out: str | Path | Non
     The run directory has one writer at a time (``io.run_lock``); under torchrun, rank 0 holds it.
     """
     cfg = load_config(config) if not isinstance(config, dict) else validate(copy.deepcopy(config))
+    if out is not None and not str(out).strip():
+        raise PrunekitError("--out is empty: give a folder for the run (or leave it out to use the config's out)")
     if dist_info()[0] != 0:
         return Run(cfg, force=force, out=out).execute()
     with io.run_lock(Path(out or cfg["out"])):
+        finished = finished_metrics(Path(out or cfg["out"]), cfg)
+        if finished is not None and not force:
+            print(f"prunekit: {out or cfg['out']} is a finished run of this config; nothing to do (its metrics.json "
+                  "is kept; --force measures it again)", file=sys.stderr)
+            return finished
         return Run(cfg, force=force, out=out).execute()
+
+
+def finished_metrics(run_dir: Path, cfg: dict) -> dict | None:
+    """The metrics of a run that finished with this config, else None."""
+    try:
+        if yaml.safe_load((run_dir / "config.yaml").read_text()) != cfg:
+            return None
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    return metrics if isinstance(metrics, dict) and "after" in metrics else None

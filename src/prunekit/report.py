@@ -13,7 +13,9 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -46,8 +48,24 @@ def _load_run(run: Path) -> dict:
     for d in _stage_dirs(run):
         rec = io.safe_load(d / "done.pt")
         stages.append({"dir": d, **rec})
-    log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()] if (run / "log.jsonl").exists() else []
-    return {"dir": run, "metrics": json.loads((run / "metrics.json").read_text()), "stages": stages, "log": log}
+    try:
+        metrics = json.loads((run / "metrics.json").read_text())
+        ok = isinstance(metrics, dict) and all(isinstance(metrics.get(k), dict) for k in ("before", "after"))
+    except (ValueError, UnicodeDecodeError):
+        ok = False
+    if not ok:
+        raise PrunekitError(f"{run / 'metrics.json'} is damaged (not the metrics a run writes); re-run the run with "
+                            "--force to measure it again")
+    log = []
+    if (run / "log.jsonl").exists():
+        for line in (run / "log.jsonl").read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line cut by a crash
+            if isinstance(record, dict):
+                log.append(record)
+    return {"dir": run, "metrics": metrics, "stages": stages, "log": log}
 
 
 def _channels_plot(run: dict) -> bytes | None:
@@ -169,6 +187,11 @@ def _table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def _file_name(name: Any) -> str:
+    """A run's name as a file name inside the report folder: no separators, no leading dots, bounded."""
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", str(name)).lstrip(".")[:80] or "run"
+
+
 def write_report(run_dirs: list[str | Path], out: str | Path | None = None) -> tuple[Path, Path]:
     """Write report.html and report.md for one run (into it) or several (into ``out``)."""
     runs = [_load_run(Path(d)) for d in run_dirs]
@@ -181,7 +204,7 @@ def write_report(run_dirs: list[str | Path], out: str | Path | None = None) -> t
         detections, why = _detections_plot(r)
         notes += [f"{r['metrics']['name']}: {why}"] if why else []
         figures = [("channels", _channels_plot(r)), *_method_figures(r), ("detections", detections)]
-        plots += [(f"{r['metrics']['name']}-{label}", fig) for label, fig in figures if fig]
+        plots += [(f"{_file_name(r['metrics']['name'])}-{label}", fig) for label, fig in figures if fig]
     for label, fig in (("curves", _curves_plot(runs)), ("tradeoff", _tradeoff_plot(runs))):
         if fig:
             plots.append((label, fig))

@@ -59,10 +59,13 @@ class TrainConfig:
             "optimizer": (self.optimizer in ("sgd", "adamw"), "sgd, adamw"),
             "schedule": (self.schedule in ("onecycle", "cosine", "constant"), "onecycle, cosine, constant"),
             "epochs": (self.epochs >= 0, "an integer >= 0"),
-            "lr": (self.lr > 0, "a number > 0"),
+            "lr": (0 < self.lr < math.inf, "a finite number > 0"),
             "batch_size": (self.batch_size > 0, "an integer > 0"),
             "warmup": (0 <= self.warmup < 1, "a fraction in [0, 1)"),
             "label_smoothing": (0 <= self.label_smoothing < 1, "a fraction in [0, 1)"),
+            "weight_decay": (0 <= self.weight_decay < math.inf, "a number >= 0"),
+            "momentum": (0 <= self.momentum < 1, "a fraction in [0, 1)"),
+            "seed": (0 <= self.seed < 2 ** 32, "an integer in [0, 2^32)"),
         }
         for key, (ok, allowed) in checks.items():
             if not ok:

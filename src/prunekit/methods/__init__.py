@@ -112,8 +112,9 @@ _LAYER_LIST = (list, tuple, type(None))
 # Options every structured method takes (they shape the PruneGraph).
 STRUCTURED_OPTIONS = (
     Option("ignored_layers", _LAYER_LIST, None, "module names (or modules) never pruned; the output layers never are"),
-    Option("min_keep", int, 1, "channels every coupled group keeps at least"),
-    Option("round_to", (int, type(None)), None, "round kept channel counts up to a multiple of this (e.g. 8)"),
+    Option("min_keep", int, 1, "channels every coupled group keeps at least", minimum=1),
+    Option("round_to", (int, type(None)), None, "round kept channel counts up to a multiple of this (e.g. 8)",
+           minimum=1),
 )
 
 
@@ -308,6 +309,14 @@ def prune(model: nn.Module, method: str, example_inputs: torch.Tensor | None = N
     params = list(model.parameters()) if isinstance(model, nn.Module) else []
     if not params:
         raise PrunekitError("model must be an nn.Module with parameters")
+    if any(p.is_meta for p in params) or (isinstance(example_inputs, torch.Tensor) and example_inputs.is_meta):
+        raise PrunekitError("the model or its example inputs are on the meta device (no values): load real weights "
+                            "first, e.g. model.to_empty(device='cpu') then load a state dict")
+    broken = next((n for n, p in model.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()),
+                  None)
+    if broken is not None:
+        raise PrunekitError(f"parameter {broken} holds NaN or infinite values: the model is broken (training "
+                            "diverged?); prune a healthy checkpoint")
     dev = params[0].device
     if ctx is None:
         data, val = _as_batches(data), _as_batches(val)

@@ -196,10 +196,12 @@ def _figures(info: dict) -> list[tuple[str, bytes]]:
 
 
 LEARNER_OPTIONS = (
-    Option("min_weight", (int, float), 0.01, "learner: least share of values in the negligible component"),
-    Option("min_separation", (int, float), 2.0, "learner: least Ashman's D between the two components"),
-    Option("max_valley", (int, float), 0.5, "learner: highest density dip between the modes (1 = none)"),
-    Option("min_ratio", (int, float), 3.0, "learner: least factor between the component centres"),
+    Option("min_weight", (int, float), 0.01, "learner: least share of values in the negligible component",
+           minimum=0, maximum=1),
+    Option("min_separation", (int, float), 2.0, "learner: least Ashman's D between the two components", minimum=0),
+    Option("max_valley", (int, float), 0.5, "learner: highest density dip between the modes (1 = none)",
+           minimum=0, maximum=1),
+    Option("min_ratio", (int, float), 3.0, "learner: least factor between the component centres", minimum=1),
 )
 
 

@@ -21,7 +21,7 @@ from . import BN_SPARSITY_OPTIONS, STRUCTURED_OPTIONS, Context, Option, PruneRes
 
 RANKING = Option("ranking", str, "local", "local: same ratio per layer; global: one normalised ranking",
                  ("local", "global"))
-SEED = Option("seed", int, 0, "random generator seed (random criterion)")
+SEED = Option("seed", int, 0, "random generator seed (random criterion)", minimum=0, maximum=2 ** 32 - 1)
 
 
 def structured_prune(model: nn.Module, example_inputs: torch.Tensor, *, method: str, criterion: str,
@@ -81,7 +81,7 @@ _baseline("fpgm", "fpgm", "local", "filters nearest the geometric median removed
 _baseline("net-slim", "net-slim", "global",
           "BN scale |γ| below one global threshold removed (Liu 2017); percentile= or speedup=",
           Option("percentile", (int, float, type(None)), None, "remove channels below this global |γ| percentile "
-                 "(0-100) instead of reaching speedup"),
+                 "(0-100) instead of reaching speedup", minimum=0, maximum=100),
           regularizer=bn_sparsity, regularizer_options=BN_SPARSITY_OPTIONS, figures=_net_slim_figures,
           needs_batchnorm=True)
 _baseline("random", "random", "local", "random filters removed, same ratio per layer (sanity baseline)", SEED)

@@ -40,7 +40,8 @@ def _figures(info: dict) -> list[tuple[str, bytes]]:
 @register("dist-fit", "S1: keep filters whose norms fit the original norm distribution (quantile picks)",
           figures=_figures,
           options=(*STRUCTURED_OPTIONS,
-                   Option("tol", (int, float), 0.1, "redundancy tie-break window, in standard deviations of norm")))
+                   Option("tol", (int, float), 0.1, "redundancy tie-break window, in standard deviations of norm",
+                          minimum=0)))
 def dist_fit(model: nn.Module, ctx: Context, *, speedup: float | None, ignored_layers: list | None,
              min_keep: int, round_to: int | None, tol: float) -> PruneResult:
     pg = PruneGraph(model, ctx.example_inputs, ignored_layers=ignored_layers, min_keep=min_keep, round_to=round_to)

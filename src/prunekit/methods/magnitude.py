@@ -124,7 +124,7 @@ def magnitude(model: nn.Module, ctx: Context, *, sparsity: float | None, rule: s
     masks = magnitude_masks(model, sparsity=sparsity, rule=rule, q=q, ignored_layers=ignored_layers,
                             include_classifier=include_classifier)
     masks.apply(model)
-    macs, macs_nonzero = conv_linear_macs(model, ctx.example_inputs)  # zeros do not change dense MACs
+    macs, macs_nonzero = conv_linear_macs(model, ctx.example_inputs[:1])  # per image; zeros keep dense MACs
     after = {"params": count_params(model, nonzero=True), "macs": macs}
     per_layer = {n.removesuffix(".weight"): round(1.0 - float(m.sum()) / m.numel(), 6) for n, m in masks.masks.items()}
     info = {"sparsity": masks.sparsity(), "nonzero_params": after["params"], "params": count_params(model),

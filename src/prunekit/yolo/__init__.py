@@ -15,8 +15,11 @@ and the attention layers whose forward reshapes channels into heads.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
+import io as io_
+import json
 import logging
 import os
 import pickle
@@ -31,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import io
 from ..errors import PrunekitError
 from . import data  # prunekit.yolo.data: VOC -> YOLO layout (needs no Ultralytics)
 
@@ -363,6 +367,38 @@ def export_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 # ---- training through Ultralytics ----
+# Settings prunekit gives the trainer itself: in a pipeline they have their own keys.
+OWN_SETTINGS = {"epochs": "the stage's epochs", "batch": "the stage's batch_size", "seed": "the stage's seed",
+                "imgsz": "data.image_size", "device": "the config's device", "data": "data.name",
+                "model": "model", "project": "the run's out", "name": "the run's out", "exist_ok": "the run's out",
+                "resume": "re-running the config", "pretrained": "model.checkpoint"}
+
+
+def check_settings(settings: Any, where: str = "ultralytics") -> None:
+    """Ultralytics train settings checked by Ultralytics' own config check, before any stage runs; a key prunekit
+    sets itself, or one of prunekit's own names, is refused naming the right key."""
+    if not isinstance(settings, dict):
+        raise PrunekitError(f"{where} must be a mapping of Ultralytics train settings (lr0, optimizer, mosaic, ...)")
+    for key in settings:
+        if key in OWN_SETTINGS:
+            raise PrunekitError(f"{where}.{key} is set by prunekit: use {OWN_SETTINGS[key]} instead")
+        if key == "lr":
+            raise PrunekitError(f"{where}.lr: Ultralytics calls the learning rate lr0")
+    ultralytics()
+    from ultralytics.cfg import DEFAULT_CFG_DICT, check_cfg, check_dict_alignment
+
+    logger = logging.getLogger("ultralytics")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)  # its check logs the whole CLI help before raising
+    try:
+        with contextlib.redirect_stdout(io_.StringIO()):
+            check_dict_alignment(DEFAULT_CFG_DICT, dict(settings))
+            check_cfg(dict(settings))
+    except (SyntaxError, ValueError, TypeError) as exc:
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()
+        raise PrunekitError(f"{where}: {' '.join(text[:1])[:200]}") from None
+    finally:
+        logger.setLevel(level)
 def train(model: nn.Module, dataset: str | Path, *, epochs: int = 1, imgsz: int | None = None, batch: int = 16,
           device: str = "cpu", project: str | Path | None = None, name: str = "train",
           after_backward: Callable[[nn.Module], None] | None = None, keep: str = "best", resume: bool = False,
@@ -404,14 +440,18 @@ def train(model: nn.Module, dataset: str | Path, *, epochs: int = 1, imgsz: int 
                             f"{len(ds.names)} ({', '.join(ds.names)}); build it with num_classes={len(ds.names)}")
     # Its AMP self-test downloads yolo26n.pt; prunekit never downloads, so AMP is used on CUDA untested.
     ul_trainer.check_amp = lambda m: next(m.parameters()).device.type == "cuda"
+    # An absolute project: Ultralytics puts a relative one under its own runs folder, where two runs that
+    # name the same relative folder from two places would share (and overwrite) one another's weights.
+    project = Path(project or config_dir() / "runs").expanduser().absolute()
     args = {"model": f"{model.yaml.get('yaml_file', 'prunekit')}", "data": str(ds.yaml), "epochs": epochs,
             "imgsz": imgsz or input_size(model), "batch": batch, "device": device, "name": name, "exist_ok": True,
-            "project": str(project or config_dir() / "runs"), "pretrained": False, "plots": False} | overrides
+            "project": str(project), "pretrained": False, "plots": False} | overrides
 
     resumed = None
-    last = Path(args["project"]) / name / "weights" / "last.pt"
+    last = project / name / "weights" / "last.pt"
+    signatures = project / name / "prunekit-signatures.json"
     if resume and last.is_file():
-        ckpt = torch.load(last, map_location="cpu", weights_only=False)  # this function's own file: trusted
+        ckpt = _load_signed(last, signatures)
         if ckpt.get("optimizer") is not None and ckpt.get("epoch", -1) >= 0:  # finished runs drop both
             args["resume"], resumed = str(last), ckpt
             try:
@@ -428,6 +468,20 @@ def train(model: nn.Module, dataset: str | Path, *, epochs: int = 1, imgsz: int 
             """The model is prunekit's, never built here; the checkpoint to resume from, if any, goes on to
             ``resume_training`` (epoch, optimiser, EMA)."""
             return resumed
+
+        def _sign(self) -> None:
+            signed = {p.name: io.file_signature(p) for p in (self.last, self.best) if Path(p).is_file()}
+            io.atomic_write_text(json.dumps(signed), signatures)
+
+        def save_model(self) -> None:
+            """Ultralytics' checkpoints, signed as this machine's prunekit's own (the only pickles it reopens)."""
+            super().save_model()
+            self._sign()
+
+        def final_eval(self) -> None:
+            """Ultralytics strips the optimiser from both checkpoints here: sign what it leaves."""
+            super().final_eval()
+            self._sign()
 
         def optimizer_step(self) -> None:
             """Ultralytics' step (unscale, clip to norm 10, step, EMA) with the regulariser before the clip."""
@@ -446,10 +500,22 @@ def train(model: nn.Module, dataset: str | Path, *, epochs: int = 1, imgsz: int 
     trainer.model = model
     trainer.train()
     chosen = trainer.best if keep == "best" else trainer.last
-    if chosen.is_file():  # written by this trainer just now, so unpickling it is safe
-        model.load_state_dict(_trained_state(torch.load(chosen, map_location="cpu", weights_only=False)))
+    if chosen.is_file():
+        model.load_state_dict(_trained_state(_load_signed(chosen, signatures)))
     model.float().eval()
     return {k: float(v) for k, v in (trainer.metrics or {}).items()}
+
+
+def _load_signed(path: Path, signatures: Path) -> dict:
+    """Unpickle an Ultralytics checkpoint only if this machine's prunekit wrote it, byte for byte."""
+    try:
+        signed = json.loads(signatures.read_text()) if signatures.is_file() else {}
+    except (OSError, ValueError):
+        signed = {}
+    if not io.signed_by_us(path, signed.get(path.name) if isinstance(signed, dict) else None):
+        raise PrunekitError(f"{path} was not written by prunekit on this machine (or changed since): a pickle, "
+                            "so it is not opened; delete it (or use --force) to train the stage afresh")
+    return torch.load(path, map_location="cpu", weights_only=False)  # signed: written by this trainer
 
 
 @contextmanager

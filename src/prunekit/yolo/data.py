@@ -31,9 +31,11 @@ from PIL import Image
 
 from ..data._folder import default_cache_dir
 from ..errors import PrunekitError
+from ..io import read_yaml
 
 SPLITS = ("train", "val", "test")
-_FORMAT = 1  # bump when the conversion changes, so old caches are not reused
+_FORMAT = 2  # bump when the conversion changes, so old caches are not reused
+EXAMPLES = 3  # file names shown per kind of problem
 
 
 @dataclass
@@ -49,13 +51,23 @@ class DetectionData:
     dropped_empty: int = 0
     difficult: int = 0
     unknown_class: int = 0
+    inverted: int = 0
+    dropped_images: int = 0  # images whose label file Ultralytics would refuse (YOLO layout)
+    examples: dict[str, list[str]] = field(default_factory=dict)  # kind of problem -> first few files
 
     def problems(self) -> str:
-        """One line naming every kind of box that was changed or left out, or '' when none was."""
-        parts = [f"{n} {what}" for n, what in ((self.clipped, "boxes clipped to the image"),
-                                               (self.dropped_empty, "boxes dropped with zero area"),
-                                               (self.difficult, "difficult objects left out"),
-                                               (self.unknown_class, "objects of classes not in names dropped")) if n]
+        """One line naming every kind of box that was changed or left out, with the first files, or ''."""
+        kinds = (("clipped", self.clipped, "boxes clipped to the image"),
+                 ("zero area", self.dropped_empty, "boxes dropped with zero area"),
+                 ("inverted", self.inverted, "boxes dropped with inverted corners (xmax < xmin or ymax < ymin)"),
+                 ("difficult", self.difficult, "difficult objects left out"),
+                 ("unknown class", self.unknown_class, "objects of classes not in the training split dropped"),
+                 ("bad label", self.dropped_images, "images dropped for a bad label file"))
+        parts = []
+        for key, n, what in kinds:
+            if n:
+                files = self.examples.get(key, [])
+                parts.append(f"{n} {what}" + (f" (e.g. {', '.join(files)})" if files else ""))
         return ", ".join(parts)
 
 
@@ -64,14 +76,77 @@ def detection_data(path: str | Path, *, names: list[str] | None = None, cache_di
     """A YOLO data yaml as is, or a Pascal VOC directory converted by ``voc_to_yolo``."""
     path = Path(path).expanduser()
     if path.is_file() and path.suffix in (".yaml", ".yml"):
-        cfg = yaml.safe_load(path.read_text())
+        cfg = read_yaml(path, "YOLO data yaml")
         if not isinstance(cfg, dict) or "names" not in cfg or "train" not in cfg:
             raise PrunekitError(f"{path} is not a YOLO data yaml (it needs train: and names:)")
         found = cfg["names"]
-        data = DetectionData(path, list(found.values()) if isinstance(found, dict) else list(found))
-        data.images = {s: len(split_images(data, s)) for s in SPLITS if cfg.get(s)}
+        names = list(found.values()) if isinstance(found, dict) else found
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            raise PrunekitError(f"{path}: names must be a list (or id: name mapping) of class names")
+        data = DetectionData(path, names)
+        for split in (s for s in SPLITS if cfg.get(s)):
+            check_labels(data, split)
+        if data.problems():
+            warnings.warn(f"{path.name}: {data.problems()}", stacklevel=2)
         return data
     return voc_to_yolo(path, names=names, cache_dir=cache_dir, keep_difficult=keep_difficult)
+
+
+def label_file(image: Path) -> Path:
+    """The label file Ultralytics reads for an image: the last ``images`` folder of its path becomes ``labels``."""
+    parts = list(image.parts)
+    i = max((k for k, p in enumerate(parts) if p == "images"), default=None)
+    if i is None:
+        return image.with_suffix(".txt")
+    parts[i] = "labels"
+    return Path(*parts).with_suffix(".txt")
+
+
+def _label_problem(line: str, classes: int) -> str | None:
+    """Why Ultralytics would refuse this label line (and with it the whole image), or None."""
+    fields = line.split()
+    if len(fields) != 5:
+        return f"{len(fields)} fields, a box needs 5 (class x y w h)"
+    try:
+        values = [float(v) for v in fields]
+    except ValueError:
+        return "a non-numeric value"
+    if not values[0].is_integer() or not 0 <= values[0] < classes:
+        return f"class id {fields[0]} is not in 0..{classes - 1}"
+    if any(v < 0 for v in values[1:]):
+        return "a negative coordinate"
+    if any(v > 1 for v in values[1:]):
+        return "coordinates above 1 (YOLO labels are fractions of the image size, not pixels)"
+    return None
+
+
+def check_labels(data: DetectionData, split: str) -> None:
+    """Count a split's images and objects as Ultralytics will train or score them: an image with any bad label
+    line is dropped whole (counted, its file named); a split left with no object is an error."""
+    images = split_images(data, split)
+    objects = dropped = 0
+    for image in images:
+        lf = label_file(image)
+        if not lf.is_file():
+            continue  # an image without a label file is a negative
+        try:
+            lines = [ln for ln in lf.read_text().splitlines() if ln.strip()]
+        except (OSError, UnicodeDecodeError):
+            lines = ["?"]
+        why = next((w for ln in lines if (w := _label_problem(ln, len(data.names))) is not None), None)
+        if why is not None:
+            dropped += 1
+            data.examples.setdefault("bad label", [])
+            if len(data.examples["bad label"]) < EXAMPLES:
+                data.examples["bad label"].append(f"{lf.name}: {why}")
+            continue
+        objects += len(lines)
+    data.dropped_images += dropped
+    data.images[split], data.objects[split] = len(images) - dropped, objects
+    if not objects:
+        why = f"; {dropped} of {len(images)} images have a bad label file ({data.examples['bad label'][0]})" \
+            if dropped else ""
+        raise PrunekitError(f"{data.yaml}: split {split!r} has no object to train or score on{why}")
 
 
 def voc_to_yolo(root: str | Path, *, names: list[str] | None = None, cache_dir: str | Path | None = None,
@@ -98,6 +173,10 @@ def voc_to_yolo(root: str | Path, *, names: list[str] | None = None, cache_dir: 
         _convert(root, splits, out, names, keep_difficult)
     stats = json.loads((out / "stats.json").read_text())
     data = DetectionData(out / "data.yaml", **stats)
+    empty = [s for s in data.images if not data.objects.get(s)]
+    if empty:
+        raise PrunekitError(f"{root}: split {empty[0]!r} has no object left to train or score on"
+                            + (f" ({data.problems()})" if data.problems() else ""))
     if data.problems():
         warnings.warn(f"{root.name}: {data.problems()}", stacklevel=2)
     return data
@@ -137,14 +216,24 @@ def _convert(root: Path, splits: dict[str, Path], out: Path, names: list[str] | 
     """Write the YOLO layout to a temporary folder beside ``out`` and rename it into place when complete."""
     ann_dir, img_dir = root / "Annotations", root / "JPEGImages"
     listed = {s: _ids(f) for s, f in splits.items()}
-    parsed = {i: _objects(ann_dir / f"{i}.xml") if (ann_dir / f"{i}.xml").is_file() else []
-              for ids in listed.values() for i in ids}
-    classes = list(names) if names is not None else sorted({o[0] for objs in parsed.values() for o in objs})
+    for split, ids in listed.items():
+        missing = [i for i in ids if not (ann_dir / f"{i}.xml").is_file()]
+        if missing:
+            raise PrunekitError(f"{splits[split]} lists {len(missing)} image(s) without an annotation in {ann_dir} "
+                                f"(e.g. {', '.join(missing[:EXAMPLES])}); add their XML or remove them from the list")
+    parsed = {i: _objects(ann_dir / f"{i}.xml") for ids in listed.values() for i in ids}
+    # the model's classes are those it can learn: the training split's (a class only in test is not one)
+    classes = list(names) if names is not None else sorted({o[0] for i in listed["train"] for o in parsed[i]})
     if not classes:
-        raise PrunekitError(f"{root}: no objects in any annotation and no names given")
+        raise PrunekitError(f"{root}: no objects in the training split's annotations and no names given")
     index = {n: i for i, n in enumerate(classes)}
     stats = {"names": classes, "images": {}, "objects": {}, "empty_images": 0, "clipped": 0, "dropped_empty": 0,
-             "difficult": 0, "unknown_class": 0}
+             "difficult": 0, "unknown_class": 0, "inverted": 0, "examples": {}}
+
+    def note(kind: str, image_id: str) -> None:
+        files = stats["examples"].setdefault(kind, [])
+        if len(files) < EXAMPLES and f"{image_id}.xml" not in files:
+            files.append(f"{image_id}.xml")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -154,22 +243,36 @@ def _convert(root: Path, splits: dict[str, Path], out: Path, names: list[str] | 
             n_obj = 0
             for image_id in ids:
                 src = _image_for(img_dir, image_id)
-                with Image.open(src) as im:
-                    w, h = im.size
+                try:
+                    with Image.open(src) as im:
+                        w, h = im.size
+                        im.verify()
+                except Exception as exc:  # PIL's own errors, or Ultralytics' HEIF hook for an unknown format
+                    raise PrunekitError(f"{src} is not a readable image ({type(exc).__name__}); replace it or "
+                                        f"remove {image_id} from {splits[split].name}") from exc
                 lines = []
                 for name, difficult, (x0, y0, x1, y1) in parsed[image_id]:
                     if difficult and not keep_difficult:
                         stats["difficult"] += 1
+                        note("difficult", image_id)
                         continue
                     if name not in index:
                         stats["unknown_class"] += 1
+                        note("unknown class", image_id)
+                        continue
+                    if x1 < x0 or y1 < y0:
+                        stats["inverted"] += 1
+                        note("inverted", image_id)
                         continue
                     x0, y0, x1, y1 = x0 - 1, y0 - 1, x1 - 1, y1 - 1  # VOC pixels are 1-based
                     cx0, cy0, cx1, cy1 = min(max(x0, 0), w), min(max(y0, 0), h), min(max(x1, 0), w), min(max(y1, 0), h)
                     if cx1 <= cx0 or cy1 <= cy0:
                         stats["dropped_empty"] += 1
+                        note("zero area", image_id)
                         continue
-                    stats["clipped"] += (cx0, cy0, cx1, cy1) != (x0, y0, x1, y1)
+                    if (cx0, cy0, cx1, cy1) != (x0, y0, x1, y1):
+                        stats["clipped"] += 1
+                        note("clipped", image_id)
                     lines.append(f"{index[name]} {(cx0 + cx1) / 2 / w:.6f} {(cy0 + cy1) / 2 / h:.6f} "
                                  f"{(cx1 - cx0) / w:.6f} {(cy1 - cy0) / h:.6f}")
                 stats["empty_images"] += not lines
@@ -207,7 +310,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 def split_images(data: DetectionData, split: str) -> list[Path]:
     """The image files of a split as the data yaml names them: a folder, a ``.txt`` list, a file, or a list of them."""
-    cfg = yaml.safe_load(data.yaml.read_text())
+    cfg = read_yaml(data.yaml, "YOLO data yaml")
     root = Path(cfg.get("path") or data.yaml.parent)
     root = root if root.is_absolute() else data.yaml.parent / root
     entries = cfg.get(split)
