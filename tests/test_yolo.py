@@ -458,16 +458,17 @@ def test_interrupted_training_resumes_from_its_next_epoch(bccd, tmp_path: Path, 
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     run = {"epochs": 2, "imgsz": 160, "batch": 8, "workers": 0, "project": tmp_path / "runs", "name": "r", "seed": 0,
            "plots": False}
-    saved = DetectionTrainer.save_model
+    callbacks = DetectionTrainer.run_callbacks
 
-    def save_then_die(self):  # the kill comes right after epoch 1's checkpoint is written
-        saved(self)
-        raise KeyboardInterrupt
+    def die_after_save(self, event):  # the kill comes right after epoch 1's checkpoint is written (and signed)
+        callbacks(self, event)
+        if event == "on_model_save":
+            raise KeyboardInterrupt
 
-    monkeypatch.setattr(DetectionTrainer, "save_model", save_then_die)
+    monkeypatch.setattr(DetectionTrainer, "run_callbacks", die_after_save)
     with pytest.raises(KeyboardInterrupt):
         yolo.train(model, tmp_path / "data.yaml", **run)
-    monkeypatch.setattr(DetectionTrainer, "save_model", saved)
+    monkeypatch.setattr(DetectionTrainer, "run_callbacks", callbacks)
     starts, train_loop = [], DetectionTrainer._do_train
 
     def record_start(self):
@@ -522,3 +523,68 @@ def test_pipeline_runs_a_detector_end_to_end(bccd, tmp_path: Path) -> None:
         pipeline.validate(cfg | {"stages": [{"stage": "train", "epochs": 1, "lr": 0.1}]})
     with pytest.raises(PrunekitError, match="task must be detect"):
         pipeline.validate(cfg | {"task": "classify"})
+
+
+def test_a_planted_checkpoint_is_never_unpickled(bccd, tmp_path: Path) -> None:
+    """A run folder from elsewhere: its last.pt carries no signature of this machine, so it is not opened."""
+    import pickle
+
+    class Plant:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "MARKER"), "w"))
+
+    subset_yaml(bccd, tmp_path, {"train": 8, "val": 4})
+    weights = tmp_path / "runs" / "r" / "weights"
+    weights.mkdir(parents=True)
+    (weights / "last.pt").write_bytes(pickle.dumps(Plant()))
+    (tmp_path / "runs" / "r" / "prunekit-signatures.json").write_text('{"last.pt": "forged"}')
+    model = base("yolov3-tinyu")
+    with pytest.warns(UserWarning, match="not written by prunekit on this machine"):
+        yolo.train(model, tmp_path / "data.yaml", epochs=1, imgsz=64, batch=8, workers=0, project=tmp_path / "runs",
+                   name="r", plots=False, resume=True)
+    assert not (tmp_path / "MARKER").exists()
+
+
+def test_two_detector_runs_with_one_relative_out_keep_their_own_files(bccd, tmp_path: Path, monkeypatch) -> None:
+    """Each run's Ultralytics folder lives under its own out, whatever out looks like."""
+    data = subset_yaml(bccd, tmp_path, {"train": 8, "val": 4, "test": 4})
+    fast = {"workers": 0, "plots": False}
+    cfg = {"model": {"name": "ul:yolov3-tinyu"}, "data": {"name": str(data), "image_size": 64, "batch_size": 8,
+                                                          "calibration_batches": 1}, "out": "run",
+           "stages": [{"stage": "train", "epochs": 1, "ultralytics": fast}]}
+    for where in ("a", "b"):
+        (tmp_path / where).mkdir()
+        monkeypatch.chdir(tmp_path / where)
+        pipeline.run(cfg)
+    for where in ("a", "b"):
+        weights = tmp_path / where / "run" / "stages" / "01-train" / "ultralytics" / "weights"
+        assert (weights / "last.pt").is_file() and (weights.parent / "prunekit-signatures.json").is_file()
+
+
+def test_killed_detector_stage_with_a_relative_out_resumes_from_its_epoch(bccd, tmp_path: Path) -> None:
+    """kill -9 during epoch 2 of 3 of a run whose out is relative; the re-run continues at epoch 2."""
+    import signal
+    import time
+
+    import yaml
+
+    data = subset_yaml(bccd, tmp_path, {"train": 8, "val": 4, "test": 4})
+    cfg = {"model": {"name": "ul:yolov3-tinyu"}, "data": {"name": str(data), "image_size": 64, "batch_size": 8,
+                                                          "calibration_batches": 1}, "out": "run",
+           "stages": [{"stage": "train", "epochs": 3, "ultralytics": {"workers": 0, "plots": False}}]}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    signed = tmp_path / "run" / "stages" / "01-train" / "ultralytics" / "prunekit-signatures.json"
+    cmd = [sys.executable, "-m", "prunekit", "run", "cfg.yaml"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not signed.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert signed.exists(), "epoch 1 never finished"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "Resuming training" in again.stdout + again.stderr and "from epoch 1 " not in again.stdout + again.stderr

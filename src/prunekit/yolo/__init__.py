@@ -25,6 +25,7 @@ import os
 import pickle
 import re
 import shutil
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -450,7 +451,10 @@ def train(model: nn.Module, dataset: str | Path, *, epochs: int = 1, imgsz: int 
     resumed = None
     last = project / name / "weights" / "last.pt"
     signatures = project / name / "prunekit-signatures.json"
-    if resume and last.is_file():
+    if resume and last.is_file() and not _signed(last, signatures):
+        warnings.warn(f"{last} was not written by prunekit on this machine (or changed since): a pickle, so it is "
+                      "not opened; the stage trains afresh", stacklevel=2)
+    elif resume and last.is_file():
         ckpt = _load_signed(last, signatures)
         if ckpt.get("optimizer") is not None and ckpt.get("epoch", -1) >= 0:  # finished runs drop both
             args["resume"], resumed = str(last), ckpt
@@ -473,10 +477,11 @@ def train(model: nn.Module, dataset: str | Path, *, epochs: int = 1, imgsz: int 
             signed = {p.name: io.file_signature(p) for p in (self.last, self.best) if Path(p).is_file()}
             io.atomic_write_text(json.dumps(signed), signatures)
 
-        def save_model(self) -> None:
+        def save_model(self) -> bool:
             """Ultralytics' checkpoints, signed as this machine's prunekit's own (the only pickles it reopens)."""
-            super().save_model()
+            saved = super().save_model()
             self._sign()
+            return saved
 
         def final_eval(self) -> None:
             """Ultralytics strips the optimiser from both checkpoints here: sign what it leaves."""
@@ -506,13 +511,18 @@ def train(model: nn.Module, dataset: str | Path, *, epochs: int = 1, imgsz: int 
     return {k: float(v) for k, v in (trainer.metrics or {}).items()}
 
 
-def _load_signed(path: Path, signatures: Path) -> dict:
-    """Unpickle an Ultralytics checkpoint only if this machine's prunekit wrote it, byte for byte."""
+def _signed(path: Path, signatures: Path) -> bool:
+    """Whether this machine's prunekit wrote ``path`` (its signature in ``signatures`` matches its bytes)."""
     try:
         signed = json.loads(signatures.read_text()) if signatures.is_file() else {}
     except (OSError, ValueError):
         signed = {}
-    if not io.signed_by_us(path, signed.get(path.name) if isinstance(signed, dict) else None):
+    return io.signed_by_us(path, signed.get(path.name) if isinstance(signed, dict) else None)
+
+
+def _load_signed(path: Path, signatures: Path) -> dict:
+    """Unpickle an Ultralytics checkpoint only if this machine's prunekit wrote it, byte for byte."""
+    if not _signed(path, signatures):
         raise PrunekitError(f"{path} was not written by prunekit on this machine (or changed since): a pickle, "
                             "so it is not opened; delete it (or use --force) to train the stage afresh")
     return torch.load(path, map_location="cpu", weights_only=False)  # signed: written by this trainer
