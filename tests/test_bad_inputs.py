@@ -5,6 +5,7 @@ run-folder locking, permissions, and property-based tests of config validation a
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -382,11 +383,56 @@ def test_bad_numbers_are_refused_by_the_parser(argv, capsys):
     (lambda: pk.measure(pk.models.create("resnet20"), torch.randn(1, 1, 8, 8)), "does not run on an input"),
     (lambda: pk.data.load(None), "data set must be a name"),
     (lambda: pk.save("not a model", "x.pt"), "nn.Module"),
+    (lambda: pk.prune(pk.models.create("resnet20", num_classes=10).to("meta"), "l1-norm",
+                      torch.randn(1, 3, 32, 32), speedup=2.0), "meta device"),
+    (lambda: pk.prune(_nan(pk.models.create("resnet20")), "l1-norm", torch.randn(1, 3, 32, 32), speedup=2.0),
+     "NaN or infinite"),
 ])
 def test_python_api_raises_one_prunekit_error(call, expected, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(PrunekitError, match=expected):
         call()
+
+
+def _nan(model: torch.nn.Module) -> torch.nn.Module:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    return model
+
+
+def test_a_full_disk_inside_torch_save_is_one_error_and_no_partial_file(tmp_path, monkeypatch):
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed (unexpected pos)")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(PrunekitError, match="cannot write .*m.pt: .*file write failed"):
+        pk.save(pk.models.create("digits_cnn", in_channels=1), tmp_path / "m.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_finished_run_re_run_is_a_no_op_that_says_so(tmp_path, capsys):
+    cfg = yaml.safe_load(_config(tmp_path, stages=[{"stage": "train", "epochs": 1}]).read_text())
+    pk.pipeline.run(cfg)
+    files = _snapshot(tmp_path / "run")
+    capsys.readouterr()
+    again = pk.pipeline.run(cfg)
+    assert "finished run of this config; nothing to do" in capsys.readouterr().err
+    assert _snapshot(tmp_path / "run") == files and again["after"] == json.loads(
+        (tmp_path / "run" / "metrics.json").read_text())["after"]
+
+
+def test_a_run_name_never_writes_outside_its_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "keep-channels.png").write_text("precious")
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    cfg = yaml.safe_load(_config(tmp_path, name="../../keep", out=str(tmp_path / "a" / "b" / "run")).read_text())
+    cfg["stages"] = [{"stage": "train", "epochs": 1}, {"stage": "prune"}]
+    pk.pipeline.run(cfg)
+    assert (tmp_path / "keep-channels.png").read_text() == "precious"
+    inside = tmp_path / "a" / "b" / "run"
+    assert all(inside in p.parents for p in tmp_path.rglob("*.png") if p.name != "keep-channels.png")
 
 
 def test_one_writer_per_run_folder_and_a_killed_writer_leaves_no_lock(tmp_path, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 import time
 from pathlib import Path
@@ -142,6 +143,31 @@ def test_folder_cache_hit_invalidation_and_corruption(
 
     _save(root / "train" / "dog" / "9.png", np.zeros((6, 6, 3), np.uint8))  # new file -> new fingerprint
     assert len(data.load(str(root), cache_dir=cache).train) == 7
+
+
+def test_a_replaced_image_with_its_old_mtime_is_read_again(tmp_path: Path) -> None:
+    """The decode cache is keyed on content: `cp -p` / `rsync -t` keep mtimes, the images still change."""
+    root, cache = tmp_path / "set", tmp_path / "cache"
+    _make_folder(root)
+    first = data.load(str(root), cache_dir=cache)
+    target = root / "train" / "dog" / "0.png"
+    st = target.stat()
+    _save(target, np.full((6, 6, 3), 7, np.uint8))
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.utime(target.parent, ns=(target.parent.stat().st_atime_ns, target.parent.stat().st_mtime_ns))
+    again = data.load(str(root), cache_dir=cache)
+    assert not torch.equal(again.train.images, first.train.images)
+    assert int(again.train.images[3].max()) == 7
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path: Path) -> None:
+    for split in ("train", "test"):
+        for cls, level in (("dark", 1000), ("bright", 60000)):
+            (tmp_path / "s16" / split / cls).mkdir(parents=True)
+            Image.fromarray(np.full((4, 4), level, np.uint16)).save(tmp_path / "s16" / split / cls / "0.png")
+    b = data.load(str(tmp_path / "s16"), cache_dir=tmp_path / "cache")
+    levels = sorted(int(b.train.images[i].max()) for i in range(2))
+    assert levels == [round(1000 * 255 / 65535), round(60000 * 255 / 65535)]  # not both clipped to 255
 
 
 def test_folder_default_cache_dir_and_test_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

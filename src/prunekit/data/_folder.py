@@ -315,7 +315,10 @@ def load_archive_pair(
     archive: Path, image_size: int | None, cache_dir: Path, limit: int | None, seed: int
 ) -> tuple[ImageSet, ImageSet]:
     """Like load_folder_pair, keyed on the archive's identity so a cache hit does not open it."""
-    st = archive.stat()
+    digest = hashlib.blake2b(digest_size=16)  # keyed on content: a replaced archive is read again
+    with open(archive, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
     scanned: list[tuple[Listing, Listing]] = []
 
     def listing(i: int) -> Listing:
@@ -325,7 +328,7 @@ def load_archive_pair(
 
     sets = []
     for i, split in enumerate(_SPLITS):
-        key = cache_key(str(archive.resolve()), st.st_size, st.st_mtime_ns, split, image_size)
+        key = cache_key(str(archive.resolve()), digest.hexdigest(), split, image_size)
         sets.append(
             load_split(cache_dir / f"images-{key}.pt", lambda i=i: listing(i), image_size, limit, seed)
         )
