@@ -113,7 +113,7 @@ def test_missing_data_or_val_and_misspelt_options_are_clear_errors(digits):
         pk.prune(copy.deepcopy(model), "auto-mend", speedup=2.0, data=calib, val=val, candidats=5)
     with pytest.raises(PrunekitError, match="search=.*not one of"):
         pk.prune(copy.deepcopy(model), "auto-mend", speedup=2.0, data=calib, val=val, search="grid")
-    with pytest.raises(PrunekitError, match="population must be >= 2"):
+    with pytest.raises(PrunekitError, match=r"population=1 is outside \[2, inf\]"):
         _prune(digits, population=1)
 
 

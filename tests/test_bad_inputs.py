@@ -368,6 +368,11 @@ def test_bad_input_is_one_clear_line_and_changes_nothing(case, tmp_path, capsys,
                                   ["eval", "--checkpoint", "m.pt", "--threads", "-1"],
                                   ["export", "--checkpoint", "m.pt", "--out", "x.onnx", "--opset", "99"],
                                   ["train", "--model", "digits_cnn", "--data", "digits", "--epochs", "-1",
+                                   "--out", "o"],
+                                  ["train", "--model", "digits_cnn", "--data", "digits", "--seed", "-1", "--out", "o"],
+                                  ["train", "--model", "digits_cnn", "--data", "digits", "--seed", str(2 ** 32),
+                                   "--out", "o"],
+                                  ["train", "--model", "digits_cnn", "--data", "digits", "--weight-decay", "-1",
                                    "--out", "o"]])
 def test_bad_numbers_are_refused_by_the_parser(argv, capsys):
     with pytest.raises(SystemExit) as e:
@@ -387,6 +392,7 @@ def test_bad_numbers_are_refused_by_the_parser(argv, capsys):
                       torch.randn(1, 3, 32, 32), speedup=2.0), "meta device"),
     (lambda: pk.prune(_nan(pk.models.create("resnet20")), "l1-norm", torch.randn(1, 3, 32, 32), speedup=2.0),
      "NaN or infinite"),
+    (lambda: pk.measure(pk.models.create("resnet20").to("meta"), torch.randn(1, 3, 32, 32)), "meta device"),
 ])
 def test_python_api_raises_one_prunekit_error(call, expected, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

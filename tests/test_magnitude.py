@@ -50,6 +50,7 @@ def test_global_rule_meets_sparsity_and_leaves_bias_bn_and_frozen_convs(target):
     assert result.after["params"] == result.info["nonzero_params"] == pk.measure(model, x, with_latency=False)[
         "nonzero_params"]
     assert result.after["macs"] == result.before["macs"] > result.info["sparse_macs"]
+    assert result.before["macs"] == pk.measure(model, x, with_latency=False)["macs"]  # per image, not per batch
     state = model.state_dict()
     assert all(torch.equal(state[n], t) for n, t in others.items())  # BN, biases, buffers untouched
     assert frozen and all(torch.equal(dict(model.named_parameters())[n], p) for n, p in frozen.items())

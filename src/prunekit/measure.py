@@ -151,6 +151,8 @@ def measure(model: nn.Module, example_inputs: torch.Tensor, *, batch_sizes: Sequ
     """Params, MACs (per image), on-disk size and latency at each batch size in one dict."""
     if not isinstance(model, nn.Module) or not isinstance(example_inputs, torch.Tensor):
         raise PrunekitError("measure takes an nn.Module and a tensor batch shaped like the model's input")
+    if example_inputs.is_meta or any(p.is_meta for p in model.parameters()):
+        raise PrunekitError("the model or its inputs are on the meta device (no values): nothing to measure")
     one = example_inputs[:1]
     try:
         with hooked(model):

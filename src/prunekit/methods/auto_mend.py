@@ -231,7 +231,7 @@ def _figures(info: dict) -> list[tuple[str, bytes]]:
                           minimum=0, maximum=1),
                    Option("step", (int, float), 0.1, "Δ as a fraction of the group's channels", minimum=0,
                           maximum=1),
-                   Option("max_steps", int, 2, "K: widths w⁰ + kΔ with k in -K..K", minimum=0),
+                   Option("max_steps", int, 2, "K: widths w⁰ + kΔ with k in -K..K", minimum=1),
                    Option("seed", int, 0, "search seed (same seed, same data: same widths)", minimum=0,
                           maximum=2 ** 32 - 1),
                    Option("calibration_batches", int, 50, "training batches re-estimating BN statistics",
@@ -250,13 +250,8 @@ def auto_mend(model: nn.Module, ctx: Context, *, speedup: float | None, ignored_
     the best-so-far trajectory, w⁰ and the chosen widths per group, and the val score of the
     returned (physically pruned) model, which equals the winner's.
     """
-    for name, value, least in (("candidates", candidates, 1), ("population", population, 2),
-                               ("max_steps", max_steps, 1), ("calibration_batches", calibration_batches, 1),
-                               ("val_batches", val_batches or 1, 1)):
-        if value < least:
-            raise PrunekitError(f"method {NAME!r}: option {name} must be >= {least}, got {value}")
-    if not 0 < step <= 1 or not 0 <= mutation <= 1:
-        raise PrunekitError(f"method {NAME!r}: step must be in (0, 1] and mutation in [0, 1]")
+    if step == 0:  # the other ranges are declared with the options
+        raise PrunekitError(f"method {NAME!r}: step must be in (0, 1]")
     calib = ctx.batches(calibration_batches, "data", NAME)
     val = ctx.batches(val_batches or sys.maxsize, "val", NAME)
     pg = PruneGraph(model, ctx.example_inputs, ignored_layers=ignored_layers, min_keep=min_keep, round_to=round_to)
