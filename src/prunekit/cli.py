@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from . import data as pkdata
-from . import io, methods, models
+from . import distill, io, methods, models
 from .errors import PrunekitError
 from .graph import Masks, run_checked
 from .measure import measure
@@ -109,8 +109,10 @@ def _train_loop(model: torch.nn.Module, args: argparse.Namespace, bundle: pkdata
     if getattr(args, "keep_zeros", False):  # unstructured pruning: zeros stay zero through the fine-tune
         masks = Masks.from_zeros(model.to(dev))
         masks.attach(model)
+    distiller = getattr(args, "distiller", None)
     model, result = fit(model, train_loader, test_loader, cfg, device=dev, run_dir=out, resume=args.resume,
-                        desc=desc, after_step=masks.after_step if masks is not None else None)
+                        desc=desc, after_step=masks.after_step if masks is not None else None,
+                        distill=distiller.to(dev) if distiller is not None else None)
     if dist_info()[0] == 0:
         io.save(model, out / "model.pt", data=bundle.name)
         print(json.dumps({"out": str(out / "model.pt"), **result.final}))
@@ -137,6 +139,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if classes is not None and classes != bundle.num_classes:
         raise PrunekitError(f"{args.checkpoint} predicts {classes} classes but data {bundle.name} has "
                             f"{bundle.num_classes}; fine-tune it on data with the classes it was trained on")
+    if args.distill:
+        spec = distill.check({"teacher": args.distill, "alpha": args.alpha, "temperature": args.temperature},
+                             "--distill")
+        args.distiller = distill.Distiller(io.load(spec["teacher"]), spec["alpha"], spec["temperature"])
+        args.distiller.check_against(model, pkdata.example_inputs(bundle), "--distill")
     return _run_training(model, args, bundle, "finetune")
 
 
@@ -362,6 +369,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="fine-tune a (pruned) model file")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--keep-zeros", action="store_true", help="keep zero weights at zero (after magnitude pruning)")
+    p.add_argument("--distill", metavar="TEACHER.pt",
+                   help="distil from this model file (e.g. the unpruned base): alpha*T^2*KL + (1-alpha)*CE")
+    p.add_argument("--alpha", type=float, default=distill.DEFAULTS["alpha"], help="with --distill: weight of the KL")
+    p.add_argument("--temperature", type=float, default=distill.DEFAULTS["temperature"],
+                   help="with --distill: softmax temperature T")
     _add_data_args(p, required=True)
     _add_train_args(p, epochs=6, lr=0.05)
     p.set_defaults(fn=cmd_finetune)

@@ -32,11 +32,12 @@ from typing import Any
 import torch
 import yaml
 
-from . import io, methods, models, pipeline
+from . import distill, io, methods, models, pipeline
 from .errors import PrunekitError
 
 KEYS = {"name": str, "out": str, "task": str, "device": str, "data": dict, "base": dict, "methods": list,
-        "targets": list, "seeds": list, "budget": int, "finetune": dict, "sparsify": dict, "latency": dict}
+        "targets": list, "seeds": list, "budget": int, "finetune": dict, "sparsify": dict, "latency": dict,
+        "distill": list}
 BASE_KEYS = {"checkpoint": str, "model": dict, "train": dict, "seed": int}
 ENTRY_KEYS = {"name": str, "label": str, "params": dict, "targets": list, "sparsify": (dict, bool), "stages": list,
               "search_epochs": int}
@@ -170,6 +171,12 @@ def validate(cfg: Any) -> dict:
             data[key] = str(Path(data[key]).expanduser().absolute().resolve())
     if base.get("checkpoint"):
         base = {**base, "checkpoint": str(Path(base["checkpoint"]).expanduser().absolute().resolve())}
+    variants = cfg.get("distill") or [None]
+    if not isinstance(variants, list) or len(variants) > 4:
+        raise _err("distill", "a list of at most 4: null (fine-tune on labels) or {teacher, alpha, temperature}")
+    for i, v in enumerate(variants):
+        if v is not None:
+            distill.check(v, f"distill[{i}]")
     cfg = {**cfg, "latency": lat, "base": {**base, "seed": seed}, "data": data}
     cfg.setdefault("name", Path(cfg["out"]).name)
     cfg.setdefault("device", "auto")
@@ -225,37 +232,41 @@ def _cells(cfg: dict, entries: list[dict], out: Path) -> list[dict]:
     """Every (seed, target, method) cell as a pipeline config, seed-major so a partial compare has whole seeds."""
     cells = []
     ft = dict(cfg.get("finetune") or {})
-    for seed in cfg["seeds"]:
-        for e in entries:
-            for t in e["targets"]:
-                cid = f"{e['label']}-{_target_name(t)}-s{seed}"
-                if e["stages"] is not None:
-                    stages = copy.deepcopy(e["stages"])
-                else:
-                    stages = []
-                    if e["sparsify"] is not False:
-                        sp = {**ft, **(cfg.get("sparsify") or {}), **(e["sparsify"] if isinstance(e["sparsify"], dict)
-                                                                       else {})}
-                        sp.setdefault("epochs", SPARSIFY_EPOCHS)
-                        if isinstance(sp["epochs"], int) and sp["epochs"] > cfg["budget"] - e["search_epochs"]:
-                            raise _err(f"methods ({e['label']}).sparsify.epochs",
-                                       f"{sp['epochs']} sparsity epochs do not fit the budget of {cfg['budget']}")
-                        stages.append({"stage": "sparsify", **sp})
-                    stages += [{"stage": "prune"}, {"stage": "finetune", **ft, "epochs": "rest"}]
-                budget = cfg["budget"] - e["search_epochs"]  # a search (auto-mend's) is charged as epochs
-                _check_budget(stages, budget, e["label"])
-                target = {"learned": True} if t == LEARNED else {"speedup": float(t)}
-                params = dict(e["params"])
-                if "seed" in methods.get(e["name"]).options:  # a method's own randomness follows the cell's seed
-                    params.setdefault("seed", seed)
-                config = {"name": cid, "model": {"checkpoint": str(_base_model_path(cfg, out))}, "data": _data(cfg),
-                          "method": {"name": e["name"], "params": params}, "target": target, "seed": seed,
-                          "budget": budget, "device": cfg["device"], "out": str(out / "cells" / cid),
-                          "stages": stages}
-                if _task(cfg):
-                    config["task"] = _task(cfg)
-                cells.append({"id": cid, "label": e["label"], "method": e["name"], "target": _target_name(t),
-                              "seed": seed, "config": config})
+    given = cfg.get("distill") or [None]
+    kd = [v for v in given if v is not None]
+    variants = [(v, "" if v is None else "+kd" if len(kd) == 1 else f"+kd{kd.index(v) + 1}") for v in given]
+    for seed, e, (kd_spec, suffix) in ((s, e, v) for s in cfg["seeds"] for e in entries for v in variants):
+        label = e["label"] + suffix
+        for t in e["targets"]:
+            cid = f"{label}-{_target_name(t)}-s{seed}"
+            if e["stages"] is not None:
+                stages = copy.deepcopy(e["stages"])
+            else:
+                stages = []
+                if e["sparsify"] is not False:
+                    sp = {**ft, **(cfg.get("sparsify") or {}), **(e["sparsify"] if isinstance(e["sparsify"], dict)
+                                                                   else {})}
+                    sp.setdefault("epochs", SPARSIFY_EPOCHS)
+                    if isinstance(sp["epochs"], int) and sp["epochs"] > cfg["budget"] - e["search_epochs"]:
+                        raise _err(f"methods ({e['label']}).sparsify.epochs",
+                                   f"{sp['epochs']} sparsity epochs do not fit the budget of {cfg['budget']}")
+                    stages.append({"stage": "sparsify", **sp})
+                stages += [{"stage": "prune"}, {"stage": "finetune", **ft, "epochs": "rest",
+                                                **({"distill": kd_spec} if kd_spec else {})}]
+            budget = cfg["budget"] - e["search_epochs"]  # a search (auto-mend's) is charged as epochs
+            _check_budget(stages, budget, e["label"])
+            target = {"learned": True} if t == LEARNED else {"speedup": float(t)}
+            params = dict(e["params"])
+            if "seed" in methods.get(e["name"]).options:  # a method's own randomness follows the cell's seed
+                params.setdefault("seed", seed)
+            config = {"name": cid, "model": {"checkpoint": str(_base_model_path(cfg, out))}, "data": _data(cfg),
+                      "method": {"name": e["name"], "params": params}, "target": target, "seed": seed,
+                      "budget": budget, "device": cfg["device"], "out": str(out / "cells" / cid),
+                      "stages": stages}
+            if _task(cfg):
+                config["task"] = _task(cfg)
+            cells.append({"id": cid, "label": label, "method": e["name"], "target": _target_name(t),
+                          "seed": seed, "config": config, "distill": kd_spec})
     return cells
 
 
@@ -382,7 +393,7 @@ def _rows(cfg: dict, cells: list[dict], lat: dict[str, dict], base_metrics: dict
         mean, std = _mean_std(values)
         pruned = [c["metrics"]["pruned"][metric] for c in ok if c["metrics"].get("pruned")]
         macs = [base_metrics["macs"] / max(c["metrics"]["after"]["macs"], 1) for c in ok]
-        row = {"method": label, "method_name": group[0]["method"], "target": target,
+        row = {"method": label, "method_name": group[0]["method"], "target": target, "distill": group[0]["distill"],
                "seeds": [c["seed"] for c in ok], "metric_mean": mean, "metric_std": std,
                "metric_per_seed": {str(c["seed"]): c["metrics"]["after"][metric] for c in ok},
                "pruned_metric_mean": _mean_std(pruned)[0],

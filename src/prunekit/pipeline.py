@@ -36,7 +36,7 @@ import torch
 import yaml
 
 from . import data as pkdata
-from . import io, methods, models
+from . import distill, io, methods, models
 from .errors import PrunekitError
 from .graph import Masks, run_checked
 from .measure import measure
@@ -112,7 +112,18 @@ def _check_stage(stage: Any, where: str, method: methods.Method | None, budget: 
             method.check_regularizer_options(stage)
         except PrunekitError as exc:
             raise _err(where, str(exc)) from exc
-    train_keys = DETECT_TRAIN_KEYS if detect else TRAIN_KEYS
+    train_keys = (DETECT_TRAIN_KEYS if detect else TRAIN_KEYS) | {"distill"}
+    if "distill" in stage:
+        if kind == "prune":
+            raise _err(f"{where}.distill", "a prune stage does not train; give distill to a training stage")
+        if detect:
+            raise _err(f"{where}.distill", "detector stages do not distil yet; give distill to classifier stages")
+        try:
+            spec = distill.check(stage["distill"], f"{where}.distill")
+        except PrunekitError as exc:
+            raise _err(f"{where}.distill", str(exc)) from exc
+        if spec["teacher"] not in distill.TEACHERS and not Path(spec["teacher"]).is_file():
+            raise _err(f"{where}.distill.teacher", f"{spec['teacher'][:80]!r} is neither base, before nor a model file")
     extra = sorted(set(stage) - {"stage"} - train_keys - set(reg)) if kind != "prune" else []
     if detect and extra and extra[0] in TRAIN_KEYS:
         raise _err(f"{where}.{extra[0]}", "detectors train with Ultralytics' trainer: give its settings under "
@@ -144,6 +155,32 @@ def _check_stage(stage: Any, where: str, method: methods.Method | None, budget: 
             TrainConfig.from_dict(settings)
         except PrunekitError as exc:
             raise _err(where, str(exc)) from exc
+
+
+def _check_teachers(stages: list) -> None:
+    """``teacher: base`` needs the model after the leading train stages, ``before`` a prune earlier in the run."""
+    started = pruned = False
+
+    def visit(st: dict, where: str) -> None:
+        nonlocal started, pruned
+        teacher = (st.get("distill") or {}).get("teacher") if isinstance(st.get("distill"), dict) else None
+        kind = st.get("stage")
+        if teacher == "base" and kind == "train" and not started:
+            raise _err(f"{where}.distill.teacher", "base is the model after the train stages; a train stage before "
+                                                   "any sparsify or prune cannot distil from it (give a model file)")
+        if teacher == "before" and not pruned:
+            raise _err(f"{where}.distill.teacher", "before is the model just before the last prune; no prune stage "
+                                                   "comes earlier")
+        started |= kind != "train"
+        pruned |= kind == "prune"
+
+    for i, st in enumerate(stages):
+        if st.get("stage") == "cycle":
+            started = True
+            for j, inner in enumerate(st["stages"]):
+                visit(inner, f"stages[{i}].stages[{j}]")
+        else:
+            visit(st, f"stages[{i}]")
 
 
 def _check_target(method: methods.Method, params: dict, tgt: dict) -> None:
@@ -244,6 +281,7 @@ def validate(cfg: Any) -> dict:
             _check_target(method, params, cfg["target"])
     for i, st in enumerate(cfg["stages"]):
         _check_stage(st, f"stages[{i}]", method, budget, detect)
+    _check_teachers(cfg["stages"])
     if "prune" in kinds and method is None:
         raise _err("method.name", "a prune stage needs a method; see `prunekit methods`")
     cfg.setdefault("device", "auto")
@@ -274,6 +312,7 @@ class Run:
         self.detect = self.task is DETECTION
         self.method = methods.get(self.cfg["method"]["name"]) if self.cfg["method"].get("name") else None
         self.pruned: torch.nn.Module | None = None  # the model straight after the last prune stage
+        self.teachers: dict[str, torch.nn.Module] = {}  # distillation teachers: base, before (the last prune's input)
 
     def _claim(self, force: bool) -> None:
         """Bind the directory to this config; refuse another config's directory unless ``force``."""
@@ -450,9 +489,10 @@ class Run:
         if self.method is not None and self.method.keeps_zeros:  # unstructured: zeros stay zero in training
             masks = Masks.from_zeros(model.to(self.dev))
             masks.attach(model)
+        distiller = self._distiller(stage, model, name)
         model, res = fit(model, self.train_loader, self.val_loader, cfg, device=self.dev, run_dir=sdir, resume=True,
                          desc=name, log_path=self.log, after_backward=hook, task=self.task,
-                         after_step=masks.after_step if masks is not None else None)
+                         after_step=masks.after_step if masks is not None else None, distill=distiller)
         if masks is not None:
             masks.detach()
         if stage["stage"] != "train":
@@ -460,6 +500,17 @@ class Run:
         self._finish(sdir, model, {"stage": name, "metric": res.final.get(f"val_{self.task.metric}"),
                                    "epochs": cfg.epochs})
         return model
+
+    def _distiller(self, stage: dict, model, name: str) -> distill.Distiller | None:
+        """The stage's teacher (base, before or a model file), checked against the student before training."""
+        if "distill" not in stage:
+            return None
+        spec = distill.check(stage["distill"])
+        teacher = self.teachers.get(spec["teacher"])
+        teacher = copy.deepcopy(teacher) if teacher is not None else io.load(spec["teacher"])
+        distiller = distill.Distiller(teacher, spec["alpha"], spec["temperature"]).to(self.dev)
+        distiller.check_against(model.to(self.dev), self.x.to(self.dev), f"{name}.distill")
+        return distiller
 
     def _train_detector(self, stage: dict, model, name: str) -> torch.nn.Module:
         """A training stage through Ultralytics' trainer; a sparsify stage keeps its last epoch, not its best."""
@@ -498,6 +549,7 @@ class Run:
 
     def _prune(self, model, name: str, cycle: int = 1) -> tuple[torch.nn.Module, dict]:
         sdir = self._stage_dir(name)
+        self.teachers["before"] = copy.deepcopy(model)
         done = self._done(sdir)
         if done is not None:
             self.pruned = io.load(sdir / "model.pt")
@@ -540,6 +592,8 @@ class Run:
             kind = st["stage"]
             if kind in ("prune", "cycle") and before_model is None:
                 before_model = copy.deepcopy(model)
+            if kind != "train" and "base" not in self.teachers:  # the model before any sparsity training
+                self.teachers["base"] = copy.deepcopy(model)
             if kind in ("train", "finetune", "sparsify"):
                 model = self._train(st, model, kind)
             elif kind == "prune":

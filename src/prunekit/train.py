@@ -226,6 +226,7 @@ def fit(
     extra_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     after_backward: Callable[[nn.Module], None] | None = None,
     after_step: Callable[[nn.Module], None] | None = None,
+    distill: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     desc: str = "train",
     log_path: str | Path | None = None,
     task: Task = CLASSIFICATION,
@@ -235,6 +236,7 @@ def fit(
     With ``run_dir`` the loop writes ``log.jsonl`` (one JSON line per epoch) and ``last.pt`` after
     every epoch; ``resume=True`` continues from ``last.pt`` (model, optimiser, schedule, epoch).
     ``log_path`` sends the epoch lines to another file (the pipeline's run-level log).
+    ``distill(inputs, outputs, task loss)`` replaces the task loss (``prunekit.distill.Distiller``).
     """
     dev = resolve_device(device)
     rank, world = dist_info()
@@ -282,6 +284,8 @@ def fit(
             with torch.autocast(dev.type, enabled=use_amp):
                 out = net(x)
                 loss = task.loss(out, y, cfg.label_smoothing)
+                if distill is not None:
+                    loss = distill(x, out, loss)
                 if extra_loss is not None:
                     loss = loss + extra_loss(model, out, y)
             if not torch.isfinite(loss):
