@@ -588,3 +588,45 @@ def test_killed_detector_stage_with_a_relative_out_resumes_from_its_epoch(bccd, 
     again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "Resuming training" in again.stdout + again.stderr and "from epoch 1 " not in again.stdout + again.stderr
+
+
+def test_head_distillation_is_zero_for_the_teacher_itself_and_pulls_otherwise() -> None:
+    from prunekit.yolo.distill import head_kd
+
+    g = torch.Generator().manual_seed(0)
+    t = {"scores": torch.randn(2, 3, 50, generator=g), "boxes": torch.randn(2, 64, 50, generator=g)}
+    s = {"scores": t["scores"].clone().requires_grad_(True), "boxes": t["boxes"].clone().requires_grad_(True)}
+    same = head_kd(s, t, 2.0)
+    bce_floor = torch.nn.functional.binary_cross_entropy_with_logits(
+        t["scores"], torch.sigmoid(t["scores"]), reduction="none").sum(1)
+    w = torch.sigmoid(t["scores"]).amax(1)
+    assert same.item() == pytest.approx(float((bce_floor * w).sum() / w.sum()), rel=1e-5)  # the KL part is 0
+    moved = {"scores": s["scores"] + 1.0, "boxes": s["boxes"] * 0.5}
+    loss = head_kd(moved, t, 2.0)
+    assert loss > same
+    loss.backward()
+    assert s["scores"].grad.abs().sum() > 0 and s["boxes"].grad.abs().sum() > 0
+    with pytest.raises(PrunekitError, match="same classes, strides and image size"):
+        head_kd({"scores": torch.zeros(2, 3, 40), "boxes": torch.zeros(2, 64, 40)}, t, 2.0)
+
+
+def test_a_distilled_detector_finetune_keeps_the_pruned_model(bccd, tmp_path: Path) -> None:
+    data = subset_yaml(bccd, tmp_path, {"train": 8, "val": 4, "test": 4})
+    fast = {"workers": 0, "plots": False}
+    cfg = {"model": {"name": "ul:yolov3-tinyu"}, "data": {"name": str(data), "image_size": 64, "batch_size": 8,
+                                                          "calibration_batches": 1},
+           "method": {"name": "l1-norm"}, "target": {"speedup": 1.5}, "out": str(tmp_path / "run"),
+           "stages": [{"stage": "prune"},
+                      {"stage": "finetune", "epochs": 1, "ultralytics": fast,
+                       "distill": {"teacher": "before", "alpha": 1.0, "temperature": 2.0}}]}
+    metrics = pipeline.run(cfg)
+    assert metrics["before"]["macs"] / metrics["after"]["macs"] == pytest.approx(1.5, rel=0.03)
+    pruned = pk.load(metrics["models"]["after"])
+    assert getattr(pruned, "criterion", None) is None  # the teacher never rides along
+    other = tmp_path / "other.pt"
+    pk.save(pk.models.create("ul:yolov3-tinyu", num_classes=5, imgsz=64), other)
+    bad = {**cfg, "out": str(tmp_path / "run2")}
+    bad["stages"] = [{"stage": "prune"}, {"stage": "finetune", "epochs": 1, "ultralytics": fast,
+                                          "distill": {"teacher": str(other)}}]
+    with pytest.raises(PrunekitError, match=r"finetune\.distill\.teacher predicts"):
+        pipeline.run(bad)

@@ -116,8 +116,6 @@ def _check_stage(stage: Any, where: str, method: methods.Method | None, budget: 
     if "distill" in stage:
         if kind == "prune":
             raise _err(f"{where}.distill", "a prune stage does not train; give distill to a training stage")
-        if detect:
-            raise _err(f"{where}.distill", "detector stages do not distil yet; give distill to classifier stages")
         try:
             spec = distill.check(stage["distill"], f"{where}.distill")
         except PrunekitError as exc:
@@ -529,10 +527,17 @@ class Run:
             steps = max(1, epochs * -(-self.det.images["train"] // batch))
             hook = self.method.regularizer(model, settings, steps)
         metrics: dict = {}
+        teacher = None
+        if epochs and "distill" in stage:
+            spec = distill.check(stage["distill"])
+            teacher = copy.deepcopy(self.teachers[spec["teacher"]]) if spec["teacher"] in self.teachers else \
+                io.load(spec["teacher"])
+            yolo.distill.check_teacher(teacher, model, self.x, f"{name}.distill")
+            teacher = (teacher, spec["alpha"], spec["temperature"])
         if epochs:
             metrics = yolo.train(model, self.det.yaml, epochs=epochs, imgsz=self.imgsz, batch=batch,
                                  device=self._ul_device(), project=sdir, name="ultralytics", after_backward=hook,
-                                 resume=True,
+                                 resume=True, distill=teacher,
                                  keep="last" if stage["stage"] == "sparsify" else "best",
                                  seed=stage.get("seed", self.cfg["seed"]), **stage.get("ultralytics", {}))
         if stage["stage"] != "train":

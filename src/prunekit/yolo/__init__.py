@@ -38,6 +38,7 @@ from torch import nn
 from .. import io
 from ..errors import PrunekitError
 from . import data  # prunekit.yolo.data: VOC -> YOLO layout (needs no Ultralytics)
+from .distill import HeadDistill
 
 PREFIX = "ul:"
 DEFAULT_IMGSZ = 640
@@ -403,7 +404,7 @@ def check_settings(settings: Any, where: str = "ultralytics") -> None:
 def train(model: nn.Module, dataset: str | Path, *, epochs: int = 1, imgsz: int | None = None, batch: int = 16,
           device: str = "cpu", project: str | Path | None = None, name: str = "train",
           after_backward: Callable[[nn.Module], None] | None = None, keep: str = "best", resume: bool = False,
-          **overrides: Any) -> dict[str, float]:
+          distill: tuple[nn.Module, float, float] | None = None, **overrides: Any) -> dict[str, float]:
     """Train or fine-tune ``model`` (pruned or not) with Ultralytics' ``DetectionTrainer`` and return its metrics.
 
     Ultralytics' trainer normally rebuilds the network from its yaml, which silently undoes pruning;
@@ -427,6 +428,9 @@ def train(model: nn.Module, dataset: str | Path, *, epochs: int = 1, imgsz: int 
     it from its next epoch with its optimiser, EMA and best-so-far, the weights loaded into ``model`` (which
     must have the architecture that run trained); Ultralytics' own resume would rebuild the model instead.
     A finished or missing run starts afresh.
+
+    ``distill=(teacher, alpha, temperature)``: Ultralytics' loss plus α times the head distillation of
+    ``prunekit.yolo.distill`` (the teacher in eval mode, on the same batches).
     """
     ultralytics()
     from ultralytics.engine import trainer as ul_trainer
@@ -468,6 +472,15 @@ def train(model: nn.Module, dataset: str | Path, *, epochs: int = 1, imgsz: int 
         def get_model(self, cfg: Any = None, weights: Any = None, verbose: bool = True) -> nn.Module:
             return model
 
+        def _setup_train(self) -> None:
+            """With ``distill``: the distilling criterion, once the trainer has given the model its hyper-parameters
+            (the EMA copy made here keeps Ultralytics' plain criterion for validation)."""
+            super()._setup_train()
+            if distill is not None:
+                teacher, alpha, temperature = distill
+                model.criterion = HeadDistill(model.init_criterion(), teacher.to(self.device).float().eval(), alpha,
+                                              temperature)
+
         def setup_model(self) -> dict | None:
             """The model is prunekit's, never built here; the checkpoint to resume from, if any, goes on to
             ``resume_training`` (epoch, optimiser, EMA)."""
@@ -503,7 +516,11 @@ def train(model: nn.Module, dataset: str | Path, *, epochs: int = 1, imgsz: int 
 
     trainer = KeepModelTrainer(overrides=args)
     trainer.model = model
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        model.criterion = None  # never keep the teacher inside the model
+
     chosen = trainer.best if keep == "best" else trainer.last
     if chosen.is_file():
         model.load_state_dict(_trained_state(_load_signed(chosen, signatures)))
