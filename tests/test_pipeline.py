@@ -209,3 +209,12 @@ def test_pipeline_under_torchrun_two_processes(tmp_path):
     assert {x["world_size"] for x in log if "epoch" in x} == {2}
     metrics = json.loads((Path(cfg["out"]) / "metrics.json").read_text())
     assert metrics["after"]["macs"] < 0.53 * metrics["before"]["macs"]
+
+
+def test_a_first_prune_that_removes_nothing_stops_the_run_with_the_reason(tmp_path):
+    cfg = _cfg(tmp_path, method={"name": "adaptive-slim"}, target={"learned": True},
+               stages=[{"stage": "train", "epochs": 1, "lr": 0.05}, {"stage": "prune"}])
+    with pytest.raises(PrunekitError, match=r"prune: adaptive-slim removed nothing: .*; train sparsity longer or "
+                                            r"stronger"):
+        run(cfg)
+    assert not (Path(cfg["out"]) / "metrics.json").exists()

@@ -569,6 +569,11 @@ class Run:
         ctx = methods.Context(self.x, calib, None if self.detect else self.val_loader, self.dev, self.task)
         result = methods.prune(model, self.method.name, speedup=tgt.get("speedup"), sparsity=sparsity, ctx=ctx,
                                **self.cfg["method"].get("params", {}))
+        if cycle == 1 and self.method.kind != "unstructured" and result.after["macs"] >= result.before["macs"]:
+            fit = result.info.get("channel_fit") or {}
+            why = f": {fit['reason']}" if fit.get("reason") else ""
+            raise PrunekitError(f"{name}: {self.method.name} removed nothing{why}; train sparsity longer or stronger "
+                                "(the sparsify stage's epochs or s) before this prune")
         record = {"stage": name, "metric": self._metric(result.model, self.val_loader), "prune": result.to_dict(),
                   "macs_removed": 1 - result.after["macs"] / max(result.before["macs"], 1)}
         self._finish(sdir, result.model, record)
