@@ -630,3 +630,26 @@ def test_a_distilled_detector_finetune_keeps_the_pruned_model(bccd, tmp_path: Pa
                                           "distill": {"teacher": str(other)}}]
     with pytest.raises(PrunekitError, match=r"finetune\.distill\.teacher predicts"):
         pipeline.run(bad)
+
+
+def test_every_cli_command_takes_a_detector_file(bccd, tmp_path: Path, capsys) -> None:
+    """prune (data-free and with --data), export --format onnx, eval, finetune (with --distill) on a ul: file."""
+    from prunekit.cli import main
+
+    data = subset_yaml(bccd, tmp_path, {"train": 8, "val": 4, "test": 4})
+    base = tmp_path / "base.pt"
+    pk.save(pk.models.create("ul:yolov3-tinyu", num_classes=3, imgsz=64), base)
+    assert main(["prune", "--checkpoint", str(base), "--method", "l1-norm", "--speedup", "1.5", "--out",
+                 str(tmp_path / "p.pt")]) == 0
+    assert main(["prune", "--checkpoint", str(base), "--method", "imp-sim", "--speedup", "1.5", "--data", str(data),
+                 "--out", str(tmp_path / "q.pt")]) == 0
+    assert main(["export", "--checkpoint", str(tmp_path / "p.pt"), "--format", "onnx", "--out",
+                 str(tmp_path / "p.onnx")]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(tmp_path / "p.pt"), "--data", str(data), "--json"]) == 0
+    assert 0 <= json.loads(capsys.readouterr().out.strip().splitlines()[-1])["mAP50"] <= 1
+    assert main(["finetune", "--checkpoint", str(tmp_path / "p.pt"), "--data", str(data), "--epochs", "1",
+                 "--batch-size", "8", "--distill", str(base), "--out", str(tmp_path / "ft")]) == 0
+    tuned = pk.load(tmp_path / "ft" / "model.pt")
+    assert count_macs(tuned, torch.zeros(1, 3, 64, 64)) == count_macs(pk.load(tmp_path / "p.pt"),
+                                                                      torch.zeros(1, 3, 64, 64))

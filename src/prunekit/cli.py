@@ -41,7 +41,7 @@ def _add_train_args(p: argparse.ArgumentParser, epochs: int, lr: float) -> None:
     p.add_argument("--schedule", default="onecycle", choices=["onecycle", "cosine", "constant"])
     p.add_argument("--weight-decay", type=_non_negative, default=5e-4)
     p.add_argument("--label-smoothing", type=float, default=0.1)
-    p.add_argument("--batch-size", type=_positive, default=128)
+    p.add_argument("--batch-size", type=_positive, help="images per batch (default 128; detectors 16)")
     p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--out", required=True, help="run directory (checkpoint, log.jsonl, model.pt)")
@@ -63,7 +63,7 @@ def _input_shape(model: torch.nn.Module) -> tuple[int, ...]:
 def _train_cfg(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(epochs=args.epochs, lr=args.lr, optimizer=args.optimizer, schedule=args.schedule,
                        weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
-                       batch_size=args.batch_size, seed=args.seed)
+                       batch_size=args.batch_size or 128, seed=args.seed)
 
 
 def _guard_out(out: Path, args: argparse.Namespace) -> None:
@@ -132,9 +132,35 @@ def cmd_train(args: argparse.Namespace) -> int:
     return _run_training(model, args, bundle, "train")
 
 
+def _finetune_detector(args: argparse.Namespace, model: torch.nn.Module) -> int:
+    """A detector file fine-tuned by Ultralytics' trainer on a VOC directory or YOLO data yaml (the model kept)."""
+    from . import yolo
+
+    out = Path(args.out)
+    if not str(args.out).strip():
+        raise PrunekitError("--out is empty: give a folder for the run")
+    if (out / "model.pt").exists() and not args.force:
+        raise PrunekitError(f"{out} already holds a finished run; use --force or another --out")
+    distiller = None
+    if args.distill:
+        spec = distill.check({"teacher": args.distill, "alpha": args.alpha, "temperature": args.temperature},
+                             "--distill")
+        teacher = io.load(spec["teacher"])
+        yolo.distill.check_teacher(teacher, model, torch.zeros(1, *_input_shape(model)), "--distill")
+        distiller = (teacher, spec["alpha"], spec["temperature"])
+    with io.run_lock(out):
+        metrics = yolo.train(model, args.data, epochs=args.epochs, batch=args.batch_size or 16, project=out,
+                             name="ultralytics", seed=args.seed, resume=args.resume, distill=distiller)
+        io.save(model, out / "model.pt")
+    print(json.dumps({"out": str(out / "model.pt"), **metrics}))
+    return 0
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
-    bundle = _load_data(args)
     model = io.load(args.checkpoint)
+    if models.is_detector(model):
+        return _finetune_detector(args, model)
+    bundle = _load_data(args)
     classes = (getattr(model, "prunekit_arch", None) or {}).get("num_classes")
     if classes is not None and classes != bundle.num_classes:
         raise PrunekitError(f"{args.checkpoint} predicts {classes} classes but data {bundle.name} has "
@@ -187,13 +213,20 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.speedup is not None and args.speedup <= 1.0:
         raise PrunekitError(f"--speedup {args.speedup:g} removes nothing: give a speedup > 1 (base MACs / pruned MACs)")
     model = io.load(args.checkpoint)
-    bundle = _load_data(args).holdout(0.1, seed=args.seed) if args.data else None
-    data = val = None
-    if bundle is not None:
+    data = val = bundle = None
+    x = None
+    if args.data and models.is_detector(model):  # calibration: letterboxed training images of the detector's data
+        from .yolo.data import detection_data, image_batches
+
+        data = image_batches(detection_data(args.data), "train", imgsz=_input_shape(model)[-1], batch=16,
+                             seed=args.seed, limit=64)
+        x = data[0][0]
+    elif args.data:
+        bundle = _load_data(args).holdout(0.1, seed=args.seed)
         data = bundle.eval_loader(bundle.train, 128, shuffle=True, seed=args.seed)
         val = bundle.eval_loader(bundle.val, 256)
-    result = methods.prune(model, args.method, _example_inputs(model, bundle), speedup=args.speedup,
-                           sparsity=args.sparsity, data=data, val=val, **opts)
+    result = methods.prune(model, args.method, x if x is not None else _example_inputs(model, bundle),
+                           speedup=args.speedup, sparsity=args.sparsity, data=data, val=val, **opts)
     io.save(result.model, out, prune=result.to_dict())
     print(result.summary())
     print(f"saved {out}")
