@@ -24,6 +24,8 @@ from prunekit.cli import main
 from prunekit.errors import PrunekitError
 from prunekit.pipeline import validate
 
+from .conftest import SHARED
+
 
 def _digits_model(path: Path, **kw) -> Path:
     torch.manual_seed(0)
@@ -199,6 +201,11 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("config-name-and-checkpoint", lambda t: ["run", str(_config(
         t, model={"name": "digits_cnn", "checkpoint": str(_digits_model(t / "m.pt"))}))], "not both"),
     ("report-garbage-metrics", lambda t: ["report", str(_garbage_run(t))], "is damaged"),
+]
+
+# Detector rows run the CLI in a fresh process: Ultralytics, once imported, stays configured for the process,
+# and tests/test_yolo.py checks that its own first import is the offline one.
+DETECT_CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("detect-settings-prunekit-key", lambda t: ["run", str(_detect_config(t, {"lr": 0.1}))], "lr0"),
     ("detect-settings-unknown-key", lambda t: ["run", str(_detect_config(t, {"bogus_key": 1}))],
      "'bogus_key' is not a valid YOLO argument"),
@@ -265,7 +272,7 @@ def _garbage_run(tmp: Path) -> Path:
     return tmp / "g"
 
 
-def _detect_config(tmp: Path, settings: dict, data: str = "../shared/data/bccd") -> Path:
+def _detect_config(tmp: Path, settings: dict, data: str | Path = SHARED / "bccd") -> Path:
     cfg = {"model": {"name": "ul:yolov3-tinyu"}, "data": {"name": str(data), "image_size": 64}, "out": str(tmp / "run"),
            "stages": [{"stage": "train", "epochs": 1, **({"ultralytics": settings} if settings else {})}]}
     path = tmp / "det.yaml"
@@ -362,6 +369,20 @@ def test_bad_input_is_one_clear_line_and_changes_nothing(case, tmp_path, capsys,
     after = _snapshot(tmp_path)
     assert {k: v for k, v in after.items() if k in before} == before  # nothing that existed was touched
     assert not (tmp_path / "MARKER").exists()  # no planted pickle was opened
+
+
+@pytest.mark.parametrize("case", DETECT_CASES, ids=[c[0] for c in DETECT_CASES])
+def test_bad_detection_input_is_one_clear_line_and_changes_nothing(case, tmp_path):
+    _, setup, expected = case
+    argv = setup(tmp_path)
+    before = _snapshot(tmp_path)
+    r = subprocess.run([sys.executable, "-m", "prunekit", *argv], capture_output=True, text=True, cwd=tmp_path,
+                       timeout=300, env={**os.environ, "PRUNEKIT_CACHE": str(tmp_path / "cache")})
+    lines = [x for x in r.stderr.splitlines() if x.startswith("prunekit: error:")]
+    assert r.returncode == 2 and len(lines) == 1 and expected in lines[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    after = _snapshot(tmp_path)
+    assert {k: v for k, v in after.items() if k in before} == before
 
 
 @pytest.mark.parametrize("argv", [["eval", "--checkpoint", "m.pt", "--repeats", "0"],

@@ -140,18 +140,25 @@ def base(name: str) -> nn.Module:
 
 
 # ---- offline ----
-def test_import_is_offline_and_settings_are_prunekits(net_attempts) -> None:
-    assert "ultralytics" not in sys.modules or yolo._module is not None  # prunekit does not import it on its own
-    ul = yolo.ultralytics()
-    from ultralytics import utils
-    from ultralytics.utils import checks, events
+def test_import_is_offline_and_settings_are_prunekits(tmp_path: Path) -> None:
+    """In a fresh interpreter (other tests may have imported Ultralytics into this one already)."""
+    run_fresh(f"""
+        import os, sys
+        from pathlib import Path
+        os.environ["PRUNEKIT_CACHE"] = {str(tmp_path / "cache")!r}
+        from prunekit import yolo
+        assert "ultralytics" not in sys.modules  # prunekit does not import it on its own
+        ul = yolo.ultralytics()
+        from ultralytics import utils
+        from ultralytics.utils import checks, events
 
-    assert os.environ["YOLO_OFFLINE"] == "1" and os.environ["YOLO_CONFIG_DIR"] == str(yolo.config_dir())
-    assert not utils.ONLINE and not utils.is_online() and not checks.AUTOINSTALL and not events.events.enabled
-    assert ul.settings["sync"] is False and ul.settings["api_key"] == ""
-    assert Path(ul.settings["runs_dir"]).is_relative_to(yolo.config_dir())
-    assert Path(checks.check_font("Arial.ttf")).is_file()  # found locally, never downloaded
-    assert yolo.ultralytics() is ul
+        assert os.environ["YOLO_OFFLINE"] == "1" and os.environ["YOLO_CONFIG_DIR"] == str(yolo.config_dir())
+        assert not utils.ONLINE and not utils.is_online() and not checks.AUTOINSTALL and not events.events.enabled
+        assert ul.settings["sync"] is False and ul.settings["api_key"] == ""
+        assert Path(ul.settings["runs_dir"]).is_relative_to(yolo.config_dir())
+        assert Path(checks.check_font("Arial.ttf")).is_file()  # found locally, never downloaded
+        assert yolo.ultralytics() is ul
+    """, tmp_path)
 
 
 # ---- building by name ----
@@ -353,18 +360,21 @@ def test_voc_edge_cases(tmp_path: Path) -> None:
         "c": ((100, 50), [("cat", 30, 30, 30, 40), ("cat", 120, 10, 140, 20)]),  # zero width; wholly outside
         "d": ((100, 50), [("bird", 10, 10, 20, 20, True), ("cat", 10, 10, 20, 20)]),  # one difficult
         "e": ((100, 50), []),  # an image without objects
-        "f": None,  # listed without an annotation file
-    }, {"train": ["a", "b", "c", "d"], "val": ["e", "f"]})
-    with pytest.warns(UserWarning, match="2 boxes clipped.*2 boxes dropped with zero area.*1 difficult"):
+        "g": ((100, 50), [("dog", 10, 10, 30, 30), ("dog", 40, 10, 20, 30)]),  # the second has inverted corners
+        "h": ((100, 50), [("fish", 10, 10, 30, 30)]),  # a class the training split does not have
+    }, {"train": ["a", "b", "c", "d"], "val": ["e", "g", "h"]})
+    with pytest.warns(UserWarning, match=r"2 boxes clipped.*\(e\.g\. b\.xml\).*2 boxes dropped with zero "
+                                         r"area \(e\.g\. c\.xml\).*1 boxes dropped with inverted corners.*1 difficult.*"
+                                         r"1 objects of classes the model does not have"):
         data = voc_to_yolo(root, cache_dir=tmp_path / "cache")
-    assert data.names == ["bird", "cat", "dog"]  # a class stays even where its only object is difficult
-    assert (data.images, data.objects, data.empty_images) == ({"train": 4, "val": 2}, {"train": 5, "val": 0}, 3)
+    assert data.names == ["bird", "cat", "dog"]  # a class stays even where its only object is difficult; no fish
+    assert (data.images, data.objects, data.empty_images) == ({"train": 4, "val": 3}, {"train": 5, "val": 1}, 3)
     train = _labels(data, "train")
     assert train["a"] == _rows([[2, 0.345, 0.34, 0.49, 0.48], [1, 0.495, 0.49, 0.99, 0.98]])  # 1-based
     assert train["b"] == _rows([[2, 0.945, 0.89, 0.11, 0.22], [2, 0.095, 0.28, 0.19, 0.2]])
     assert train["c"] == [] and train["d"] == _rows([[1, 0.14, 0.28, 0.1, 0.2]])
-    assert _labels(data, "val") == {"e": [], "f": []}
-    assert sorted(p.name for p in (data.yaml.parent / "images" / "val").iterdir()) == ["e.jpg", "f.jpg"]
+    assert _labels(data, "val") == {"e": [], "g": _rows([[2, 0.19, 0.38, 0.2, 0.4]]), "h": []}
+    assert sorted(p.name for p in (data.yaml.parent / "images" / "val").iterdir()) == ["e.jpg", "g.jpg", "h.jpg"]
     import yaml
 
     cfg = yaml.safe_load(data.yaml.read_text())
@@ -374,7 +384,7 @@ def test_voc_edge_cases(tmp_path: Path) -> None:
     with pytest.warns(UserWarning):
         again = voc_to_yolo(root, cache_dir=tmp_path / "cache")
     assert again.yaml == data.yaml and again.yaml.stat().st_mtime_ns == stamp
-    with pytest.warns(UserWarning, match="4 objects of classes not in names"):
+    with pytest.warns(UserWarning, match="5 objects of classes the model does not have"):
         named = detection_data(root, names=["dog", "bird"], keep_difficult=True, cache_dir=tmp_path / "cache")
     assert named.yaml != data.yaml and named.difficult == 0 and named.names == ["dog", "bird"]
     assert _labels(named, "train")["d"] == _rows([[1, 0.14, 0.28, 0.1, 0.2]])
@@ -385,9 +395,16 @@ def test_voc_edge_cases(tmp_path: Path) -> None:
         "</bndbox></object></annotation>")
     with pytest.warns(UserWarning):
         edited = voc_to_yolo(root, cache_dir=tmp_path / "cache")
-    assert edited.yaml != data.yaml and edited.objects["val"] == 1
+    assert edited.yaml != data.yaml and edited.objects["val"] == 2
     with pytest.raises(PrunekitError, match="not a Pascal VOC directory"):
         voc_to_yolo(tmp_path, cache_dir=tmp_path / "cache")
+    (root / "ImageSets" / "Main" / "val.txt").write_text("e\ng\nf\n")  # f: listed without an annotation
+    (root / "JPEGImages" / "f.jpg").write_bytes((root / "JPEGImages" / "e.jpg").read_bytes())
+    with pytest.raises(PrunekitError, match=r"val\.txt lists 1 image\(s\) without an annotation .*\(e\.g\. f\)"):
+        voc_to_yolo(root, cache_dir=tmp_path / "cache")
+    (root / "ImageSets" / "Main" / "val.txt").write_text("h\n")  # no object left in a split (h's fish is unknown)
+    with pytest.raises(PrunekitError, match="split 'val' has no object left"):
+        voc_to_yolo(root, cache_dir=tmp_path / "cache")
 
 
 @pytest.fixture(scope="module")

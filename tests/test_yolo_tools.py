@@ -108,7 +108,7 @@ def test_eval_detect_cli(subset: Path, tmp_path: Path, capsys) -> None:
     pk.save(pk.models.create("resnet20"), tmp_path / "cls.pt")
     common = ["--data", str(subset), "--split", "val", "--repeats", "2"]
     assert main(["eval", "--checkpoint", str(tmp_path / "det.pt"), *common, "--json"]) == 0  # task inferred
-    res = json.loads(capsys.readouterr().out)
+    res = json.loads(capsys.readouterr().out)  # stdout holds the JSON alone (Ultralytics logs to stderr)
     assert res["task"] == "detect" and res["imgsz"] == IMGSZ and res["split"] == "val"
     assert 0 <= res["mAP50"] <= 1 and 0 <= res["mAP50-95"] <= res["mAP50"]
     assert res["params"] == params(detector(pruned=True)) and res["macs"] > 0

@@ -150,7 +150,7 @@ def _open_rgb(name: str, blob: bytes | None, image_size: int | None) -> np.ndarr
             if image_size is not None and rgb.size != (image_size, image_size):
                 rgb = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR)
             return np.asarray(rgb)
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+    except Exception as e:  # PIL's errors, or a hook another library installed (Ultralytics' HEIF fallback)
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise PrunekitError(f"cannot read image {name} ({reason}); remove or replace the file") from e
 

@@ -25,6 +25,7 @@ import os
 import pickle
 import re
 import shutil
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -72,9 +73,10 @@ def ultralytics() -> ModuleType:
     user_dir = cfg / "Ultralytics"  # Ultralytics' own layout under YOLO_CONFIG_DIR
     _install_fonts(user_dir)
     try:
-        import ultralytics as ul
-        from ultralytics import utils as ul_utils
-        from ultralytics.utils import checks, events
+        with contextlib.redirect_stdout(sys.stderr):  # its first-run settings notice must not land in stdout
+            import ultralytics as ul
+            from ultralytics import utils as ul_utils
+            from ultralytics.utils import checks, events
     except ImportError as exc:
         raise PrunekitError("Ultralytics detectors need the optional extra: pip install 'prunekit[yolo]' "
                             f"(Ultralytics is AGPL-3.0, so it is not installed by default) [{exc}]") from exc
@@ -87,8 +89,25 @@ def ultralytics() -> ModuleType:
     checks.AUTOINSTALL = False
     checks.USER_CONFIG_DIR = user_dir  # where check_font looks before it would download
     events.events.enabled = False
+    for handler in logging.getLogger("ultralytics").handlers:  # its log goes to stderr, wherever that points
+        if isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stdout, sys.stderr):
+            handler.setStream(_Current("stderr"))  # stdout stays clean for prunekit's own output (--json)
     _module = ul
     return ul
+
+
+class _Current:
+    """A stream that is whatever ``sys.stderr`` (or ``sys.stdout``) is when written to: Ultralytics binds its log
+    handler to the stream of its import, which a redirection (a notebook, a test's capture) may close later."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def write(self, text: str) -> int:
+        return getattr(sys, self.name).write(text)
+
+    def flush(self) -> None:
+        getattr(sys, self.name).flush()
 
 
 def _install_fonts(folder: Path) -> None:

@@ -2,7 +2,7 @@
 
 ``voc_to_yolo(root)`` converts ``Annotations/*.xml`` + ``JPEGImages`` + ``ImageSets/Main/<split>.txt``
 once into ``<cache>/yolo-data/<name>-<key>/`` (``images/<split>``, ``labels/<split>``, ``data.yaml``),
-keyed by the directory's path and the sizes and mtimes of its annotations and split lists, so an
+keyed by the directory's path and the contents of its annotations and split lists, so an
 edited annotation converts again. Boxes are shifted from VOC's 1-based pixels as Ultralytics' own VOC
 conversion does (width = xmax - xmin) and checked against the image's real size: boxes reaching
 outside are clipped, boxes with no area left (BCCD has points with xmin = xmax) are dropped,
@@ -61,7 +61,7 @@ class DetectionData:
                  ("zero area", self.dropped_empty, "boxes dropped with zero area"),
                  ("inverted", self.inverted, "boxes dropped with inverted corners (xmax < xmin or ymax < ymin)"),
                  ("difficult", self.difficult, "difficult objects left out"),
-                 ("unknown class", self.unknown_class, "objects of classes not in the training split dropped"),
+                 ("unknown class", self.unknown_class, "objects of classes the model does not have dropped"),
                  ("bad label", self.dropped_images, "images dropped for a bad label file"))
         parts = []
         for key, n, what in kinds:
@@ -163,9 +163,8 @@ def voc_to_yolo(root: str | Path, *, names: list[str] | None = None, cache_dir: 
     if names is not None and (not names or len(set(names)) != len(names)):
         raise PrunekitError(f"names must be distinct class names, got {names}")
     stamp = [_FORMAT, str(root), names, keep_difficult]
-    for f in [*sorted(ann_dir.glob("*.xml")), *splits.values()]:
-        st = f.stat()
-        stamp.append([f.name, st.st_size, st.st_mtime_ns])
+    for f in [*sorted(ann_dir.glob("*.xml")), *splits.values()]:  # by content: an edit keeping mtimes counts too
+        stamp.append([f.name, hashlib.blake2b(f.read_bytes(), digest_size=16).hexdigest()])
     key = hashlib.sha1(json.dumps(stamp).encode()).hexdigest()[:12]
     out = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     out = out / "yolo-data" / f"{root.name}-{key}"
