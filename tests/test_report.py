@@ -71,3 +71,25 @@ def test_html_renders_in_headless_chromium(two_runs, tmp_path):
 def test_unfinished_run_is_refused(tmp_path):
     with pytest.raises(PrunekitError, match="not a finished prunekit run"):
         write_report([tmp_path])
+
+
+def test_the_report_shows_every_stage_and_the_base_before_sparsity(tmp_path):
+    """A sparsify stage's cost shows: 'base' is the model before it, and each stage has its row."""
+    cfg = copy.deepcopy(BASE)
+    cfg.update(name="digits-ns", out=str(tmp_path / "ns"), method={"name": "net-slim"}, target={"speedup": 1.5})
+    cfg["stages"] = [{"stage": "train", "epochs": 2, "lr": 0.1, "label_smoothing": 0.0},
+                     {"stage": "sparsify", "epochs": 1, "lr": 0.02, "s": 0.01, "schedule": "constant"},
+                     {"stage": "prune"}, {"stage": "finetune", "epochs": 1, "lr": 0.05}]
+    metrics = run(cfg)
+    md = (tmp_path / "ns" / "report.md").read_text()
+    assert "## Stages of digits-ns" in md
+    for stage in ("01-train", "02-sparsify", "03-prune", "04-finetune"):
+        assert f"| {stage} |" in md
+    import prunekit as pk
+    from prunekit.train import evaluate
+
+    digits = pk.data.load("digits")
+    trained = pk.load(tmp_path / "ns" / "stages" / "01-train" / "model.pt")
+    base_top1 = evaluate(trained, digits.eval_loader(digits.test, 256))["top1"]
+    assert metrics["before"]["top1"] == base_top1  # the base is the trained model, before sparsity training
+    assert "base: the model before any sparsity training" in md

@@ -597,11 +597,8 @@ class Run:
         except BaseException:
             self._unclaim()
             raise
-        before_model = None
         for st in self.cfg["stages"]:
             kind = st["stage"]
-            if kind in ("prune", "cycle") and before_model is None:
-                before_model = copy.deepcopy(model)
             if kind != "train" and "base" not in self.teachers:  # the model before any sparsity training
                 self.teachers["base"] = copy.deepcopy(model)
             if kind in ("train", "finetune", "sparsify"):
@@ -610,7 +607,7 @@ class Run:
                 model, _ = self._prune(model, "prune")
             else:
                 model = self._cycle(st, model)
-        before_model = before_model or model
+        before_model = self.teachers.get("base", model)  # "before": the base, ahead of any sparsity training
         metrics = {"name": self.cfg["name"], "method": self.cfg["method"].get("name"), "run_dir": str(self.dir),
                    "task": self.task.name, "metric": self.task.metric, "metric_label": self.task.metric_label,
                    "split": dict(self.det.images) if self.detect else {

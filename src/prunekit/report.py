@@ -22,6 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from . import io, methods  # noqa: E402
 from .errors import PrunekitError  # noqa: E402
@@ -187,6 +188,23 @@ def _table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def _stages_table(run: dict) -> tuple[list[str], list[list[str]]]:
+    """One row per finished stage: what each stage cost or won (validation metric as the stage recorded it)."""
+    from .measure import count_macs, count_params
+
+    key, label = _metric(run)
+    header = ["stage", "epochs", f"val {label}", "parameters", "MACs"]
+    rows = []
+    for st in run["stages"]:
+        model = io.load(st["dir"] / "model.pt")
+        shape = (getattr(model, "prunekit_arch", None) or {}).get("input_shape")
+        macs = count_macs(model, torch.zeros(1, *shape)) if shape else None
+        metric = st.get("metric")
+        rows.append([st["dir"].name, str(st.get("epochs", "–")), "–" if metric is None else f"{metric:.2f}",
+                     f"{count_params(model):,}", "–" if macs is None else f"{macs:,}"])
+    return header, rows
+
+
 def _file_name(name: Any) -> str:
     """A run's name as a file name inside the report folder: no separators, no leading dots, bounded."""
     return re.sub(r"[^A-Za-z0-9._+-]", "_", str(name)).lstrip(".")[:80] or "run"
@@ -213,11 +231,24 @@ def write_report(run_dirs: list[str | Path], out: str | Path | None = None) -> t
     files.mkdir(exist_ok=True)
     md = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(r) + " |" for r in rows]
-    md += ["", "Latency: median of timed CPU runs at one thread after warm-up (`prunekit.measure`).", ""]
+    note = ("base: the model before any sparsity training or pruning; latency: median of timed CPU runs at one "
+            "thread after warm-up (`prunekit.measure`; `prunekit compare` times models side by side)")
+    md += ["", f"Test split; {note}.", ""]
     body = [f"<h1>{html.escape(title)}</h1>", "<table id='summary'>",
             "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
     body += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows]
-    body.append("</table><p>Latency: median of timed CPU runs at one thread after warm-up.</p>")
+    body.append(f"</table><p>Test split; {html.escape(note)}.</p>")
+    for r in runs:
+        sh, srows = _stages_table(r)
+        if not srows:
+            continue
+        name = r["metrics"]["name"]
+        md += [f"## Stages of {name}", "", "| " + " | ".join(sh) + " |", "|" + "---|" * len(sh)]
+        md += ["| " + " | ".join(row) + " |" for row in srows] + [""]
+        body.append(f"<h2>Stages of {html.escape(str(name))}</h2><table class='stages'><tr>"
+                    + "".join(f"<th>{html.escape(h)}</th>" for h in sh) + "</tr>"
+                    + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in srows)
+                    + "</table>")
     for note in notes:
         md += [f"Note: {note}", ""]
         body.append(f"<p class='note'>Note: {html.escape(note)}</p>")
