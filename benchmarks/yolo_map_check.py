@@ -113,7 +113,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     model = pk.load(args.model).eval()
-    if not tools.is_detector(model):
+    if not pk.models.is_detector(model):
         sys.exit(f"{args.model} is not an ul: detector")
     imgsz = args.imgsz or tools.input_size(model)
     ds = detection_data(args.data)
