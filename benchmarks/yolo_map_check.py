@@ -117,7 +117,7 @@ def main() -> None:
         sys.exit(f"{args.model} is not an ul: detector")
     imgsz = args.imgsz or tools.input_size(model)
     ds = detection_data(args.data)
-    files, names = tools.split_images(args.data, args.split)
+    files, names = tools.split_images(ds, args.split), ds.names
     with tempfile.TemporaryDirectory() as d:
         ul_metrics, preds = ultralytics_predictions(model, ds, args.split, imgsz, args.batch, Path(d))
     gt_json, ids = coco_ground_truth(files, names)
