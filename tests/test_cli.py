@@ -102,3 +102,12 @@ def test_finetune_keep_zeros_after_magnitude(tmp_path):
         if name.endswith("weight") and a.dim() > 1:
             assert torch.all(b[a == 0] == 0), name
             assert not torch.equal(a, b), name  # it did train
+
+
+def test_demo_runs_the_whole_job_and_measures_speed_side_by_side(tmp_path, capsys):
+    from prunekit.demo import run_demo
+
+    assert run_demo(tmp_path / "demo", device="cpu") == 0
+    out = capsys.readouterr().out
+    assert "top-1 accuracy (%)" in out and "speedup eager_b1" in out and "interleaved rounds" in out
+    assert (tmp_path / "demo" / "report" / "report.html").exists()

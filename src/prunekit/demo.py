@@ -10,6 +10,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
+
+from . import io, timing
+from .compare import final_model_path
 from .pipeline import run
 from .report import write_report
 
@@ -18,14 +22,16 @@ SPEEDUP = 2.0
 DATA = {"name": "digits", "batch_size": 64}
 
 
-def format_table(base: dict, runs: dict[str, dict]) -> str:
-    """Before/after table; latencies are medians at 1 thread."""
+def format_table(base: dict, runs: dict[str, dict], speed: dict[str, dict] | None = None) -> str:
+    """Before/after table; speedups measured side by side (``prunekit.timing``), 'within noise' where they are."""
     cols = {"base": base, **runs}
-    lines = [f"{'':<22}" + "".join(f"{c:>16}" for c in cols)]
-    spec = [("top-1 accuracy (%)", "top1", "{:.2f}"), ("parameters", "params", "{:,}"), ("MACs", "macs", "{:,}"),
-            ("latency b1 (ms)", "latency_b1_ms", "{:.3f}"), ("latency b64 (ms)", "latency_b64_ms", "{:.3f}")]
+    lines = [f"{'':<22}" + "".join(f"{c:>26}" for c in cols)]
+    spec = [("top-1 accuracy (%)", "top1", "{:.2f}"), ("parameters", "params", "{:,}"), ("MACs", "macs", "{:,}")]
     for label, key, fmt in spec:
-        lines.append(f"{label:<22}" + "".join(f"{fmt.format(cols[c][key]):>16}" for c in cols))
+        lines.append(f"{label:<22}" + "".join(f"{fmt.format(cols[c][key]):>26}" for c in cols))
+    for key, stats in (speed or {}).items():
+        lines.append(f"{'speedup ' + key:<22}" + f"{'1.00x':>26}" + "".join(
+            f"{timing.label(stats[c]['ratio']):>26}" for c in runs))
     return "\n".join(lines)
 
 
@@ -48,7 +54,12 @@ def run_demo(out: Path | None = None, device: str = "auto") -> int:
         results[method] = run(cfg)["after"]
         dirs.append(out / method)
     html_path, md_path = write_report(dirs, out / "report")
+    models = {"base": io.load(out / "base" / "stages" / "01-train" / "model.pt")}
+    models |= {m: io.load(final_model_path(out / m)) for m in METHODS}
+    speed = timing.side_by_side(models, torch.zeros(1, 1, 8, 8), batch_sizes=(1, 64), runtimes=("eager",),
+                                threads=1, rounds=15)
     print()
-    print(format_table(base, results))
+    print(format_table(base, results, speed))
+    print("speedup: base time / pruned time, median (interquartile range) of 15 interleaved rounds, 1 thread")
     print(f"\nreport: {html_path} (also {md_path})  ({time.perf_counter() - t0:.0f} s)")
     return 0
