@@ -499,13 +499,17 @@ class Run:
                                    "epochs": cfg.epochs})
         return model
 
-    def _distiller(self, stage: dict, model, name: str) -> distill.Distiller | None:
-        """The stage's teacher (base, before or a model file), checked against the student before training."""
-        if "distill" not in stage:
-            return None
+    def _teacher(self, stage: dict) -> tuple[torch.nn.Module, dict]:
+        """The stage's distillation teacher (a copy of base or before, or a model file) and its settings."""
         spec = distill.check(stage["distill"])
         teacher = self.teachers.get(spec["teacher"])
-        teacher = copy.deepcopy(teacher) if teacher is not None else io.load(spec["teacher"])
+        return (copy.deepcopy(teacher) if teacher is not None else io.load(spec["teacher"])), spec
+
+    def _distiller(self, stage: dict, model, name: str) -> distill.Distiller | None:
+        """The stage's teacher, checked against the student before training."""
+        if "distill" not in stage:
+            return None
+        teacher, spec = self._teacher(stage)
         distiller = distill.Distiller(teacher, spec["alpha"], spec["temperature"]).to(self.dev)
         distiller.check_against(model.to(self.dev), self.x.to(self.dev), f"{name}.distill")
         return distiller
@@ -529,9 +533,7 @@ class Run:
         metrics: dict = {}
         teacher = None
         if epochs and "distill" in stage:
-            spec = distill.check(stage["distill"])
-            teacher = copy.deepcopy(self.teachers[spec["teacher"]]) if spec["teacher"] in self.teachers else \
-                io.load(spec["teacher"])
+            teacher, spec = self._teacher(stage)
             yolo.distill.check_teacher(teacher, model, self.x, f"{name}.distill")
             teacher = (teacher, spec["alpha"], spec["temperature"])
         if epochs:
