@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 
 import prunekit as pk
+from prunekit import tasks
 from prunekit.errors import PrunekitError
 from prunekit.graph import PruneGraph
 from prunekit.methods import get
-from prunekit.tasks import CLASSIFICATION
 
 SMALL = dict(candidates=12, population=4, calibration_batches=4, progress=False)
 
@@ -79,7 +79,7 @@ def test_w0_is_scored_first_and_the_result_never_scores_below_it(digits, search)
     assert len({tuple(c["widths"]) for c in info["candidates"]}) == len(info["candidates"])  # nothing scored twice
     # The returned, physically pruned model keeps the winner's re-estimated BN statistics: it scores what the
     # masked candidate scored.
-    val = CLASSIFICATION.evaluate(result.model, digits[2], torch.device("cpu"))
+    val = tasks.get("classify").evaluate(result.model, digits[2], torch.device("cpu"))
     assert val["top1"] == pytest.approx(info["best_score"]["top1"])
     assert val["loss"] == pytest.approx(info["best_score"]["loss"], rel=1e-4)
 

@@ -195,7 +195,7 @@ def test_tp_group_norm_regulariser_pulls_only_prunable_groups():
     model = pk.models.create("resnet20")
     model.prunekit_arch["input_shape"] = [3, 32, 32]
     m = methods.get("tp-group-norm")
-    hook = m.regularizer(model, m.check_regularizer_options({"reg": 1e-2}), 10)
+    hook = m.regularizer(model, m.check_regularizer_options({"reg": 1e-2}), 10, torch.zeros(1, 3, 32, 32))
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     hook(model)

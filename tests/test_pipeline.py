@@ -231,17 +231,17 @@ def test_a_first_prune_that_removes_nothing_stops_the_run_with_the_reason(tmp_pa
 def test_a_run_whose_folder_is_removed_mid_run_stops_instead_of_recreating_it(tmp_path, monkeypatch):
     import shutil
 
-    from prunekit import pipeline
+    from prunekit import classify
 
     cfg = _cfg(tmp_path, stages=[{"stage": "train", "epochs": 1, "lr": 0.05}])
-    real_fit = pipeline.fit
+    real_fit = classify.fit
 
     def fit_then_remove(*args, **kwargs):
         out = real_fit(*args, **kwargs)
         shutil.rmtree(cfg["out"])  # someone deletes the run folder while the stage trains
         return out
 
-    monkeypatch.setattr(pipeline, "fit", fit_then_remove)
+    monkeypatch.setattr(classify, "fit", fit_then_remove)
     with pytest.raises(PrunekitError, match="was removed while the run was going"):
         run(cfg)
     assert not (Path(cfg["out"]) / "stages" / "01-train" / "model.pt").exists()

@@ -670,3 +670,127 @@ def test_every_cli_command_takes_a_detector_file(bccd, tmp_path: Path, capsys) -
     tuned = pk.load(tmp_path / "ft" / "model.pt")
     assert count_macs(tuned, torch.zeros(1, 3, 64, 64)) == count_macs(pk.load(tmp_path / "p.pt"),
                                                                       torch.zeros(1, 3, 64, 64))
+
+
+# ---- the detection task: mAP on labelled batches, auto-mend on detectors ----
+class _Oracle(nn.Module):
+    """Predicts given boxes (letterboxed pixels, xywh) with class score 1: a detector whose mAP is known."""
+
+    def __init__(self, boxes: list[torch.Tensor], nc: int, shift: float = 0.0):
+        super().__init__()
+        self.model = nn.ModuleList([nn.Identity()])
+        self.model[-1].nc = nc
+        self.boxes, self.nc, self.shift = boxes, nc, shift
+        self.w = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[-1]
+        out = torch.zeros(len(x), 4 + self.nc, 64)
+        for i, lab in enumerate(self.boxes[: len(x)]):
+            n = len(lab)
+            out[i, :4, :n] = (lab[:, 2:] * size).T
+            out[i, 0, :n] += self.shift * out[i, 2, :n]  # moved right by a fraction of its width
+            out[i, 4 + lab[:, 1].long(), torch.arange(n)] = 1.0
+        self.boxes = self.boxes[len(x):]
+        return out
+
+
+def test_detection_task_scores_labelled_batches_by_map(bccd) -> None:
+    from prunekit.yolo.task import TASK, LabelledBatches
+
+    batches = list(LabelledBatches(bccd, "val", imgsz=160, batch=4))[:2]
+    labels = [lab[lab[:, 0] == i] for _, lab in batches for i in range(4)]
+    assert all(((lab[:, 2:4] > 0) & (lab[:, 2:4] < 1)).all() for lab in labels)
+    perfect = TASK.evaluate(_Oracle(labels, len(bccd.names)), batches, torch.device("cpu"))
+    assert perfect["mAP50"] > 99 and perfect["mAP50-95"] > 99  # 99.5: COCO interpolation's ceiling
+    moved = TASK.evaluate(_Oracle(labels, len(bccd.names), shift=0.3), batches, torch.device("cpu"))
+    assert moved["mAP50-95"] < 60  # IoU ~0.54 per box: found at 0.5, missed above
+
+
+def test_auto_mend_prunes_a_detector_by_map(bccd, tmp_path: Path) -> None:
+    """Through pk.prune with letterboxed calibration and labelled val batches, and through the pipeline."""
+    from prunekit.yolo.data import image_batches
+    from prunekit.yolo.task import LabelledBatches
+
+    model = base("yolov3-tinyu")
+    calib = image_batches(bccd, "train", imgsz=160, batch=4, limit=8)
+    val = LabelledBatches(bccd, "val", imgsz=160, batch=4)
+    res = pk.prune(model, "auto-mend", speedup=1.5, data=calib, val=list(val)[:2], candidates=3,
+                   calibration_batches=1, val_batches=2, ignored_layers=yolo.protected_layers(model))
+    assert res.speedup == pytest.approx(1.5, rel=0.03)
+    assert "mAP50-95" in json.dumps(res.to_dict()["info"])
+    data = subset_yaml(bccd, tmp_path, {"train": 8, "val": 4, "test": 4})
+    cfg = {"model": {"name": "ul:yolov3-tinyu"}, "out": str(tmp_path / "run"),
+           "data": {"name": str(data), "image_size": 160, "batch_size": 4, "calibration_batches": 1},
+           "method": {"name": "auto-mend", "params": {"candidates": 2, "calibration_batches": 1, "val_batches": 1}},
+           "target": {"speedup": 1.5}, "stages": [{"stage": "prune"}]}
+    metrics = pipeline.run(cfg)
+    assert metrics["before"]["macs"] / metrics["after"]["macs"] == pytest.approx(1.5, rel=0.03)
+
+
+def _trained_pt(path: Path, names: list[str]) -> Path:
+    """What Ultralytics' trainer writes: a pickled DetectionModel with its class names (BN randomised: 'trained')."""
+    torch.manual_seed(3)
+    net = randomise_bn(yolo.build_detection_model("ul:yolov3-tinyu", len(names)))
+    net.names = dict(enumerate(names))
+    torch.save({"model": net, "epoch": 5}, path)
+    return path
+
+
+def _folders_from_bccd(root: Path, n: int = 24) -> dict[str, Path]:
+    """The same BCCD images as a LabelImg VOC folder and as a YOLO txt folder with classes.txt, neither split."""
+    import shutil
+    import xml.etree.ElementTree as ET
+
+    from PIL import Image
+
+    ids = sorted(p.stem for p in (BCCD / "Annotations").glob("*.xml"))[:n]
+    voc, yl = root / "labelimg", root / "yolo"
+    order = ["RBC", "WBC", "Platelets"]
+    for d in (voc / "annotations", voc / "images", yl / "images", yl / "labels"):
+        d.mkdir(parents=True)
+    for i in ids:
+        shutil.copyfile(BCCD / "Annotations" / f"{i}.xml", voc / "annotations" / f"{i}.xml")
+        for d in (voc / "images", yl / "images"):
+            shutil.copyfile(BCCD / "JPEGImages" / f"{i}.jpg", d / f"{i}.jpg")
+        with Image.open(BCCD / "JPEGImages" / f"{i}.jpg") as im:
+            w, h = im.size
+        rows = []
+        for obj in ET.parse(BCCD / "Annotations" / f"{i}.xml").getroot().iter("object"):
+            x0, y0, x1, y1 = (float(obj.findtext(f"bndbox/{k}")) - 1 for k in ("xmin", "ymin", "xmax", "ymax"))
+            if x1 > x0 and y1 > y0:
+                rows.append(f"{order.index(obj.findtext('name'))} {(x0 + x1) / 2 / w:.6f} {(y0 + y1) / 2 / h:.6f} "
+                            f"{(x1 - x0) / w:.6f} {(y1 - y0) / h:.6f}\n")
+        (yl / "labels" / f"{i}.txt").write_text("".join(rows))
+    (yl / "labels" / "classes.txt").write_text("\n".join(order) + "\n")
+    return {"labelimg": voc, "yolo": yl}
+
+
+@pytest.mark.parametrize("layout", ["labelimg", "yolo"])
+def test_pipeline_prunes_my_trained_detector_on_my_folder(layout: str, tmp_path: Path) -> None:
+    """A user's Ultralytics best.pt on a folder without splits: a seeded split is made and kept with the run,
+    the detector keeps its trained weights and classes, prune -> 1-epoch fine-tune runs; other classes refused."""
+    if not BCCD.is_dir():
+        pytest.skip(f"shared BCCD copy not found at {BCCD}")
+    folder = _folders_from_bccd(tmp_path)[layout]
+    names = ["Platelets", "RBC", "WBC"] if layout == "labelimg" else ["RBC", "WBC", "Platelets"]
+    best = _trained_pt(tmp_path / "best.pt", names)
+    fast = {"workers": 0, "plots": False, "val": True}
+    cfg = {"model": {"name": f"ul:{best}", "trust_pickle": True}, "out": str(tmp_path / "run"),
+           "data": {"name": str(folder), "image_size": 160, "batch_size": 8, "calibration_batches": 1},
+           "method": {"name": "l1-norm"}, "target": {"speedup": 1.5},
+           "stages": [{"stage": "prune"}, {"stage": "finetune", "epochs": 1, "ultralytics": fast}]}
+    metrics = pipeline.run(cfg)
+    assert metrics["before"]["macs"] / metrics["after"]["macs"] == pytest.approx(1.5, rel=0.03)
+    assert sum(metrics["split"].values()) == 24 and all(metrics["split"].values())
+    assert sorted(p.name for p in (tmp_path / "run" / "splits").iterdir()) == ["test.txt", "train.txt", "val.txt"]
+    before = pk.load(metrics["models"]["before"])
+    trained = torch.load(best, weights_only=False)["model"]
+    x = torch.rand(1, 3, 160, 160)
+    torch.testing.assert_close(outputs(before, x)[0], outputs(trained, x)[0])  # its weights, not fresh ones
+    _trained_pt(tmp_path / "other.pt", names[::-1])
+    with pytest.raises(PrunekitError, match="was trained on classes"):
+        pipeline.run(cfg | {"model": {"name": f"ul:{tmp_path / 'other.pt'}", "trust_pickle": True},
+                            "out": str(tmp_path / "run2")})
+    with pytest.raises(PrunekitError, match="trust_pickle"):
+        pipeline.run(cfg | {"model": {"name": f"ul:{best}"}, "out": str(tmp_path / "run3")})

@@ -9,6 +9,8 @@ import copy
 import importlib.util
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +102,20 @@ def test_pruned_detector_as_ultralytics_checkpoint(subset: Path, tmp_path: Path)
         tools.to_ultralytics(model, tmp_path / "x.pt", names=["a", "b"])
 
 
+def test_yolo_map_check_script_runs_and_agrees_with_cocoeval(subset: Path, tmp_path: Path) -> None:
+    """benchmarks/yolo_map_check.py (Ultralytics' mAP against pycocotools on the same predictions) at HEAD."""
+    pk.save(detector(pruned=True), tmp_path / "det.pt")
+    script = Path(__file__).parents[1] / "benchmarks" / "yolo_map_check.py"
+    out = tmp_path / "check.json"
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "det.pt"), "--data", str(subset),
+                           "--split", "val", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(out.read_text())
+    assert row["images"] == 6 and row["predictions"] > 0
+    ul, coco = row["ultralytics"], row["pycocotools"]["maxDets300"]
+    assert 0 <= ul["mAP50-95"] <= 1 and ul["mAP50"] == pytest.approx(coco["mAP50"], abs=0.02)
+
+
 # ---- prunekit eval --task detect ----
 def test_eval_detect_cli(subset: Path, tmp_path: Path, capsys) -> None:
     from prunekit.cli import main
@@ -118,7 +134,8 @@ def test_eval_detect_cli(subset: Path, tmp_path: Path, capsys) -> None:
     for text in ("mAP50 ", "mAP50-95", "params", "MACs", "(at 128)", "torch eager", "onnxruntime"):
         assert text in table
     for argv, message in (
-            (["--checkpoint", str(tmp_path / "cls.pt"), "--task", "detect"], "a classifier: --task detect needs"),
+            (["--checkpoint", str(tmp_path / "cls.pt"), "--task", "detect"],
+             "a model of task classify: evaluate it with --task classify"),
             (["--checkpoint", str(tmp_path / "det.pt"), "--task", "classify"], "evaluate it with --task detect"),
             (["--checkpoint", str(tmp_path / "det.pt"), "--data", str(tmp_path / "nope")], "data not found"),
             (["--checkpoint", str(tmp_path / "det.pt"), "--data", str(subset), "--split", "dev"], "no split 'dev'"),
@@ -140,12 +157,12 @@ def test_report_of_a_detect_run_shows_map_and_boxes(subset: Path, tmp_path: Path
     row = {"params": 1, "macs": 2, "latency_b1_ms": 3.0}
     metrics = {"name": "bccd-l1", "task": "detect", "method": "l1-norm", "data": str(subset),
                "models": {"before": "models/before.pt", "after": str(run / "models" / "after.pt")},
-               "before": {"mAP50-95": 0.3712, "mAP50": 0.5934, **row},
-               "after": {"mAP50-95": 0.3654, "mAP50": 0.5871, **row, "params": 0}}
+               "before": {"mAP50-95": 37.12, "mAP50": 59.34, **row},  # a pipeline records mAP in %
+               "after": {"mAP50-95": 36.54, "mAP50": 58.71, **row, "params": 0}}
     (run / "metrics.json").write_text(json.dumps(metrics))
     html_path, md_path = write_report([run])
     md, page = md_path.read_text(), html_path.read_text()
-    for text in ("test mAP50-95", "test mAP50", "0.371", "0.365", "0.593", "0.587"):
+    for text in ("test mAP50-95 (%)", "test mAP50 (%)", "37.12", "36.54", "59.34", "58.71"):
         assert text in md and text in page, text
     assert "top-1" not in md
     images = re.findall(r"!\[[^]]*\]\((report_files/[^)]+\.png)\)", md)

@@ -17,10 +17,11 @@ import torch
 import yaml
 
 from . import data as pkdata
-from . import distill, io, methods, models
+from . import distill, io, methods, models, tasks
 from .errors import PrunekitError
 from .graph import Masks, run_checked
 from .measure import measure
+from .tasks import Task
 from .train import TrainConfig, dist_info, evaluate, fit, resolve_device
 
 
@@ -132,34 +133,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     return _run_training(model, args, bundle, "train")
 
 
-def _finetune_detector(args: argparse.Namespace, model: torch.nn.Module) -> int:
-    """A detector file fine-tuned by Ultralytics' trainer on a VOC directory or YOLO data yaml (the model kept)."""
-    from . import yolo
-
-    out = Path(args.out)
-    if not str(args.out).strip():
-        raise PrunekitError("--out is empty: give a folder for the run")
-    if (out / "model.pt").exists() and not args.force:
-        raise PrunekitError(f"{out} already holds a finished run; use --force or another --out")
-    distiller = None
-    if args.distill:
-        spec = distill.check({"teacher": args.distill, "alpha": args.alpha, "temperature": args.temperature},
-                             "--distill")
-        teacher = io.load(spec["teacher"])
-        yolo.distill.check_teacher(teacher, model, torch.zeros(1, *_input_shape(model)), "--distill")
-        distiller = (teacher, spec["alpha"], spec["temperature"])
-    with io.run_lock(out):
-        metrics = yolo.train(model, args.data, epochs=args.epochs, batch=args.batch_size or 16, project=out,
-                             name="ultralytics", seed=args.seed, resume=args.resume, distill=distiller)
-        io.save(model, out / "model.pt")
-    print(json.dumps({"out": str(out / "model.pt"), **metrics}))
-    return 0
-
-
 def cmd_finetune(args: argparse.Namespace) -> int:
     model = io.load(args.checkpoint)
-    if models.is_detector(model):
-        return _finetune_detector(args, model)
+    own = tasks.for_model(model).cli_finetune  # a task with a trainer of its own
+    if own is not None:
+        return own(args, model)
     bundle = _load_data(args)
     classes = (getattr(model, "prunekit_arch", None) or {}).get("num_classes")
     if classes is not None and classes != bundle.num_classes:
@@ -212,21 +190,23 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise PrunekitError("--percentile and --speedup both set the cut: give one of them")
     if args.speedup is not None and args.speedup <= 1.0:
         raise PrunekitError(f"--speedup {args.speedup:g} removes nothing: give a speedup > 1 (base MACs / pruned MACs)")
+    timed = {k: v for k, v in (("runtime", args.runtime), ("batch", args.batch), ("threads", args.threads))
+             if v is not None}
+    if timed and args.latency is None:
+        raise PrunekitError("--runtime, --batch and --threads say where a --latency target is timed: add --latency")
     model = io.load(args.checkpoint)
     data = val = bundle = None
     x = None
-    if args.data and models.is_detector(model):  # calibration: letterboxed training images of the detector's data
-        from .yolo.data import detection_data, image_batches
-
-        data = image_batches(detection_data(args.data), "train", imgsz=_input_shape(model)[-1], batch=16,
-                             seed=args.seed, limit=64)
-        x = data[0][0]
+    own = tasks.for_model(model).cli_calibration  # a task with data of its own
+    if args.data and own is not None:
+        data, val, x = own(args.data, model, args.seed)
     elif args.data:
         bundle = _load_data(args).holdout(0.1, seed=args.seed)
         data = bundle.eval_loader(bundle.train, 128, shuffle=True, seed=args.seed)
         val = bundle.eval_loader(bundle.val, 256)
     result = methods.prune(model, args.method, x if x is not None else _example_inputs(model, bundle),
-                           speedup=args.speedup, sparsity=args.sparsity, data=data, val=val, **opts)
+                           speedup=args.speedup, sparsity=args.sparsity, latency=args.latency, **timed, data=data,
+                           val=val, **opts)
     io.save(result.model, out, prune=result.to_dict())
     print(result.summary())
     print(f"saved {out}")
@@ -261,39 +241,21 @@ def _evaluate_payload(args: argparse.Namespace, model: torch.nn.Module) -> dict[
     return payload
 
 
-def _eval_task(args: argparse.Namespace, model: torch.nn.Module) -> str:
-    """``--task`` as given, or inferred: an ``ul:`` model is a detector; refuse a task the model cannot do."""
-    name = str((getattr(model, "prunekit_arch", None) or {}).get("name", type(model).__name__))
-    detector = models.is_detector(model)
-    task = args.task or ("detect" if detector else "classify")
-    if task == "detect" and not detector:
-        raise PrunekitError(f"{args.checkpoint} holds '{name}', a classifier: --task detect needs an Ultralytics "
-                            "detector (a model created as ul:<name>, e.g. ul:yolov8n)")
-    if task == "classify" and detector:
-        raise PrunekitError(f"{args.checkpoint} holds the detector '{name}': evaluate it with --task detect "
-                            "(mAP on a VOC directory or YOLO data yaml)")
+def _eval_task(args: argparse.Namespace, model: torch.nn.Module) -> Task:
+    """``--task`` as given, or the task that owns the model; refuse a task the model cannot do."""
+    task = tasks.for_model(model)
+    if args.task and args.task != task.name:
+        name = str((getattr(model, "prunekit_arch", None) or {}).get("name", type(model).__name__))
+        raise PrunekitError(f"{args.checkpoint} holds '{name}', a model of task {task.name}: evaluate it with "
+                            f"--task {task.name}")
     return task
-
-
-def _eval_detect(args: argparse.Namespace, model: torch.nn.Module) -> int:
-    from .yolo import tools
-
-    unused = [f"--{k.replace('_', '-')}" for k in ("data_root", "download", "image_size", "limit", "base")
-              if getattr(args, k, None)]
-    if unused:
-        raise PrunekitError(f"{', '.join(unused)} apply to classifiers only; a detector takes --data (a Pascal VOC "
-                            "directory or a YOLO data yaml), --split and --imgsz")
-    res = tools.evaluate(model, args.data, split=args.split, imgsz=args.imgsz, batch=args.batch_size,
-                         repeats=args.repeats, threads=args.threads, cache_dir=args.cache_dir)
-    res = {"checkpoint": str(args.checkpoint), **res}
-    print(json.dumps(res) if args.json else tools.format_evaluation(res))
-    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     model = io.load(args.checkpoint)
-    if _eval_task(args, model) == "detect":
-        return _eval_detect(args, model)
+    own = _eval_task(args, model).cli_eval  # a task with an evaluation of its own
+    if own is not None:
+        return own(args, model)
     if args.split != "test" or args.imgsz is not None:
         raise PrunekitError("--split and --imgsz apply to detectors (--task detect) only")
     payload = _evaluate_payload(args, model)
@@ -329,12 +291,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     else:
         from .export import export_onnx
 
-        if models.is_detector(model):  # one output tensor (decoded predictions), as Ultralytics' exporter does
-            from .yolo import export_mode
-
-            with export_mode(model):
-                info = export_onnx(model, _example_inputs(model, None)[:1], out, opset=args.opset)
-        else:
+        with tasks.for_model(model).export_mode(model):  # one output tensor
             info = export_onnx(model, _example_inputs(model, None)[:1], out, opset=args.opset)
     print(json.dumps(info))
     return 0
@@ -420,6 +377,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_seed, default=0, help="seed of the validation split held out of --data")
     p.add_argument("--speedup", type=float, help="target MACs ratio base/pruned (structured methods)")
     p.add_argument("--sparsity", type=float, help="fraction of weights to zero (unstructured methods)")
+    p.add_argument("--latency", type=float, help="target *measured* speedup on --runtime at --batch with --threads "
+                   "on this machine, within 5 %% (structured methods; instead of --speedup)")
+    p.add_argument("--runtime", help="where --latency is timed: eager (default) or onnxruntime")
+    p.add_argument("--batch", type=_positive, help="batch size --latency is timed at (default 64)")
+    p.add_argument("--threads", type=_positive, help="threads --latency is timed with (default 2)")
     p.add_argument("--percentile", type=float, help="net-slim: global |γ| percentile instead of --speedup")
     p.add_argument("--q", type=float, help="magnitude: per-layer threshold q·σ(W) instead of --sparsity")
     p.add_argument("--ignore", help="comma-separated module names never pruned (structured methods never prune "
@@ -432,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="accuracy (or mAP), params, MACs, size and latency of a model file")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--task", choices=["classify", "detect"],
+    p.add_argument("--task", choices=tasks.names(),
                    help="default: detect for an ul: (Ultralytics) model, classify otherwise")
     _add_data_args(p)
     p.add_argument("--split", default="test", help="detect: the split mAP is measured on (default test)")

@@ -29,6 +29,7 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -49,6 +50,9 @@ IN_CHANNEL_FNS = {F_.prune_conv_in_channels, F_.prune_linear_in_channels, F_.pru
 _ADDS_BIAS = {nn.Conv1d.forward, nn.Conv2d.forward, nn.Linear.forward}  # forwards that add self.bias
 _BN = nn.modules.batchnorm._BatchNorm
 _PRODUCTS = "#attention"  # suffix of an MHA's attention-product term in the MACs model
+# The currency budgets are counted in: None for analytic MACs; while a latency target is pruned to,
+# prunekit.latency sets a table whose ``macs(graph, widths)`` predicts latency in MACs of the unpruned model.
+COST_MODEL: ContextVar = ContextVar("prunekit_cost_model", default=None)
 
 
 @dataclass
@@ -334,7 +338,19 @@ class PruneGraph:
         return [m.out_channels, m.in_channels, m.groups]
 
     def macs(self, keep: dict[int, int] | None = None) -> int:
-        """MACs of the model if group i kept ``keep[i]`` channels (others untouched)."""
+        """MACs of the model if group i kept ``keep[i]`` channels (others untouched).
+
+        While a cost model is set (``COST_MODEL``: a latency target) a keep decision costs what the model
+        predicts instead, so every budget a method computes from MACs becomes that budget unchanged.
+        """
+        shape = self.widths(keep)
+        cost_model = COST_MODEL.get()
+        if keep is not None and cost_model is not None:
+            return cost_model.macs(self, shape)
+        return self.other + int(sum(self.unit[n] * o * (i // max(gr, 1)) for n, (o, i, gr) in shape.items()))
+
+    def widths(self, keep: dict[int, int] | None = None) -> dict[str, list[int]]:
+        """Per modelled layer [out, in, groups] if group i kept ``keep[i]`` channels (others untouched)."""
         shape = {name: list(s) for name, s in self._shapes.items()}
         for gi, k in (keep or {}).items():
             g = self.groups[gi]
@@ -355,7 +371,7 @@ class PruneGraph:
                     s[0] -= removed * per
                     s[1] -= removed * per
                     s[2] -= removed * per
-        return self.other + int(sum(self.unit[n] * o * (i // max(gr, 1)) for n, (o, i, gr) in shape.items()))
+        return shape
 
     @torch.no_grad()
     def fold_constant(self, consumer: nn.Module, idx: list[int], values: torch.Tensor) -> bool:

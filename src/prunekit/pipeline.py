@@ -12,51 +12,46 @@ their decisions on it, cycles stop on it; the test split is touched only for the
 before/after metrics. The pipeline knows methods only by what they declare (``methods.Method``):
 their options, their sparsity regulariser, whether zeros must stay zero.
 
-Detectors (``model.name: ul:<yaml>``, or ``task: detect`` for a checkpoint): ``data.name`` is a Pascal
-VOC directory or a YOLO data yaml whose own val split selects and the test split reports; training
-stages run Ultralytics' trainer on prunekit's model (``yolo.train``, settings under ``ultralytics:``),
-the metric is mAP50-95 (%), and calibration batches are letterboxed training images. An interrupted
-training stage resumes from Ultralytics' last epoch checkpoint in its stage directory.
+Everything that depends on the kind of model is the run's task's (``prunekit.tasks``: the data and its
+splits, creating and checking models, training stages, the metric); the task is the one that owns
+``model.name`` (``ul:<yaml>``: detection) or ``task:`` for a checkpoint.
 """
 
 from __future__ import annotations
 
 import copy
-import itertools
 import json
 import math
 import shutil
 import sys
 import time
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
-from . import data as pkdata
-from . import distill, io, methods, models
+from . import distill, io, methods, models, tasks, timing
 from .errors import PrunekitError
-from .graph import Masks, run_checked
+from .graph import run_checked
 from .measure import measure
-from .tasks import CLASSIFICATION, DETECTION
-from .train import TrainConfig, dist_info, evaluate, fit, resolve_device
+from .tasks import Task
+from .train import dist_info, resolve_device
 
-TRAIN_KEYS = {f.name for f in fields(TrainConfig)}
 STAGES = ("train", "sparsify", "prune", "finetune", "cycle")
 TOP_KEYS = {"name": str, "model": dict, "data": dict, "method": dict, "target": dict, "stages": list,
             "device": str, "seed": int, "out": str, "budget": int, "task": str}
-TASK_NAMES = ("classify", "detect")
-DETECT_TRAIN_KEYS = {"epochs", "batch_size", "seed", "ultralytics"}  # the rest is Ultralytics' own settings
-MODEL_KEYS = {"name": str, "checkpoint": str, "num_classes": int, "kwargs": dict}
+MODEL_KEYS = {"name": str, "checkpoint": str, "num_classes": int, "kwargs": dict, "trust_pickle": bool}
 DATA_KEYS = {"name": str, "root": str, "limit": int, "image_size": int, "batch_size": int, "download": bool,
              "val_fraction": float, "calibration_batches": int, "split_seed": int}
 METHOD_KEYS = {"name": str, "params": dict}
-TARGET_KEYS = {"speedup": (int, float), "sparsity": (int, float), "learned": bool, "schedule": list}
+TARGET_KEYS = {"speedup": (int, float), "sparsity": (int, float), "learned": bool, "schedule": list,
+               "latency": (int, float), "runtime": str, "batch": int, "threads": int}
+LATENCY_KEYS = ("latency", "runtime", "batch", "threads")  # a measured-speedup target and where it is timed
 CYCLE_KEYS = {"stage", "stages", "max_cycles", "stop_below", "tolerance"}
-VAL_FRACTION = 0.1
+VAL_FRACTION = 0.1  # the classification task's default (checked here, before anything loads)
 REST = "rest"  # `epochs: rest` = what the run's `budget` has left
+LATENCY = {"threads": 1, "rounds": 10}  # the final table's side-by-side timing (eager PyTorch)
 
 
 def _err(key: str, msg: str) -> PrunekitError:
@@ -76,8 +71,7 @@ def _check_keys(section: dict, allowed: dict | set, where: str) -> None:
                 raise _err(f"{where}.{k}" if where else k, f"must be {names}, got {v!r}")
 
 
-def _check_stage(stage: Any, where: str, method: methods.Method | None, budget: int | None,
-                 detect: bool = False) -> None:
+def _check_stage(stage: Any, where: str, method: methods.Method | None, budget: int | None, task: Task) -> None:
     if not isinstance(stage, dict) or "stage" not in stage:
         raise _err(where, f"each stage is a mapping with 'stage: <one of {', '.join(STAGES)}>'")
     kind = stage["stage"]
@@ -89,7 +83,7 @@ def _check_stage(stage: Any, where: str, method: methods.Method | None, budget: 
         if not isinstance(inner, list) or not inner:
             raise _err(f"{where}.stages", "a cycle needs a non-empty list of stages")
         for i, s in enumerate(inner):
-            _check_stage(s, f"{where}.stages[{i}]", method, budget, detect)
+            _check_stage(s, f"{where}.stages[{i}]", method, budget, task)
             if s["stage"] == "cycle":
                 raise _err(f"{where}.stages[{i}]", "cycles cannot be nested")
             if s.get("epochs") == REST:
@@ -112,7 +106,7 @@ def _check_stage(stage: Any, where: str, method: methods.Method | None, budget: 
             method.check_regularizer_options(stage)
         except PrunekitError as exc:
             raise _err(where, str(exc)) from exc
-    train_keys = (DETECT_TRAIN_KEYS if detect else TRAIN_KEYS) | {"distill"}
+    train_keys = task.train_keys | {"distill"}
     if "distill" in stage:
         if kind == "prune":
             raise _err(f"{where}.distill", "a prune stage does not train; give distill to a training stage")
@@ -123,36 +117,16 @@ def _check_stage(stage: Any, where: str, method: methods.Method | None, budget: 
         if spec["teacher"] not in distill.TEACHERS and not Path(spec["teacher"]).is_file():
             raise _err(f"{where}.distill.teacher", f"{spec['teacher'][:80]!r} is neither base, before nor a model file")
     extra = sorted(set(stage) - {"stage"} - train_keys - set(reg)) if kind != "prune" else []
-    if detect and extra and extra[0] in TRAIN_KEYS:
-        raise _err(f"{where}.{extra[0]}", "detectors train with Ultralytics' trainer: give its settings under "
-                                          "'ultralytics:' (e.g. lr0, optimizer, warmup_epochs)")
+    if extra and getattr(task, "train_keys_hint", None):
+        raise _err(f"{where}.{extra[0]}", f"unknown key; {task.train_keys_hint}")
     _check_keys(stage, {"stage"} | (set() if kind == "prune" else train_keys) | set(reg), where)
-    if detect and kind != "prune":
-        if stage.get("ultralytics"):
-            from . import yolo
-
-            try:
-                yolo.check_settings(stage["ultralytics"])
-            except PrunekitError as exc:
-                raise _err(f"{where}.ultralytics", str(exc)) from exc
-        elif not isinstance(stage.get("ultralytics", {}), dict):
-            raise _err(f"{where}.ultralytics", "must be a mapping of Ultralytics train settings")
+    if kind != "prune":
         if stage.get("epochs") == REST and budget is None:
             raise _err(f"{where}.epochs", "'rest' needs a top-level budget (total training epochs of the run)")
-        for key in ("epochs", "batch_size", "seed"):
-            v = stage.get(key)
-            if v is not None and v != REST and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
-                raise _err(f"{where}.{key}", f"must be an integer >= 0, got {v!r}")
-    elif kind != "prune":
-        settings = {k: v for k, v in stage.items() if k in TRAIN_KEYS}
-        if settings.get("epochs") == REST:
-            if budget is None:
-                raise _err(f"{where}.epochs", "'rest' needs a top-level budget (total training epochs of the run)")
-            settings["epochs"] = 0
         try:
-            TrainConfig.from_dict(settings)
+            task.check_stage(stage, where)
         except PrunekitError as exc:
-            raise _err(where, str(exc)) from exc
+            raise exc if str(exc).startswith("config error") else _err(where, str(exc)) from exc
 
 
 def _check_teachers(stages: list) -> None:
@@ -183,6 +157,11 @@ def _check_teachers(stages: list) -> None:
 
 def _check_target(method: methods.Method, params: dict, tgt: dict) -> None:
     """The target a prune stage gives must be the kind the method takes."""
+    if "latency" in tgt and method.kind != "structured":
+        raise _err("target.latency", f"method {method.name} is {method.kind}: a latency target needs a method "
+                                     "that removes channels to a target")
+    if "latency" in tgt and params.get("percentile") is not None:
+        raise _err("target.latency", "method.params.percentile and target.latency both set the cut: give one")
     if method.kind == "unstructured":
         if "speedup" in tgt:
             raise _err("target.speedup", f"method {method.name} is unstructured: give target.sparsity or schedule")
@@ -191,8 +170,29 @@ def _check_target(method: methods.Method, params: dict, tgt: dict) -> None:
         return
     if "sparsity" in tgt or "schedule" in tgt:
         raise _err("target", f"method {method.name} removes channels: give target.speedup, not sparsity")
-    if method.kind == "structured" and "speedup" not in tgt and params.get("percentile") is None:
-        raise _err("target.speedup", f"method {method.name} needs a speedup target")
+    if method.kind == "structured" and not {"speedup", "latency"} & set(tgt) and params.get("percentile") is None:
+        raise _err("target.speedup", f"method {method.name} needs a speedup (or latency) target")
+
+
+def _check_latency_target(tgt: dict) -> None:
+    """``target: {latency: 2.0, runtime: onnxruntime, batch: 64, threads: 2}``: a speedup measured on a runtime."""
+    from .latency import check_setting
+
+    if tgt.get("latency") is None:
+        if set(LATENCY_KEYS[1:]) & set(tgt):
+            raise _err("target", "runtime, batch and threads say where a latency target is timed: add target.latency")
+        return
+    if "speedup" in tgt:
+        raise _err("target", "give latency (a measured speedup) or speedup (a MACs ratio), not both")
+    if tgt["latency"] <= 1:
+        raise _err("target.latency", f"must be > 1 (base time / pruned time, measured), got {tgt['latency']}")
+    for key in ("batch", "threads"):
+        if key in tgt and tgt[key] < 1:
+            raise _err(f"target.{key}", f"must be >= 1, got {tgt[key]}")
+    try:
+        check_setting(tgt.get("runtime", "eager"), 1, 1)
+    except PrunekitError as exc:
+        raise _err("target.runtime", str(exc)) from exc
 
 
 def load_config(path: str | Path) -> dict:
@@ -227,20 +227,19 @@ def validate(cfg: Any) -> dict:
         if not (models.is_zoo(name) or name.startswith(("tv:", models.UL_PREFIX))):
             raise _err("model.name", f"unknown model {name!r}; allowed: {', '.join(models.names())}, tv:<name> "
                                      "or ul:<name> (Ultralytics detectors)")
-    detect_name = str(cfg["model"].get("name") or "").startswith(models.UL_PREFIX)
-    cfg.setdefault("task", "detect" if detect_name else "classify")
-    if cfg["task"] not in TASK_NAMES:
-        raise _err("task", f"unknown task {cfg['task']!r}; allowed: {', '.join(TASK_NAMES)}")
-    if detect_name and cfg["task"] != "detect":
-        raise _err("task", f"{cfg['model']['name']} is a detector: task must be detect")
-    detect = cfg["task"] == "detect"
+    owner = tasks.for_name(cfg["model"]["name"]) if cfg["model"].get("name") else None
+    cfg.setdefault("task", owner.name if owner is not None else tasks.DEFAULT)
+    if cfg["task"] not in tasks.names():
+        raise _err("task", f"unknown task {cfg['task']!r}; allowed: {', '.join(tasks.names())}")
+    if owner is not None and owner.name != cfg["task"]:
+        raise _err("task", f"{cfg['model']['name']} is a model of task {owner.name}: task must be {owner.name}")
+    task = tasks.get(cfg["task"])
     _check_keys(cfg["data"], DATA_KEYS, "data")
     for key in ("image_size", "batch_size", "calibration_batches", "limit"):
         if cfg["data"].get(key) is not None and cfg["data"][key] < 1:
             raise _err(f"data.{key}", f"must be >= 1, got {cfg['data'][key]}")
     if "name" not in cfg["data"]:
-        raise _err("data.name", "missing: a VOC directory or YOLO data yaml" if detect else
-                   "missing: digits, cifar10, synthetic or an ImageFolder path")
+        raise _err("data.name", f"missing: {task.data_hint}")
     cfg.setdefault("method", {})
     _check_keys(cfg["method"], METHOD_KEYS, "method")
     cfg.setdefault("target", {})
@@ -249,6 +248,7 @@ def validate(cfg: Any) -> dict:
         raise _err("target", "give one of speedup or sparsity")
     if "speedup" in cfg["target"] and cfg["target"]["speedup"] < 1:
         raise _err("target.speedup", f"must be >= 1, got {cfg['target']['speedup']}")
+    _check_latency_target(cfg["target"])
     if "sparsity" in cfg["target"] and not 0 <= cfg["target"]["sparsity"] < 1:
         raise _err("target.sparsity", f"must be in [0, 1), got {cfg['target']['sparsity']}")
     sched = cfg["target"].get("schedule", [])
@@ -278,7 +278,7 @@ def validate(cfg: Any) -> dict:
         if "prune" in kinds:
             _check_target(method, params, cfg["target"])
     for i, st in enumerate(cfg["stages"]):
-        _check_stage(st, f"stages[{i}]", method, budget, detect)
+        _check_stage(st, f"stages[{i}]", method, budget, task)
     _check_teachers(cfg["stages"])
     if "prune" in kinds and method is None:
         raise _err("method.name", "a prune stage needs a method; see `prunekit methods`")
@@ -306,11 +306,12 @@ class Run:
         self.log = self.dir / "log.jsonl"
         self.stage_no = 0
         self.spent = 0  # epochs of training stages other than `train` so far (what `budget` counts)
-        self.task = DETECTION if self.cfg["task"] == "detect" else CLASSIFICATION
-        self.detect = self.task is DETECTION
+        self.task = tasks.get(self.cfg["task"])
         self.method = methods.get(self.cfg["method"]["name"]) if self.cfg["method"].get("name") else None
         self.pruned: torch.nn.Module | None = None  # the model straight after the last prune stage
         self.teachers: dict[str, torch.nn.Module] = {}  # distillation teachers: base, before (the last prune's input)
+        inner = [t for s in self.cfg["stages"] for t in (s.get("stages") or [s])]
+        self._distils_from_before = any((t.get("distill") or {}).get("teacher") == "before" for t in inner)
 
     def _claim(self, force: bool) -> None:
         """Bind the directory to this config; refuse another config's directory unless ``force``."""
@@ -348,13 +349,10 @@ class Run:
         self.stage_no += 1
         return self.dir / "stages" / f"{self.stage_no:02d}-{name}"
 
-    def _train_cfg(self, stage: dict) -> TrainConfig:
-        settings = {k: v for k, v in stage.items() if k in TRAIN_KEYS}
-        if settings.get("epochs") == REST:
-            settings["epochs"] = max(0, self.cfg["budget"] - self.spent)
-        settings.setdefault("batch_size", self.cfg["data"].get("batch_size", 128))
-        settings.setdefault("seed", self.cfg["seed"])
-        return TrainConfig.from_dict(settings)
+    def _epochs(self, stage: dict) -> int:
+        """A training stage's epochs (``rest``: what the run's budget has left)."""
+        epochs = self.task.stage_epochs(stage)
+        return max(0, self.cfg["budget"] - self.spent) if epochs == REST else epochs
 
     def _finish(self, sdir: Path, model: torch.nn.Module, record: dict) -> None:
         if self.rank == 0:
@@ -374,129 +372,57 @@ class Run:
             torch.distributed.barrier()
         return io.safe_load(sdir / "done.pt") if (sdir / "done.pt").exists() else None
 
-    def _metric(self, model: torch.nn.Module, loader) -> float:
-        """The task's metric on a split: a loader, or for detectors the split's name in the data yaml."""
-        if self.detect:
-            return 100 * self._det_eval(model, loader)["mAP50-95"]
-        return evaluate(model, loader, self.dev, self.task)[self.task.metric]
-
-    def _det_eval(self, model: torch.nn.Module, split: str) -> dict[str, float]:
-        from . import yolo
-
-        return yolo.validate(model, self.det.yaml, split=split, imgsz=self.imgsz, device=self._ul_device())
-
-    def _ul_device(self) -> str:
-        return "cpu" if self.dev.type == "cpu" else str(self.dev.index or 0)
+    def _metric(self, model: torch.nn.Module, split: str) -> float:
+        """The task's metric on the run's ``val`` or ``test`` split."""
+        return self.task.score(model, self.data, split, self.dev)
 
     # ---- data ----
     def _data(self) -> None:
-        """Train / held-out validation / test loaders; the split is recorded (and checked on resume)."""
+        """The task's splits; the split is recorded (and checked on resume)."""
         d = self.cfg["data"]
-        if self.detect:
-            return self._detection_data(d)
-        split_seed = d.get("split_seed", self.cfg["seed"])  # compare fixes it, so every cell sees one split
-        bundle = pkdata.load(d["name"], d.get("root"), image_size=d.get("image_size"), limit=d.get("limit"),
-                             download=bool(d.get("download")), seed=split_seed)
-        bundle = bundle.holdout(d.get("val_fraction", VAL_FRACTION), seed=split_seed)
-        split = {"val_fraction": d.get("val_fraction", VAL_FRACTION), "seed": split_seed,
-                 "train": len(bundle.train), "val": len(bundle.val), "test": len(bundle.test),
-                 "val_indices": bundle.val_indices.tolist()}
+        self.data = self.task.load_data(d, seed=self.cfg["seed"], device=self.dev,
+                                        split_seed=d.get("split_seed", self.cfg["seed"]))  # compare fixes it
+        self.x = self.data.x
         path = self.dir / "split.json"
         if self.rank == 0:
-            if path.exists() and json.loads(path.read_text()) != split:
+            if path.exists() and json.loads(path.read_text()) != self.data.record:
                 raise PrunekitError(f"{path} records another validation split than this data gives now (the data "
                                     "set changed?); use --force to restart the run")
-            path.write_text(json.dumps(split))
-        rank, world = dist_info()
-        bs = d.get("batch_size", 128)
-        self.bundle = bundle
-        self.train_loader, _ = bundle.loaders(batch_size=bs, device=self.dev, seed=self.cfg["seed"], rank=rank,
-                                              world_size=world)
-        self.val_loader = bundle.eval_loader(bundle.val, 256, self.dev, rank=rank, world_size=world)
-        self.test_loader = bundle.eval_loader(bundle.test, 256, self.dev)
-        # calibration: un-augmented training batches in a fixed, seeded order (methods take the first n)
-        self.calib_loader = bundle.eval_loader(bundle.train, bs, self.dev, shuffle=True, seed=self.cfg["seed"])
-        self.x = pkdata.example_inputs(bundle, seed=self.cfg["seed"])
-
-    def _detection_data(self, d: dict) -> None:
-        """A detection data set's own splits: train, val (selection) and test (the final table only)."""
-        from .yolo.data import detection_data, image_batches
-
-        self.det = detection_data(d["name"])
-        missing = [s for s in ("train", "val", "test") if s not in self.det.images]
-        if missing:
-            raise _err("data.name", f"{d['name']} has no {' or '.join(missing)} split; detectors need train, val "
-                                    "and test")
-        self.imgsz = d.get("image_size") or 640
-        bs = d.get("batch_size", 16)
-        self.calib_loader = image_batches(self.det, "train", imgsz=self.imgsz, batch=bs, seed=self.cfg["seed"],
-                                          limit=bs * d.get("calibration_batches", 4))
-        self.x = self.calib_loader[0][0]
-        self.val_loader, self.test_loader = "val", "test"
-        (self.dir / "split.json").write_text(json.dumps({"data": str(self.det.yaml), **self.det.images}))
+            path.write_text(json.dumps(self.data.record))
+            for name, src in self.data.files.items():  # e.g. the split a task made, beside the run that used it
+                (self.dir / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, self.dir / name)
 
     # ---- stages ----
     def _initial_model(self) -> torch.nn.Module:
-        if self.detect:
-            return self._initial_detector()
-        mc, bundle = self.cfg["model"], self.bundle
+        mc = self.cfg["model"]
         if mc.get("checkpoint"):
             model = io.load(mc["checkpoint"])
-            classes = model.prunekit_arch["num_classes"]
-            if classes != bundle.num_classes:
-                raise PrunekitError(
-                    f"checkpoint {mc['checkpoint']} has {classes} classes but data "
-                    f"{self.cfg['data']['name']} has {bundle.num_classes}; use a matching checkpoint")
+            self.task.check_model(model, self.data, f"checkpoint {mc['checkpoint']}")
             return model
-        torch.manual_seed(self.cfg["seed"])
-        model = models.create(mc["name"], num_classes=mc.get("num_classes") or bundle.num_classes,
-                              **({"in_channels": bundle.input_shape[0]} | mc.get("kwargs", {})))
-        model.prunekit_arch["input_shape"] = list(bundle.input_shape)
-        return model
-
-    def _initial_detector(self) -> torch.nn.Module:
-        mc, classes = self.cfg["model"], len(self.det.names)
-        if mc.get("checkpoint"):
-            model = io.load(mc["checkpoint"])
-            arch = getattr(model, "prunekit_arch", {})
-            if not models.is_detector(model):
-                raise PrunekitError(f"checkpoint {mc['checkpoint']} is not an Ultralytics detector (ul:<name>); "
-                                    "task: detect needs one")
-            if arch["num_classes"] != classes:
-                raise PrunekitError(f"checkpoint {mc['checkpoint']} predicts {arch['num_classes']} classes but "
-                                    f"{self.det.yaml} has {classes}; use a matching checkpoint")
-            return model
-        torch.manual_seed(self.cfg["seed"])
-        return models.create(mc["name"], num_classes=mc.get("num_classes") or classes,
-                             **({"imgsz": self.imgsz} | mc.get("kwargs", {})))
+        return self.task.create_model(mc, self.data, self.cfg["seed"])
 
     def _train(self, stage: dict, model, name: str) -> torch.nn.Module:
-        if self.detect:
-            return self._train_detector(stage, model, name)
+        """A training stage (train, sparsify, finetune) as the task trains; resumes where it stopped."""
         sdir = self._stage_dir(name)
-        cfg = self._train_cfg(stage)
+        epochs = self._epochs(stage)
         done = self._done(sdir)
         if done is not None:
-            self.spent += done.get("epochs", cfg.epochs) if stage["stage"] != "train" else 0
+            self.spent += done.get("epochs", epochs) if stage["stage"] != "train" else 0
             return io.load(sdir / "model.pt")
-        hook = None
+        regularizer = None
         if stage["stage"] == "sparsify":
             settings = self.method.check_regularizer_options(stage)
-            hook = self.method.regularizer(model, settings, max(1, cfg.epochs * len(self.train_loader)))
-        masks = None
-        if self.method is not None and self.method.keeps_zeros:  # unstructured: zeros stay zero in training
-            masks = Masks.from_zeros(model.to(self.dev))
-            masks.attach(model)
-        distiller = self._distiller(stage, model, name)
-        model, res = fit(model, self.train_loader, self.val_loader, cfg, device=self.dev, run_dir=sdir, resume=True,
-                         desc=name, log_path=self.log, after_backward=hook, task=self.task,
-                         after_step=masks.after_step if masks is not None else None, distill=distiller)
-        if masks is not None:
-            masks.detach()
+            ignored = self.cfg["method"].get("params", {}).get("ignored_layers")  # the layers the prune will keep
+            regularizer = lambda net, steps: self.method.regularizer(net, settings, steps, self.x, ignored)  # noqa: E731
+        model, metric = self.task.train_stage(
+            model, stage, self.data, kind=stage["stage"], epochs=epochs, sdir=sdir, regularizer=regularizer,
+            keep_zeros=self.method is not None and self.method.keeps_zeros,
+            teacher=self._teacher(stage) if "distill" in stage else None, seed=self.cfg["seed"], device=self.dev,
+            log=self.log, desc=name)
         if stage["stage"] != "train":
-            self.spent += cfg.epochs
-        self._finish(sdir, model, {"stage": name, "metric": res.final.get(f"val_{self.task.metric}"),
-                                   "epochs": cfg.epochs})
+            self.spent += epochs
+        self._finish(sdir, model, {"stage": name, "metric": metric, "epochs": epochs})
         return model
 
     def _teacher(self, stage: dict) -> tuple[torch.nn.Module, dict]:
@@ -505,58 +431,10 @@ class Run:
         teacher = self.teachers.get(spec["teacher"])
         return (copy.deepcopy(teacher) if teacher is not None else io.load(spec["teacher"])), spec
 
-    def _distiller(self, stage: dict, model, name: str) -> distill.Distiller | None:
-        """The stage's teacher, checked against the student before training."""
-        if "distill" not in stage:
-            return None
-        teacher, spec = self._teacher(stage)
-        distiller = distill.Distiller(teacher, spec["alpha"], spec["temperature"]).to(self.dev)
-        distiller.check_against(model.to(self.dev), self.x.to(self.dev), f"{name}.distill")
-        return distiller
-
-    def _train_detector(self, stage: dict, model, name: str) -> torch.nn.Module:
-        """A training stage through Ultralytics' trainer; a sparsify stage keeps its last epoch, not its best."""
-        from . import yolo
-
-        sdir = self._stage_dir(name)
-        epochs = self._detect_epochs(stage)
-        done = self._done(sdir)
-        if done is not None:
-            self.spent += done.get("epochs", epochs) if stage["stage"] != "train" else 0
-            return io.load(sdir / "model.pt")
-        batch = stage.get("batch_size", self.cfg["data"].get("batch_size", 16))
-        hook = None
-        if stage["stage"] == "sparsify":
-            settings = self.method.check_regularizer_options(stage)
-            steps = max(1, epochs * -(-self.det.images["train"] // batch))
-            hook = self.method.regularizer(model, settings, steps)
-        metrics: dict = {}
-        teacher = None
-        if epochs and "distill" in stage:
-            teacher, spec = self._teacher(stage)
-            yolo.distill.check_teacher(teacher, model, self.x, f"{name}.distill")
-            teacher = (teacher, spec["alpha"], spec["temperature"])
-        if epochs:
-            metrics = yolo.train(model, self.det.yaml, epochs=epochs, imgsz=self.imgsz, batch=batch,
-                                 device=self._ul_device(), project=sdir, name="ultralytics", after_backward=hook,
-                                 resume=True, distill=teacher,
-                                 keep="last" if stage["stage"] == "sparsify" else "best",
-                                 seed=stage.get("seed", self.cfg["seed"]), **stage.get("ultralytics", {}))
-        if stage["stage"] != "train":
-            self.spent += epochs
-        metric = metrics.get("metrics/mAP50-95(B)")
-        self._finish(sdir, model, {"stage": name, "epochs": epochs,
-                                   "metric": None if metric is None else 100 * metric})
-        return model
-
-    def _detect_epochs(self, stage: dict) -> int:
-        """A detector stage's epochs (default 10; ``rest``: what the run's budget has left)."""
-        epochs = stage.get("epochs", 10)
-        return max(0, self.cfg["budget"] - self.spent) if epochs == REST else epochs
-
     def _prune(self, model, name: str, cycle: int = 1) -> tuple[torch.nn.Module, dict]:
         sdir = self._stage_dir(name)
-        self.teachers["before"] = copy.deepcopy(model)
+        if self._distils_from_before:
+            self.teachers["before"] = copy.deepcopy(model)
         done = self._done(sdir)
         if done is not None:
             self.pruned = io.load(sdir / "model.pt")
@@ -566,17 +444,16 @@ class Run:
         sparsity = tgt.get("sparsity")
         if tgt.get("schedule"):  # iterative pruning: cycle c prunes to the c-th level of the schedule
             sparsity = tgt["schedule"][min(cycle, len(tgt["schedule"])) - 1]
-        calib = self.calib_loader if self.detect else _First(self.calib_loader,
-                                                             self.cfg["data"].get("calibration_batches", 64))
-        ctx = methods.Context(self.x, calib, None if self.detect else self.val_loader, self.dev, self.task)
+        ctx = methods.Context(self.x, self.data.calib, self.data.val, self.dev, self.task)
         result = methods.prune(model, self.method.name, speedup=tgt.get("speedup"), sparsity=sparsity, ctx=ctx,
+                               **{k: tgt[k] for k in LATENCY_KEYS if tgt.get(k) is not None},
                                **self.cfg["method"].get("params", {}))
         if cycle == 1 and self.method.kind != "unstructured" and result.after["macs"] >= result.before["macs"]:
             fit = result.info.get("channel_fit") or {}
             why = f": {fit['reason']}" if fit.get("reason") else ""
             raise PrunekitError(f"{name}: {self.method.name} removed nothing{why}; train sparsity longer or stronger "
                                 "(the sparsify stage's epochs or s) before this prune")
-        record = {"stage": name, "metric": self._metric(result.model, self.val_loader), "prune": result.to_dict(),
+        record = {"stage": name, "metric": self._metric(result.model, "val"), "prune": result.to_dict(),
                   "macs_removed": 1 - result.after["macs"] / max(result.before["macs"], 1)}
         self._finish(sdir, result.model, record)
         self.pruned = copy.deepcopy(result.model)
@@ -612,18 +489,16 @@ class Run:
         before_model = self.teachers.get("base", model)  # "before": the base, ahead of any sparsity training
         metrics = {"name": self.cfg["name"], "method": self.cfg["method"].get("name"), "run_dir": str(self.dir),
                    "task": self.task.name, "metric": self.task.metric, "metric_label": self.task.metric_label,
-                   "split": dict(self.det.images) if self.detect else {
-                       "train": len(self.bundle.train), "val": len(self.bundle.val), "test": len(self.bundle.test)},
-                   "before": self._metrics(before_model), "after": self._metrics(model),
-                   "wall_s": round(time.perf_counter() - t0, 1)}
+                   "split": self.data.sizes, **self.data.info,
+                   "before": self._metrics(before_model), "after": self._metrics(model)}
+        self._latency(before_model, model, metrics)
+        metrics["wall_s"] = round(time.perf_counter() - t0, 1)
         if self.pruned is not None:  # what pruning alone cost, before any fine-tuning (test split)
             metrics["pruned"] = self._test_metrics(self.pruned)
-        if self.detect:  # the report draws both models' boxes on validation images
-            metrics["data"] = str(self.det.yaml)
-            metrics["models"] = {k: str(self.dir / f"{k}.pt") for k in ("before", "after")}
-            if self.rank == 0:
-                io.save(before_model, self.dir / "before.pt")
-                io.save(model, self.dir / "after.pt")
+        metrics["models"] = {k: str(self.dir / f"{k}.pt") for k in ("before", "after")}  # the report reads them
+        if self.rank == 0:
+            io.save(before_model, self.dir / "before.pt")
+            io.save(model, self.dir / "after.pt")
         if self.rank == 0:
             io.atomic_save(metrics, self.dir / "metrics.pt")
             (self.dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
@@ -633,14 +508,13 @@ class Run:
         return metrics
 
     def _cycle_epochs(self, st: dict) -> int:
-        epochs = self._detect_epochs if self.detect else lambda s: self._train_cfg(s).epochs
-        return sum(epochs(s) for s in st["stages"] if s["stage"] != "prune")
+        return sum(self._epochs(s) for s in st["stages"] if s["stage"] != "prune")
 
     def _cycle(self, st: dict, model) -> torch.nn.Module:
         """Repeat the inner stages until a round removes < stop_below of MACs, the validation metric falls by
         more than ``tolerance`` points, ``max_cycles`` rounds ran, or (with a ``budget``) a round would leave
         no epoch of the budget for the stages after the cycle."""
-        start_metric = self._metric(model, self.val_loader)
+        start_metric = self._metric(model, "val")
         sign = 1 if self.task.higher_is_better else -1
         for c in range(1, int(st.get("max_cycles", 3)) + 1):
             if self.cfg.get("budget") is not None and self.cfg["budget"] - self.spent - self._cycle_epochs(st) < 1:
@@ -654,7 +528,7 @@ class Run:
                     removed = rec["macs_removed"]
                 else:
                     model = self._train(inner, model, f"{kind}-c{c}")
-            metric = self._metric(model, self.val_loader)
+            metric = self._metric(model, "val")
             self._event({"event": "cycle_done", "cycle": c, "macs_removed": removed, "metric": metric})
             if self.method.kind != "unstructured" and removed is not None and \
                     removed < float(st.get("stop_below", 0.01)):
@@ -665,38 +539,26 @@ class Run:
 
     def _test_metrics(self, model) -> dict[str, float]:
         """The task's metrics on the test split (the only use of the test split)."""
-        if self.detect:
-            maps = self._det_eval(model, "test")
-            return {"mAP50-95": 100 * maps["mAP50-95"], "mAP50": 100 * maps["mAP50"]}
-        return {self.task.metric: self._metric(model.to(self.dev), self.test_loader)}
+        return self.task.test_metrics(model, self.data, self.dev)
 
     def _metrics(self, model) -> dict:
-        """Final table: the test split's metrics, cost and latency."""
-        if self.detect:
-            stats = measure(model.cpu(), self.x[:1], batch_sizes=(1,), repeats=10, warmup=2, threads=1)
-            return {**self._test_metrics(model), "params": stats["params"],
-                    "macs": stats["macs"], "size_bytes": stats["size_bytes"],
-                    "latency_b1_ms": stats["latency"]["b1"]["median_ms"], "latency_threads": 1}
-        stats = measure(model.cpu(), self.x[:1], repeats=10, warmup=2, threads=1)
-        return {**self._test_metrics(model), "params": stats["params"],
-                "nonzero_params": stats["nonzero_params"], "macs": stats["macs"], "size_bytes": stats["size_bytes"],
-                "latency_b1_ms": stats["latency"]["b1"]["median_ms"],
-                "latency_b64_ms": stats["latency"]["b64"]["median_ms"], "latency_threads": 1}
+        """Final table: the test split's metrics and cost."""
+        stats = measure(model.cpu(), self.x[:1], with_latency=False)
+        return {**self._test_metrics(model), "params": stats["params"], "nonzero_params": stats["nonzero_params"],
+                "macs": stats["macs"], "size_bytes": stats["size_bytes"]}
 
-
-class _First:
-    """The first ``n`` batches of a loader, the same ones on every pass (a fixed calibration set)."""
-
-    def __init__(self, loader, n: int):
-        self.loader, self.n = loader, n
-
-    def __iter__(self):
-        if hasattr(self.loader, "set_epoch"):
-            self.loader.set_epoch(0)
-        return itertools.islice(iter(self.loader), self.n)
-
-    def __len__(self) -> int:
-        return min(self.n, len(self.loader))
+    def _latency(self, before: torch.nn.Module, after: torch.nn.Module, metrics: dict) -> None:
+        """Base and pruned model timed as ``compare`` times them: side by side in interleaved rounds at fixed
+        threads, so a load burst hits both; the speedup is the median per-round ratio with its spread."""
+        res = timing.side_by_side({"base": before.cpu(), "pruned": after.cpu()}, self.x[:1],
+                                  batch_sizes=self.task.latency_batches, runtimes=("eager",),
+                                  mode=self.task.export_mode, **LATENCY)
+        for b in self.task.latency_batches:
+            row = res[f"eager_b{b}"]
+            metrics["before"][f"latency_b{b}_ms"] = row["base"]["median_ms"]
+            metrics["after"][f"latency_b{b}_ms"] = row["pruned"]["median_ms"]
+            metrics["after"][f"speedup_b{b}"] = row["pruned"]["ratio"]
+        metrics["latency"] = {"runtime": "eager", **LATENCY}
 
 
 def run(config: str | Path | dict, *, force: bool = False, out: str | Path | None = None) -> dict:

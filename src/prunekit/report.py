@@ -4,8 +4,8 @@ One self-contained HTML page (plots embedded as data URIs, no network) and the s
 as Markdown (plots as PNG files beside it): the before/after table, channels per layer
 before/after, the |γ| histogram with the threshold for BN-based methods, the norm histogram of
 one layer for dist-fit against l1-norm's pick, training curves, and for several runs the
-metric against MACs. For a detector run (``"task": "detect"`` in metrics.json) the table shows
-mAP50-95 and mAP50, and a grid of validation images shows the base's and the pruned model's boxes.
+metric against MACs. The run's task (``"task"`` in metrics.json) adds its own rows and figures (detection:
+mAP50 beside mAP50-95, and validation images with the base's and the pruned model's boxes).
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from . import io, methods  # noqa: E402
+from . import io, methods, tasks, timing  # noqa: E402
 from .errors import PrunekitError  # noqa: E402
 from .plots import png  # noqa: E402
+from .tasks import Task  # noqa: E402
 
 ROWS = [  # the task's metric comes first (see _rows)
     ("parameters", "params", "{:,}"),
@@ -35,6 +36,8 @@ ROWS = [  # the task's metric comes first (see _rows)
     ("size (bytes)", "size_bytes", "{:,}"),
     ("latency b1 (ms, 1 thread)", "latency_b1_ms", "{:.3f}"),
     ("latency b64 (ms, 1 thread)", "latency_b64_ms", "{:.2f}"),
+    ("measured speedup b1", "speedup_b1", timing.label),
+    ("measured speedup b64", "speedup_b64", timing.label),
 ]
 
 
@@ -92,37 +95,14 @@ def _channels_plot(run: dict) -> bytes | None:
     return png(fig)
 
 
-DETECT_ROWS = [("test mAP50", "mAP50", "{:.3f}")]  # beside the task's metric (mAP50-95) for detectors
+def _task(run: dict) -> Task:
+    return tasks.get(run["metrics"].get("task") or tasks.DEFAULT)
 
 
 def _metric(run: dict) -> tuple[str, str]:
-    """(key, label) of the task's metric the run recorded (detectors: mAP50-95 unless it names another)."""
-    m = run["metrics"]
-    if m.get("task") == "detect":
-        return m.get("metric", "mAP50-95"), m.get("metric_label", "mAP50-95")
-    return m.get("metric", "top1"), m.get("metric_label", "top-1 (%)")
-
-
-def _run_path(run: dict, value: str) -> Path:
-    """A path metrics.json records: as written if it exists (absolute, or relative to here), else inside the run."""
-    p = Path(value).expanduser()
-    return p if p.is_absolute() or p.exists() else run["dir"] / p
-
-
-def _detections_plot(run: dict) -> tuple[bytes | None, str | None]:
-    """(grid of validation images with the base's and the pruned model's boxes, or why there is none)."""
-    m = run["metrics"]
-    files = m.get("models") or {}
-    if m.get("task") != "detect" or not files or not m.get("data"):
-        return None, None
-    try:
-        from .yolo.tools import draw_detections
-
-        models = {label: io.load(_run_path(run, files[key])) for key, label in (("before", "base"), ("after", "pruned"))
-                  if files.get(key)}
-        return draw_detections(models, _run_path(run, m["data"]), split="val", n=4), None
-    except (PrunekitError, OSError) as exc:
-        return None, f"validation images not drawn: {exc}"
+    """(key, label) of the task's metric the run recorded."""
+    m, task = run["metrics"], _task(run)
+    return m.get("metric", task.metric), m.get("metric_label", task.metric_label)
 
 
 def _method_figures(run: dict) -> list[tuple[str, bytes]]:
@@ -177,14 +157,12 @@ def _table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
     header = ["", "base"] + [r["metrics"]["name"] for r in runs]
     rows = []
     metric, metric_label = _metric(runs[0])
-    detect = runs[0]["metrics"].get("task") == "detect"
-    first = [(f"test {metric_label}", metric, "{:.3f}" if detect else "{:.2f}")]
-    for label, key, fmt in [*first, *(DETECT_ROWS if detect else []), *ROWS]:
-        base = runs[0]["metrics"]["before"].get(key)
-        cells = [label, fmt.format(base) if base is not None else "–"]
-        cells += [fmt.format(r["metrics"]["after"][key]) if r["metrics"]["after"].get(key) is not None else "–"
-                  for r in runs]
-        rows.append(cells)
+    task = _task(runs[0])
+    for label, key, fmt in [(f"test {metric_label}", metric, task.metric_format), *task.report_rows, *ROWS]:
+        values = [runs[0]["metrics"]["before"].get(key), *(r["metrics"]["after"].get(key) for r in runs)]
+        if any(v is not None for v in values):
+            show = fmt if callable(fmt) else fmt.format
+            rows.append([label, *("–" if v is None else show(v) for v in values)])
     return header, rows
 
 
@@ -219,9 +197,9 @@ def write_report(run_dirs: list[str | Path], out: str | Path | None = None) -> t
     plots: list[tuple[str, bytes]] = []
     notes: list[str] = []
     for r in runs:
-        detections, why = _detections_plot(r)
-        notes += [f"{r['metrics']['name']}: {why}"] if why else []
-        figures = [("channels", _channels_plot(r)), *_method_figures(r), ("detections", detections)]
+        own = _task(r).report_figures(r)  # the task's figures (detection: boxes on validation images)
+        notes += [f"{r['metrics']['name']}: {why}" for _, _, why in own if why]
+        figures = [("channels", _channels_plot(r)), *_method_figures(r), *((n, fig) for n, fig, _ in own)]
         plots += [(f"{_file_name(r['metrics']['name'])}-{label}", fig) for label, fig in figures if fig]
     for label, fig in (("curves", _curves_plot(runs)), ("tradeoff", _tradeoff_plot(runs))):
         if fig:
@@ -231,8 +209,9 @@ def write_report(run_dirs: list[str | Path], out: str | Path | None = None) -> t
     files.mkdir(exist_ok=True)
     md = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(r) + " |" for r in rows]
-    note = ("base: the model before any sparsity training or pruning; latency: median of timed CPU runs at one "
-            "thread after warm-up (`prunekit.measure`; `prunekit compare` times models side by side)")
+    note = ("base: the model before any sparsity training or pruning; latency: base and pruned model timed side by "
+            "side on the CPU (eager PyTorch, one thread, after warm-up, interleaved rounds); measured speedup: the "
+            "median of the per-round ratios with their interquartile range, 'within noise' when that range holds 1")
     md += ["", f"Test split; {note}.", ""]
     body = [f"<h1>{html.escape(title)}</h1>", "<table id='summary'>",
             "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]

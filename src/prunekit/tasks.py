@@ -1,62 +1,167 @@
-"""Tasks: what training, evaluation, measurement and reports need to know about a kind of model.
+"""Tasks: everything that differs between kinds of model, behind one contract.
 
-A task names its metric (and whether higher is better), computes the training loss and the
-per-batch quantities the progress bar shows, and evaluates a model on batches. Classification is
-here; detection (YOLO, mAP) plugs in as another ``Task`` without touching the loop in ``train``.
+The pipeline, CLI, report and methods ask the run's task and never branch on which task it is (as
+Ultralytics' task map gives each task its model, trainer and validator). A task provides:
+
+- its metric (name, label with unit, direction) and ``evaluate(model, batches, device)`` on
+  ``(inputs, targets)`` batches, with which methods score their decisions; ``loss`` for methods that
+  need a gradient (``hits``: what the progress bar counts);
+- its data: ``load_data`` gives the splits (train, a held-out val for selection, test for the final
+  table only), calibration batches and example inputs;
+- its models: which it owns (``owns``, ``owns_name``), how one is created and checked against the data;
+- its training stages (``train_stage``: prunekit's ``fit``, or Ultralytics' trainer) and the keys they take;
+- its final table (``score``, ``test_metrics``), the mode its models are timed and exported in, and what
+  the report adds (rows, figures);
+- its CLI commands on a model file (``cli_*``).
+
+Classification (``prunekit.classify``) and detection (``prunekit.yolo.task``) are the two entries of
+``TASKS``; a task is imported when first asked for, so an optional extra's task costs nothing until
+used. Adding a task is one module with a ``TASK`` object and one line in ``TASKS``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+import contextlib
+import importlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from .measure import hooked
+from .errors import PrunekitError
+
+TASKS = {"classify": "prunekit.classify", "detect": "prunekit.yolo.task"}  # name -> module holding TASK
+DEFAULT = "classify"  # the task of any model no other task claims
 
 
-@dataclass(frozen=True)
+@dataclass
+class TaskData:
+    """A run's data as its task reads it: each split in the form the task's own functions take."""
+
+    train: Any  # what training stages read (a loader, a data yaml)
+    val: Any  # held out of the training data: selection, method scoring, cycle stops
+    test: Any  # the final table only
+    calib: Any  # calibration batches of the training split, in a fixed order
+    x: torch.Tensor  # example inputs (a batch of real training inputs)
+    sizes: dict[str, int]  # images per split, for metrics.json
+    record: dict  # what split.json records (checked again on resume)
+    batch_size: int  # training batch size unless a stage sets its own
+    source: Any = None  # the task's own handle on the data set
+    info: dict = field(default_factory=dict)  # extra metrics.json keys (e.g. the data yaml a report reads)
+    files: dict[str, Path] = field(default_factory=dict)  # files the run folder keeps a copy of (made split lists)
+
+
 class Task:
-    """Classification: cross-entropy (with label smoothing in training) and top-1 accuracy in %."""
+    """The contract; every method here is one a task must provide (or inherit where a default fits)."""
 
-    name: str = "classify"
-    metric: str = "top1"
-    metric_label: str = "top-1 (%)"
+    name: str = ""
+    metric: str = ""
+    metric_label: str = ""  # with its unit, e.g. "top-1 (%)"
     higher_is_better: bool = True
+    data_hint: str = ""  # what data.name may be, for the error when it is missing
+    train_keys: frozenset[str] = frozenset()  # keys a training stage takes (besides stage, distill, regulariser)
+    default_batch: int = 128
+    report_rows: tuple[tuple[str, str, str], ...] = ()  # (label, metrics key, format) beside the metric
+    metric_format: str = "{:.2f}"
+    latency_batches: tuple[int, ...] = (1, 64)  # batch sizes the final table times
 
-    def loss(self, out: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-        return F.cross_entropy(out, y, label_smoothing=label_smoothing)
+    # ---- models ----
+    def owns_name(self, name: str) -> bool:
+        """Whether a model name (``model.name`` of a config) is one of this task's."""
+        return False
 
-    def hits(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Per-batch count behind the training metric shown while training (correct predictions)."""
-        return (out.argmax(1) == y).sum()
+    def owns(self, model: nn.Module) -> bool:
+        """Whether a loaded model is one of this task's (by the recipe ``prunekit.save`` records)."""
+        return False
 
-    @torch.no_grad()
+    def create_model(self, spec: dict, data: TaskData, seed: int) -> nn.Module:
+        raise NotImplementedError
+
+    def check_model(self, model: nn.Module, data: TaskData, source: str) -> None:
+        """Refuse a model that cannot run on ``data`` (another task, other classes) with one line."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def export_mode(self, model: nn.Module) -> Iterator[nn.Module]:
+        """The mode the model is timed and exported in (one output tensor where the eval forward gives more)."""
+        yield model
+
+    # ---- data and metric ----
+    def load_data(self, spec: dict, *, seed: int, split_seed: int, device: torch.device) -> TaskData:
+        raise NotImplementedError
+
+    def loss(self, out: Any, y: Any, label_smoothing: float = 0.0) -> torch.Tensor:
+        raise PrunekitError(f"the {self.name} task has no loss for prunekit's own training loop; use a method "
+                            "that needs no gradient")
+
+    def hits(self, out: Any, y: Any) -> torch.Tensor:
+        raise NotImplementedError
+
     def evaluate(self, model: nn.Module, batches: Iterable, device: torch.device) -> dict[str, float]:
-        """Top-1 accuracy and mean cross-entropy; sums across ranks under DDP; restores the model's mode."""
-        correct = torch.zeros((), dtype=torch.float64, device=device)
-        loss = torch.zeros((), dtype=torch.float64, device=device)
-        n = torch.zeros((), dtype=torch.float64, device=device)
-        with hooked(model):
-            for x, y in batches:
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with torch.autocast(device.type, enabled=device.type == "cuda"):
-                    out = model(x)
-                loss += F.cross_entropy(out.float(), y, reduction="sum").double()
-                correct += (out.argmax(1) == y).sum()
-                n += y.numel()
-        if dist.is_initialized():
-            for t in (correct, loss, n):
-                dist.all_reduce(t)
-        total = max(n.item(), 1.0)
-        return {"top1": 100.0 * correct.item() / total, "loss": loss.item() / total, "n": int(n.item())}
+        raise NotImplementedError
+
+    def score(self, model: nn.Module, data: TaskData, split: str, device: torch.device) -> float:
+        """The metric on ``data``'s split ``val`` or ``test``."""
+        raise NotImplementedError
+
+    def test_metrics(self, model: nn.Module, data: TaskData, device: torch.device) -> dict[str, float]:
+        """What the final table shows of the test split (the only use of it)."""
+        return {self.metric: self.score(model, data, "test", device)}
+
+    # ---- training stages ----
+    def check_stage(self, stage: dict, where: str) -> None:
+        """Check a training stage's own settings; raise PrunekitError naming the key."""
+
+    def stage_epochs(self, stage: dict) -> int | str:
+        """A stage's epochs as written (an integer or ``rest``), with the task's default."""
+        raise NotImplementedError
+
+    def train_stage(self, model: nn.Module, stage: dict, data: TaskData, *, kind: str, epochs: int, sdir: Path,
+                    regularizer: Callable[[nn.Module, int], Any] | None, keep_zeros: bool,
+                    teacher: tuple[nn.Module, dict] | None, seed: int, device: torch.device, log: Path,
+                    desc: str) -> tuple[nn.Module, float | None]:
+        """Train ``model`` for ``epochs`` (resuming in ``sdir``); returns it and the metric of what it keeps.
+
+        ``regularizer(model, steps)`` makes the sparsify stage's hook for the optimiser steps the stage
+        takes; ``keep_zeros``: zeros stay zero (unstructured pruning); ``teacher``: (model, distill settings).
+        """
+        raise NotImplementedError
+
+    def report_figures(self, run: dict) -> list[tuple[str, bytes | None, str | None]]:
+        """(name, PNG or None, why not) of the task's own report figures for a run."""
+        return []
+
+    # ---- the CLI on a model file: a task with data or training of its own gives these; the CLI's own path
+    # (prunekit's data sets and ``fit``) serves where they are None ----
+    cli_calibration: Callable[[str, nn.Module, int], tuple[Any, Any, torch.Tensor]] | None = None
+    """``prunekit prune --data D``: (calibration batches, held-out val batches, example inputs)."""
+    cli_eval: Callable[[Any, nn.Module], int] | None = None  # ``prunekit eval`` on the parsed arguments
+    cli_finetune: Callable[[Any, nn.Module], int] | None = None  # ``prunekit finetune`` on the parsed arguments
 
 
-CLASSIFICATION = Task()
-# Detectors are trained and scored by Ultralytics (``prunekit.yolo``): the pipeline uses this task's
-# names and direction; its loss and evaluation are Ultralytics' own.
-DETECTION = Task(name="detect", metric="mAP50-95", metric_label="mAP50-95 (%)")
-TASKS = {t.name: t for t in (CLASSIFICATION, DETECTION)}
+def names() -> list[str]:
+    return list(TASKS)
+
+
+def get(name: str) -> Task:
+    """The task called ``name``."""
+    if name not in TASKS:
+        raise PrunekitError(f"unknown task {name!r}; allowed: {', '.join(TASKS)}")
+    return importlib.import_module(TASKS[name]).TASK
+
+
+def for_name(model_name: str) -> Task:
+    """The task a model name belongs to: the one that claims it, else classification."""
+    return _owner(lambda t: t.owns_name(model_name))
+
+
+def for_model(model: nn.Module) -> Task:
+    """The task a loaded model belongs to: the one that claims it, else classification."""
+    return _owner(lambda t: t.owns(model))
+
+
+def _owner(claims: Callable[[Task], bool]) -> Task:
+    return next((t for t in (get(n) for n in TASKS if n != DEFAULT) if claims(t)), get(DEFAULT))

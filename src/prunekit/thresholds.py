@@ -3,7 +3,9 @@
 Two ranking modes reach a MACs ``speedup`` target: *local* removes the same fraction of every
 group (Li et al., FPGM), *global* removes the lowest scores across groups after dividing each
 group's scores by its mean (DepGraph) or, for BN scales, by raw value (network slimming). Both
-search their knob by bisection on the graph's analytic MACs, so no trial pruning is needed.
+search their knob by bisection on the graph's analytic MACs, so no trial pruning is needed. Under a
+latency target (``prunekit.latency``) the same bisection runs on the table's predicted latency, and
+each keep decision is snapped to widths the table shows are fast.
 
 A third way needs no target at all: ``learn_threshold`` learns the cut from the shape of the
 score distribution itself (a two-component mixture, S0 adaptive-slim).
@@ -22,21 +24,32 @@ from scipy.optimize import brentq
 
 from .errors import PrunekitError
 from .graph import PruneGraph
+from .latency import current
 
 TOLERANCE = 0.03
 
 
 def _bisect(pg: PruneGraph, speedup: float, keep_at: Callable[[float], dict[int, int]], lo: float = 0.0,
             hi: float = 1.0, iters: int = 50) -> dict[int, int]:
-    """Search x in [lo, hi] (speedup non-decreasing in x) for the keep map closest to ``speedup``."""
+    """Search x in [lo, hi] (speedup non-decreasing in x) for the keep map closest to ``speedup``.
+
+    With a latency table active the ratio is the predicted one, every keep map is snapped to fast widths,
+    and landing is left to the end-to-end measurement. An out-of-reach error carries the most that
+    pruning reaches as ``reachable``.
+    """
+    table = current()
+    if table is not None:
+        keep_at = (lambda raw: lambda x: table.snap(pg, raw(x)))(keep_at)
     base = pg.macs()
     ratio = lambda keep: base / max(pg.macs(keep), 1)  # noqa: E731
     if ratio(keep_at(hi)) < speedup * (1 - TOLERANCE):
         kept = "".join(f"; {name!r} keeps its widths ({why})" for name, why in list(pg.protected.items())[:3])
-        raise PrunekitError(
+        err = PrunekitError(
             f"speedup {speedup:g} is out of reach: pruning every group down to min_keep={pg.min_keep} gives "
             f"{ratio(keep_at(hi)):.2f}x; lower the target or min_keep{kept}"
         )
+        err.reachable = ratio(keep_at(hi))
+        raise err
     for _ in range(iters):
         mid = (lo + hi) / 2
         if ratio(keep_at(mid)) < speedup:
@@ -51,7 +64,7 @@ def _bisect(pg: PruneGraph, speedup: float, keep_at: Callable[[float], dict[int,
         cur[gi] = above[gi]
         path.append(dict(cur))
     best = min(path, key=lambda k: abs(ratio(k) - speedup))
-    if abs(ratio(best) - speedup) > TOLERANCE * speedup:
+    if abs(ratio(best) - speedup) > TOLERANCE * speedup and table is None:
         raise PrunekitError(
             f"cannot land within {TOLERANCE:.0%} of speedup {speedup:g}: the closest reachable is {ratio(best):.2f}x "
             f"(min_keep={pg.min_keep}, round_to={pg.round_to}); "

@@ -23,9 +23,9 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from . import io
+from . import io, tasks
 from .errors import PrunekitError
-from .tasks import CLASSIFICATION, Task
+from .tasks import Task
 
 CKPT = "last.pt"
 LOG = "log.jsonl"
@@ -144,10 +144,10 @@ def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: in
 
 
 def evaluate(model: nn.Module, loader, device: str | torch.device | None = None,
-             task: Task = CLASSIFICATION) -> dict[str, float]:
-    """The task's metrics (classification: top-1 and mean cross-entropy); sums across ranks under DDP."""
+             task: Task | None = None) -> dict[str, float]:
+    """The task's metrics (default classification: top-1 and mean cross-entropy); sums across ranks under DDP."""
     dev = resolve_device(device) if device is not None else next(model.parameters()).device
-    return task.evaluate(model, loader, dev)
+    return (task or tasks.get(tasks.DEFAULT)).evaluate(model, loader, dev)
 
 
 class BNSparsity:
@@ -229,7 +229,7 @@ def fit(
     distill: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     desc: str = "train",
     log_path: str | Path | None = None,
-    task: Task = CLASSIFICATION,
+    task: Task | None = None,
 ) -> tuple[nn.Module, TrainResult]:
     """Train ``model`` for ``cfg.epochs``; returns the (possibly resumed) model and per-epoch history.
 
@@ -239,6 +239,7 @@ def fit(
     ``distill(inputs, outputs, task loss)`` replaces the task loss (``prunekit.distill.Distiller``).
     """
     dev = resolve_device(device)
+    task = task or tasks.get(tasks.DEFAULT)
     rank, world = dist_info()
     torch.manual_seed(cfg.seed)
     run_dir = Path(run_dir) if run_dir is not None else None

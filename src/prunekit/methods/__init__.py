@@ -28,10 +28,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import latency as lat
+from .. import tasks
 from ..errors import PrunekitError
 from ..graph import flat_tensors, run_checked
 from ..measure import count_macs, count_params, hooked
-from ..tasks import CLASSIFICATION, Task
+from ..tasks import Task
 from ..thresholds import TOLERANCE
 from ..train import BNSparsity
 
@@ -49,6 +51,7 @@ class PruneResult:
     removed: dict[str, list[int]] = field(default_factory=dict)
     blocks_removed: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    measured: dict[str, Any] | None = None  # a latency target: the measured speedup, its spread and runtime
 
     @property
     def speedup(self) -> float:
@@ -58,12 +61,18 @@ class PruneResult:
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "target": self.target, "before": self.before, "after": self.after,
                 "speedup": self.speedup, "channels": {k: list(v) for k, v in self.channels.items()},
-                "blocks_removed": self.blocks_removed, "info": self.info}
+                "blocks_removed": self.blocks_removed, "info": self.info} | \
+            ({"measured": self.measured} if self.measured is not None else {})
 
     def summary(self) -> str:
         b, a = self.before, self.after
-        return (f"{self.method}: MACs {b['macs'] / 1e6:.2f}M -> {a['macs'] / 1e6:.2f}M ({self.speedup:.2f}x), "
+        line = (f"{self.method}: MACs {b['macs'] / 1e6:.2f}M -> {a['macs'] / 1e6:.2f}M ({self.speedup:.2f}x), "
                 f"params {b['params'] / 1e6:.3f}M -> {a['params'] / 1e6:.3f}M")
+        if self.measured:
+            t = self.measured
+            line += (f", measured {t['speedup']:.2f}x ({t['lo']:.2f}-{t['hi']:.2f}) faster on {t['runtime']} "
+                     f"(batch {t['batch']}, {t['threads']} threads)")
+        return line
 
 
 # ---- declared options ----
@@ -126,9 +135,20 @@ BN_SPARSITY_OPTIONS = (
 )
 
 
-def bn_sparsity(model: nn.Module, settings: dict, total_steps: int) -> BNSparsity:
-    """The ``sparsify`` stage's regulariser for methods that rank channels by BN |γ|."""
-    return BNSparsity(s=settings["s"], decay=settings["decay"], total_steps=total_steps)
+def prunable_bns(model: nn.Module, example_inputs: torch.Tensor, ignored_layers: list | None = None) -> list[str]:
+    """Names of the BNs of prunable coupled groups: the γ that decide what a BN-|γ| method removes."""
+    from ..graph import PruneGraph
+
+    x = example_inputs[:1].to(next(model.parameters()).device)
+    return sorted({name for g in PruneGraph(model, x, ignored_layers=ignored_layers).groups for name in g.bns})
+
+
+def bn_sparsity(model: nn.Module, settings: dict, total_steps: int, example_inputs: torch.Tensor,
+                ignored_layers: list | None = None) -> BNSparsity:
+    """The ``sparsify`` stage's regulariser for methods that rank channels by BN |γ|: only the BNs of prunable
+    groups are penalised (shrinking a γ that can never be pruned only costs accuracy)."""
+    return BNSparsity(s=settings["s"], decay=settings["decay"], total_steps=total_steps,
+                      bns=prunable_bns(model, example_inputs, ignored_layers))
 
 
 # ---- what a method receives ----
@@ -149,7 +169,7 @@ class Context:
     data: Batches | None = None
     val: Batches | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    task: Task = CLASSIFICATION
+    task: Task = field(default_factory=lambda: tasks.get(tasks.DEFAULT))
 
     def evaluate(self, model: nn.Module, batches: Batches | None = None) -> dict[str, float]:
         """The task's metrics of ``model`` on ``batches`` (default: the validation split)."""
@@ -190,7 +210,8 @@ class Method:
     options: dict[str, Option]
     needs_data: bool = False
     # (model, stage settings, optimiser steps) -> train.fit's after_backward hook, for `sparsify` stages
-    regularizer: Callable[[nn.Module, dict, int], Callable[[nn.Module], None]] | None = None
+    # regularizer(model, settings, total_steps, example_inputs, ignored_layers) -> hook run after each backward
+    regularizer: Callable[..., Callable[[nn.Module], None]] | None = None
     regularizer_options: dict[str, Option] = field(default_factory=dict)
     keeps_zeros: bool = False  # unstructured: training after pruning keeps pruned weights at zero
     figures: Callable[[dict], list[tuple[str, bytes]]] | None = None  # PruneResult.info -> report PNGs
@@ -283,18 +304,24 @@ def _as_batches(data: Any) -> Batches | None:
 
 
 def prune(model: nn.Module, method: str, example_inputs: torch.Tensor | None = None, *,
-          speedup: float | None = None, sparsity: float | None = None, data: Any = None, val: Any = None,
+          speedup: float | None = None, sparsity: float | None = None, latency: float | None = None,
+          runtime: str = "eager", batch: int = 64, threads: int = 2, data: Any = None, val: Any = None,
           ctx: Context | None = None, **options: Any) -> PruneResult:
     """Prune ``model`` in place with ``method``; see ``prunekit methods`` for names, targets and options.
 
     ``data`` (calibration batches of the training split) and ``val`` (a held-out split of it) are needed
     only by data-driven methods; ``example_inputs`` default to the first batch of ``data``. A pipeline
-    passes a ready ``ctx`` instead.
+    passes a ready ``ctx`` instead. ``latency`` replaces ``speedup`` when what matters is speed: the
+    pruned model runs that many times faster, measured on ``runtime`` ("eager" or "onnxruntime") at
+    ``batch`` with ``threads`` threads on this machine, within 5 % (``prunekit.latency``).
     """
     m = get(method)
     opts = m.check_options(options)
     speedup, sparsity = _number("speedup", speedup), _number("sparsity", sparsity)
-    if m.kind == "structured" and speedup is None and opts.get("percentile") is None:
+    latency = _number("latency", latency)
+    if latency is not None:
+        _check_latency(m, opts, latency, speedup, runtime, batch, threads)
+    if m.kind == "structured" and speedup is None and latency is None and opts.get("percentile") is None:
         raise PrunekitError(f"method {method!r} needs a speedup target (e.g. speedup=2.0)")
     if m.kind == "unstructured" and sparsity is None and opts.get("rule") != "layer-std":
         raise PrunekitError(f"method {method!r} needs a sparsity target (e.g. sparsity=0.9) or rule='layer-std'")
@@ -322,9 +349,10 @@ def prune(model: nn.Module, method: str, example_inputs: torch.Tensor | None = N
         data, val = _as_batches(data), _as_batches(val)
         if example_inputs is None and data is not None:
             example_inputs = next(iter(data))[0]
-        ctx = Context(example_inputs, data, val, dev)
+        ctx = Context(example_inputs, data, val, dev, tasks.for_model(model))  # a detector scores by mAP
     if isinstance(ctx.example_inputs, tuple | list) and ctx.example_inputs:
-        return _several_inputs(model, ctx, method, speedup=speedup, sparsity=sparsity, **options)
+        return _several_inputs(model, ctx, method, speedup=speedup, sparsity=sparsity, latency=latency,
+                               runtime=runtime, batch=batch, threads=threads, **options)
     if not isinstance(ctx.example_inputs, torch.Tensor):
         raise PrunekitError("example_inputs must be a tensor batch shaped like the model's input, or a tuple of "
                             "them for a model of several inputs (or pass data= and the first batch is used)")
@@ -336,40 +364,133 @@ def prune(model: nn.Module, method: str, example_inputs: torch.Tensor | None = N
         raise PrunekitError(f"method {method!r} ranks channels by BatchNorm scale factors, but this model has no "
                             "BatchNorm layer; use a norm-based method such as l1-norm or dist-fit")
     target = {"sparsity": sparsity} if m.kind == "unstructured" else {"speedup": speedup}
+    if latency is not None:
+        target = {"latency": latency, "runtime": runtime, "batch": batch, "threads": threads}
     return _all_or_nothing(model, ctx, m, target, opts)
+
+
+def _check_latency(m: Method, opts: dict, latency: float, speedup: float | None, runtime: Any, batch: Any,
+                   threads: Any) -> None:
+    """One PrunekitError for a latency target that cannot be pruned to, before anything runs."""
+    if speedup is not None:
+        raise PrunekitError("give latency (a measured speedup) or speedup (a MACs ratio), not both")
+    if m.kind != "structured":
+        raise PrunekitError(f"method {m.name!r} is {m.kind}: a latency target needs a method that removes channels "
+                            "to a target (see `prunekit methods`)")
+    if opts.get("percentile") is not None:
+        raise PrunekitError("percentile and latency both set the cut: give one of them")
+    if latency <= 1.0:
+        raise PrunekitError(f"latency must be > 1 (base time / pruned time, measured), got {latency:g}")
+    lat.check_setting(runtime, batch, threads)
 
 
 def _all_or_nothing(model: nn.Module, ctx: Context, m: Method, target: dict, opts: dict) -> PruneResult:
     """Run the method; keep its result only if every output keeps its shape and (for a speedup target) an
-    independent MACs count confirms the speedup within 3 %. Otherwise restore the model exactly and raise."""
+    independent MACs count confirms the speedup within 3 % (for a latency target: the measured speedup lands
+    within 5 %). Otherwise restore the model exactly and raise."""
     backup = copy.deepcopy(model)
-    x = ctx.example_inputs[:1]
     outputs = getattr(model, "prunekit_outputs", flat_tensors)  # a model may say which outputs are its results
     with torch.no_grad():
-        shapes = [t.shape for t in outputs(run_checked(model, x, "running the model on the example input"))]
+        shapes = [t.shape for t in outputs(run_checked(model, ctx.example_inputs[:1],
+                                                       "running the model on the example input"))]
     try:
-        try:
-            result = m.fn(model, ctx, **target, **opts)
-        except PrunekitError:
-            raise
-        except Exception as exc:  # a failure inside tracing or surgery: name it, never half-prune
-            msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            raise PrunekitError(f"method {m.name!r} failed on this model ({type(exc).__name__}: {msg})") from exc
-        with hooked(result.model):
-            after = [t.shape for t in outputs(result.model(x))]
-        if after != shapes:
-            raise PrunekitError(f"method {m.name!r} changed the model's output shapes ({_shapes(shapes)} -> "
-                                f"{_shapes(after)}); pass the layers producing them in ignored_layers")
-        if m.kind == "structured" and target.get("speedup") and opts.get("percentile") is None:
-            achieved = count_macs(backup, x) / max(count_macs(result.model, x), 1)
-            if abs(achieved - target["speedup"]) > TOLERANCE * target["speedup"]:
-                raise PrunekitError(
-                    f"method {m.name!r} reached {achieved:.2f}x by an independent MACs count, not the "
-                    f"{target['speedup']:g}x asked (the analytic model of this architecture is off, e.g. channels "
-                    "split by chunk); pass the layers concerned in ignored_layers")
+        if "latency" in target:
+            return _to_latency(model, backup, ctx, m, target, opts, shapes)
+        return _checked(model, backup, ctx, m, target, opts, shapes)
     except BaseException:
         model.__dict__.update(backup.__dict__)  # the caller's model is exactly as it was
         raise
+
+
+def _checked(model: nn.Module, backup: nn.Module, ctx: Context, m: Method, target: dict, opts: dict,
+             shapes: list[torch.Size]) -> PruneResult:
+    """The method's result on ``model``, or a PrunekitError if an output changed shape or the MACs missed."""
+    x = ctx.example_inputs[:1]
+    outputs = getattr(model, "prunekit_outputs", flat_tensors)
+    try:
+        result = m.fn(model, ctx, **target, **opts)
+    except PrunekitError:
+        raise
+    except Exception as exc:  # a failure inside tracing or surgery: name it, never half-prune
+        msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise PrunekitError(f"method {m.name!r} failed on this model ({type(exc).__name__}: {msg})") from exc
+    with hooked(result.model):
+        after = [t.shape for t in outputs(result.model(x))]
+    if after != shapes:
+        raise PrunekitError(f"method {m.name!r} changed the model's output shapes ({_shapes(shapes)} -> "
+                            f"{_shapes(after)}); pass the layers producing them in ignored_layers")
+    if m.kind == "structured" and target.get("speedup") and opts.get("percentile") is None and lat.current() is None:
+        achieved = count_macs(backup, x) / max(count_macs(result.model, x), 1)
+        if abs(achieved - target["speedup"]) > TOLERANCE * target["speedup"]:
+            raise PrunekitError(
+                f"method {m.name!r} reached {achieved:.2f}x by an independent MACs count, not the "
+                f"{target['speedup']:g}x asked (the analytic model of this architecture is off, e.g. channels "
+                "split by chunk); pass the layers concerned in ignored_layers")
+    return result
+
+
+LATENCY_TOLERANCE = 0.05  # a latency target is met when the measured median lies within 5 % of it
+LATENCY_TRIES = 4  # pruned-and-measured copies before the search gives up
+
+
+def _next_ask(tries: list[dict], asked: float) -> float:
+    """The predicted speedup to prune to next: between the two tries whose measurements bracket ``asked``
+    (log-log interpolation), else the last one corrected by asked/measured."""
+    below = [t for t in tries if t["speedup"] < asked]
+    above = [t for t in tries if t["speedup"] >= asked]
+    if below and above:
+        lo, hi = max(below, key=lambda t: t["speedup"]), min(above, key=lambda t: t["speedup"])
+        f = math.log(asked / lo["speedup"]) / math.log(hi["speedup"] / lo["speedup"])
+        return lo["predicted"] * (hi["predicted"] / lo["predicted"]) ** f
+    return tries[-1]["predicted"] * asked / tries[-1]["speedup"]
+
+
+def _to_latency(model: nn.Module, backup: nn.Module, ctx: Context, m: Method, target: dict, opts: dict,
+                shapes: list[torch.Size]) -> PruneResult:
+    """Prune copies to the latency table's predicted speedup, time each side by side with the unpruned model,
+    and correct the predicted speedup asked for from what was measured (``_next_ask``) until the measured
+    median lands; the winning copy's modules then become the model's.
+
+    Out of reach by the table, the most the method prunes is measured once: the error names that speedup.
+    """
+    asked = target["latency"]
+    setting = {k: target[k] for k in ("runtime", "batch", "threads")}
+    where = f"{setting['runtime']} (batch {setting['batch']}, {setting['threads']} threads)"
+    table = lat.table(backup, ctx.example_inputs, **setting)
+    ask, at_most, tries = asked, False, []
+    while True:
+        trial = copy.deepcopy(backup)
+        try:
+            with lat.active(table):
+                result = _checked(trial, backup, ctx, m, {"speedup": ask}, opts, shapes)
+        except PrunekitError as exc:
+            reachable = getattr(exc, "reachable", None)
+            if reachable is None or at_most:
+                raise
+            ask, at_most = reachable, True  # as far as the method prunes: measure that once
+            continue
+        got = lat.measure(backup, trial, ctx.example_inputs, **setting)
+        tries.append({"predicted": ask, **got})
+        if abs(got["speedup"] / asked - 1) <= LATENCY_TOLERANCE:
+            break
+        if at_most and got["speedup"] < asked:
+            err = PrunekitError(f"latency {asked:g}x is out of reach on {where}: pruning as far as {m.name!r} "
+                                f"goes measures {got['speedup']:.2f}x ({got['lo']:.2f}-{got['hi']:.2f}); lower "
+                                "the target or min_keep")
+            err.closest = got
+            raise err
+        if len(tries) == LATENCY_TRIES:
+            best = min(tries, key=lambda t: abs(t["speedup"] - asked))
+            err = PrunekitError(f"latency {asked:g}x not reached within {LATENCY_TOLERANCE:.0%} on {where} in "
+                                f"{LATENCY_TRIES} tries: the closest measured {best['speedup']:.2f}x "
+                                f"({best['lo']:.2f}-{best['hi']:.2f}); ask for that, or time on a quieter machine")
+            err.closest = best  # the measurement a caller can judge the miss by (timing noise or reach)
+            raise err
+        ask, at_most = max(1.0, _next_ask(tries, asked)), False
+    result.target = {"latency": asked, **setting} | {k: v for k, v in result.target.items() if k != "speedup"}
+    result.measured = {**got, **setting, "predicted": ask, "tries": tries, "table": table.info}
+    model.__dict__.update(trial.__dict__)  # the winning copy's modules, in the caller's model
+    result.model = model
     return result
 
 

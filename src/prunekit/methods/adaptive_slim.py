@@ -45,7 +45,7 @@ from .. import criteria, thresholds
 from ..graph import IN_CHANNEL_FNS, PruneGraph, find_blocks, remove_block, set_module
 from ..measure import hooked, layer_macs
 from ..thresholds import ThresholdFit, learn_threshold
-from ..train import BNSparsity, TrainConfig, TrainResult, fit
+from ..train import TrainConfig, TrainResult, fit
 from . import (
     BN_SPARSITY_OPTIONS,
     DEFAULT_S,
@@ -60,25 +60,16 @@ from . import (
 
 
 # ---- 1. sparsity training: train.BNSparsity, the L1 sub-gradient s·sign(γ) on BN scale factors ----
-def prunable_bns(model: nn.Module, example_inputs: torch.Tensor, ignored_layers: list | None = None) -> list[str]:
-    """Names of the BNs of prunable coupled groups: the γ that decide what this method removes."""
-    pg = PruneGraph(model, example_inputs, ignored_layers=ignored_layers)
-    return sorted({name for g in pg.groups for name in g.bns})
-
-
 def sparsify(model: nn.Module, train_loader, val_loader, cfg: TrainConfig, s: float = DEFAULT_S, *,
-             decay: str = "constant", example_inputs: torch.Tensor | None = None,
-             ignored_layers: list | None = None, **fit_kwargs: Any) -> tuple[nn.Module, TrainResult]:
-    """Step 1, sparsity training: ``train.fit`` with the L1 sub-gradient on BN γ (see ``BNSparsity``).
+             example_inputs: torch.Tensor, decay: str = "constant", ignored_layers: list | None = None,
+             **fit_kwargs: Any) -> tuple[nn.Module, TrainResult]:
+    """Step 1, sparsity training: ``train.fit`` with the L1 sub-gradient on the γ of prunable groups' BNs,
+    the same regulariser a pipeline's ``sparsify`` stage uses (``methods.bn_sparsity``).
 
-    With ``example_inputs`` only the BNs of prunable groups are penalised: shrinking a γ that can
-    never be pruned only costs accuracy. ``fit_kwargs`` go to ``fit`` (device, run_dir, resume, ...);
-    on resume a decaying s restarts its schedule.
+    ``fit_kwargs`` go to ``fit`` (device, run_dir, resume, ...); on resume a decaying s restarts its schedule.
     """
-    bns = None
-    if example_inputs is not None:
-        bns = prunable_bns(model, example_inputs.to(next(model.parameters()).device), ignored_layers)
-    hook = BNSparsity(s, decay, total_steps=max(1, cfg.epochs * len(train_loader)), bns=bns)
+    hook = bn_sparsity(model, {"s": s, "decay": decay}, max(1, cfg.epochs * len(train_loader)), example_inputs,
+                       ignored_layers)
     fit_kwargs.setdefault("desc", "sparsify")
     return fit(model, train_loader, val_loader, cfg, after_backward=hook, **fit_kwargs)
 

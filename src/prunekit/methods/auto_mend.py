@@ -16,7 +16,8 @@ filter ranking makes evaluating a candidate cheap (no training). Steps, as we re
 4. Fast, honest scoring (adaptive BN, as EagleEye): a candidate keeps the top-w channels of the
    ranking, masked on the model itself (it computes what the pruned model would; no re-tracing),
    its BN statistics are reset and re-estimated as plain averages over a fixed set of training
-   batches, then top-1 (ties: loss) is measured on the held-out split of the *training* data.
+   batches, then the task's metric (top-1, or mAP50-95 for detectors; ties: loss) is measured on the
+   held-out split of the *training* data.
 5. The winner is removed physically, keeping its re-estimated BN statistics; fine-tuning is the
    pipeline's ``finetune`` stage.
 
@@ -130,8 +131,8 @@ class Space:
 
 # ---- 3. the search ----
 def _rank(record: dict) -> tuple[float, float]:
-    """Sort key of a scored candidate: top-1 first, then loss."""
-    return -record["top1"], record["loss"]
+    """Sort key of a scored candidate: the task's metric first (``score``: signed so higher is better), then loss."""
+    return -record["score"], record["loss"]
 
 
 def propose(space: Space, rng: random.Random, scored: list[dict], search: str, population: int,
@@ -192,18 +193,19 @@ def _fingerprint(*tensors: torch.Tensor) -> str:
 
 
 def _figures(info: dict) -> list[tuple[str, bytes]]:
-    """Search trajectory (best top-1 against candidates scored) and chosen widths against w⁰ per group."""
+    """Search trajectory (best val metric against candidates scored) and chosen widths against w⁰ per group."""
     if not info.get("candidates"):
         return []
     from .. import plots  # matplotlib only when a report is drawn
 
     fig, ax = plots.plt.subplots(figsize=(6, 3.5))
     n = range(1, len(info["trajectory"]) + 1)
-    ax.plot(n, [r["top1"] for r in info["candidates"]], ".", color="0.6", label="candidate")
+    metric = info.get("metric", "top1")
+    ax.plot(n, [r[metric] for r in info["candidates"]], ".", color="0.6", label="candidate")
     ax.plot(n, info["trajectory"], "-", color="tab:red", label=f"best so far ({info['search']})")
-    ax.axhline(info["candidates"][0]["top1"], color="tab:blue", ls="--", lw=1, label="w⁰ (pre-pruned)")
+    ax.axhline(info["candidates"][0][metric], color="tab:blue", ls="--", lw=1, label="w⁰ (pre-pruned)")
     ax.set_xlabel("candidates scored")
-    ax.set_ylabel("val top-1 after adaptive BN (%)")
+    ax.set_ylabel(f"val {metric} after adaptive BN")
     ax.legend(fontsize=8)
     search = plots.png(fig)
 
@@ -246,7 +248,7 @@ def auto_mend(model: nn.Module, ctx: Context, *, speedup: float | None, ignored_
               val_batches: int | None, cache_path: str | None, progress: bool) -> PruneResult:
     """Pre-prune, search the widths around w⁰, and remove the best candidate's channels.
 
-    ``info`` records every scored candidate (widths, analytic speedup, val top-1 and loss, seconds),
+    ``info`` records every scored candidate (widths, analytic speedup, the task's val metric and loss, seconds),
     the best-so-far trajectory, w⁰ and the chosen widths per group, and the val score of the
     returned (physically pruned) model, which equals the winner's.
     """
@@ -254,6 +256,7 @@ def auto_mend(model: nn.Module, ctx: Context, *, speedup: float | None, ignored_
         raise PrunekitError(f"method {NAME!r}: step must be in (0, 1]")
     calib = ctx.batches(calibration_batches, "data", NAME)
     val = ctx.batches(val_batches or sys.maxsize, "val", NAME)
+    metric = ctx.task.metric  # candidates are scored by the task's metric (top-1, mAP50-95)
     pg = PruneGraph(model, ctx.example_inputs, ignored_layers=ignored_layers, min_keep=min_keep, round_to=round_to)
     before = cost(model, pg.base_macs)
     speedup = speedup or 1.0
@@ -300,13 +303,15 @@ def auto_mend(model: nn.Module, ctx: Context, *, speedup: float | None, ignored_
                 t0 = time.perf_counter()
                 mask(w)
                 metrics = ctx.evaluate(model, val)
-                record = {"widths": list(key), "speedup": space.speedup_of(w), "top1": metrics["top1"],
-                          "loss": metrics["loss"], "seconds": time.perf_counter() - t0}
+                value = metrics[metric]
+                record = {"widths": list(key), "speedup": space.speedup_of(w), metric: value,
+                          "score": value if ctx.task.higher_is_better else -value,
+                          "loss": metrics.get("loss", 0.0), "seconds": time.perf_counter() - t0}
                 fresh_seconds.append(record["seconds"])
                 cache.add(record)
             scored.append(record)
             bar.update()
-            bar.set_postfix(best=f"{-_rank(min(scored, key=_rank))[0]:.2f}")
+            bar.set_postfix(best=f"{min(scored, key=_rank)[metric]:.2f}")
     finally:
         bar.close()
         model.load_state_dict(original)  # an interrupted search leaves the model as it came
@@ -322,19 +327,20 @@ def auto_mend(model: nn.Module, ctx: Context, *, speedup: float | None, ignored_
     best_so_far, trajectory = None, []
     for r in scored:
         best_so_far = r if best_so_far is None or _rank(r) < _rank(best_so_far) else best_so_far
-        trajectory.append(best_so_far["top1"])
+        trajectory.append(best_so_far[metric])
     info = {
         "search": search, "seed": seed, "budget": candidates, "evaluated": len(scored),
         "resumed": len(scored) - len(fresh_seconds),
         "groups": setup["groups"], "sizes": [pg.groups[gi].size for gi in groups],
         "delta": [space.delta[gi] for gi in groups], "w_rule": [w_rule[gi] for gi in groups],
         "w0": setup["w0"], "widths": best["widths"],
-        "w0_score": {k: scored[0][k] for k in ("top1", "loss")}, "best_score": {k: best[k] for k in ("top1", "loss")},
-        "pruned_val": {k: final[k] for k in ("top1", "loss")},
+        "metric": metric, "w0_score": {k: scored[0][k] for k in (metric, "loss")},
+        "best_score": {k: best[k] for k in (metric, "loss")},
+        "pruned_val": {metric: final[metric], "loss": final.get("loss", 0.0)},
         "candidates": scored, "trajectory": trajectory,
         "seconds_per_candidate": sum(fresh_seconds) / len(fresh_seconds) if fresh_seconds else None,
         "search_seconds": search_seconds,
-        "calibration_images": sum(len(b[0]) for b in calib), "val_images": final["n"],
+        "calibration_images": sum(len(b[0]) for b in calib), "val_images": sum(len(b[0]) for b in val),
     }
     return PruneResult(model, NAME, {"speedup": speedup}, before, after,
                        {pg.groups[gi].name: (pg.groups[gi].size, chosen[gi]) for gi in groups},

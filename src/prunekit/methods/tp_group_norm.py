@@ -21,7 +21,6 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from ..errors import PrunekitError
 from ..graph import PruneGraph
 from ..measure import hooked
 from . import STRUCTURED_OPTIONS, Context, Option, PruneResult, register
@@ -34,14 +33,11 @@ REGULARIZER_OPTIONS = (
 )
 
 
-def group_sparsity(model: nn.Module, settings: dict, total_steps: int) -> Callable[[nn.Module], None]:
+def group_sparsity(model: nn.Module, settings: dict, total_steps: int, example_inputs: torch.Tensor,
+                   ignored_layers: list | None = None) -> Callable[[nn.Module], None]:
     """The ``sparsify`` stage's hook: Torch-Pruning's group-norm regulariser on prunekit's groups."""
-    shape = (getattr(model, "prunekit_arch", None) or {}).get("input_shape")
-    if not shape:
-        raise PrunekitError("tp-group-norm's sparsity stage needs the model's input shape (prunekit_arch); build "
-                            "the model with prunekit.models.create or load it with prunekit.load")
-    x = torch.zeros(1, *shape, device=next(model.parameters()).device)
-    groups = [g.tp_group for g in PruneGraph(model, x).groups]
+    x = example_inputs[:1].to(next(model.parameters()).device)
+    groups = [g.tp_group for g in PruneGraph(model, x, ignored_layers=ignored_layers).groups]
     with hooked(model, grad=True):  # its trace is a forward: eval mode keeps BN statistics as they are
         pruner = tp.pruner.GroupNormPruner(model, x, importance=tp.importance.GroupMagnitudeImportance(p=2),
                                            reg=settings["reg"])

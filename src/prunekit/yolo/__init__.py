@@ -149,8 +149,10 @@ def resolve(name: str) -> tuple[Path, str]:
 
 
 # ---- building ----
-def create(name: str, num_classes: int = 80, **kwargs: Any) -> nn.Module:
-    """Build ``ul:<name>`` as a traceable ``DetectionModel`` with freshly initialised weights.
+def create(name: str, num_classes: int | None = 80, **kwargs: Any) -> nn.Module:
+    """Build ``ul:<name>`` as a traceable ``DetectionModel`` with freshly initialised weights, or
+    ``ul:path/to/best.pt`` (with ``trust_pickle=True``) as the detector Ultralytics trained there: its
+    architecture, weights and class names (``model.names``; ``num_classes`` None takes its count).
 
     kwargs: ``imgsz`` (the square input size recorded as the model's input shape, default 640),
     ``weights_path`` (a state dict, or with ``trust_pickle=True`` a trained Ultralytics ``.pt``).
@@ -160,20 +162,64 @@ def create(name: str, num_classes: int = 80, **kwargs: Any) -> nn.Module:
     unknown = sorted(set(kwargs) - set(_KWARGS))
     if unknown:
         raise PrunekitError(f"model '{name}' does not take {', '.join(unknown)}; allowed kwargs: {', '.join(_KWARGS)}")
-    if num_classes < 1:
+    if num_classes is not None and num_classes < 1:
         raise PrunekitError(f"num_classes must be >= 1, got {num_classes}")
     imgsz = kwargs.get("imgsz", DEFAULT_IMGSZ)
     if not isinstance(imgsz, int) or isinstance(imgsz, bool) or imgsz < 32 or imgsz % 32:
         raise PrunekitError(f"imgsz must be a multiple of 32 (the largest YOLO stride), got {imgsz!r}")
-    model = build_detection_model(name, num_classes)
+    names = None
+    if name.removeprefix(PREFIX).endswith(".pt"):  # ul:path/to/best.pt: the user's trained detector
+        if kwargs.get("weights_path") is not None:
+            raise PrunekitError(f"'{name}' brings its own weights: drop weights_path")
+        name, num_classes, names, state = _trained(Path(name.removeprefix(PREFIX)).expanduser(), num_classes,
+                                                  trust_pickle=kwargs.get("trust_pickle", False))
+        model = build_detection_model(name, num_classes)
+        model.load_state_dict(state)
+    else:
+        num_classes = 80 if num_classes is None else num_classes  # Ultralytics' COCO head
+        model = build_detection_model(name, num_classes)
     if kwargs.get("weights_path") is not None:
         load_weights(model, Path(kwargs["weights_path"]), num_classes, trust_pickle=kwargs.get("trust_pickle", False))
+    if names is not None:
+        model.names = names  # its class names, which a pipeline checks against the data's
     make_traceable(model)
     model.prunekit_arch = {"name": name, "num_classes": num_classes,
                            "kwargs": {"imgsz": imgsz} if "imgsz" in kwargs else {}, "input_shape": [3, imgsz, imgsz]}
     model.prunekit_protected = [n for n, m in model.named_modules() if m in set(protected_layers(model))]
     model.prunekit_outputs = predictions
     return model
+
+
+def _trained(path: Path, num_classes: int | None, *, trust_pickle: bool) -> tuple[str, int, dict, dict]:
+    """(``ul:`` name of its architecture, classes, class names, weights) of a detector Ultralytics trained."""
+    if not path.is_file():
+        raise PrunekitError(f"Ultralytics checkpoint not found: {path}")
+    if not trust_pickle:
+        raise PrunekitError(f"{path} is an Ultralytics checkpoint, a Python pickle: loading one runs whatever code it "
+                            "holds; pass trust_pickle: true (--trust-pickle) only for a file you trust (e.g. one you "
+                            "trained yourself)")
+    ultralytics()  # the pickle names Ultralytics classes
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a damaged or foreign pickle raises anything
+        raise PrunekitError(f"cannot read {path} as an Ultralytics checkpoint ({type(exc).__name__}: {exc})") from exc
+    obj = (ckpt.get("ema") or ckpt.get("model")) if isinstance(ckpt, dict) else ckpt
+    cfg = getattr(obj, "yaml", None)
+    if not isinstance(obj, nn.Module) or not isinstance(cfg, dict):
+        raise PrunekitError(f"{path} holds no Ultralytics model (expected a checkpoint with 'model' or 'ema')")
+    stem = Path(str(cfg.get("yaml_file") or "")).stem
+    arch = f"{PREFIX}{stem}" if stem else ""
+    try:
+        resolve(arch)
+    except PrunekitError as exc:
+        raise PrunekitError(f"{path} was built from {cfg.get('yaml_file') or 'a yaml dict'!r}, not a yaml Ultralytics "
+                            "ships; prunekit rebuilds shipped architectures only (yolov3u, v5u, v8, 11, ...)") from exc
+    names = {int(k): str(v) for k, v in dict(getattr(obj, "names", {}) or {}).items()}
+    nc = int(cfg.get("nc") or len(names))
+    if num_classes is not None and num_classes != nc:
+        raise PrunekitError(f"{path} predicts {nc} classes, not num_classes={num_classes}")
+    state = {k: v.float() if v.is_floating_point() else v for k, v in obj.state_dict().items()}
+    return arch, nc, names or {i: str(i) for i in range(nc)}, state
 
 
 def input_size(model: nn.Module) -> int:
@@ -423,7 +469,8 @@ def check_settings(settings: Any, where: str = "ultralytics") -> None:
 def train(model: nn.Module, dataset: str | Path, *, epochs: int = 1, imgsz: int | None = None, batch: int = 16,
           device: str = "cpu", project: str | Path | None = None, name: str = "train",
           after_backward: Callable[[nn.Module], None] | None = None, keep: str = "best", resume: bool = False,
-          distill: tuple[nn.Module, float, float] | None = None, **overrides: Any) -> dict[str, float]:
+          distill: tuple[nn.Module, float, float] | None = None, log_path: str | Path | None = None,
+          **overrides: Any) -> dict[str, float]:
     """Train or fine-tune ``model`` (pruned or not) with Ultralytics' ``DetectionTrainer`` and return its metrics.
 
     Ultralytics' trainer normally rebuilds the network from its yaml, which silently undoes pruning;
@@ -442,6 +489,8 @@ def train(model: nn.Module, dataset: str | Path, *, epochs: int = 1, imgsz: int 
     its loss over the images of a batch and accumulates ``nbs / batch`` batches per step, so the model's
     gradients are that many times those of a mean loss; the hook's rate ``s`` is multiplied by the same
     factor, so that ``s`` means what it means in classification training (s·Σ|γ| beside a mean loss).
+
+    ``log_path``: each epoch's validation metrics (in %) are appended there as JSON lines (a run's curve).
 
     ``resume``: when ``project/name/weights/last.pt`` holds an unfinished run (killed mid-training), continue
     it from its next epoch with its optimiser, EMA and best-so-far, the weights loaded into ``model`` (which
@@ -535,6 +584,18 @@ def train(model: nn.Module, dataset: str | Path, *, epochs: int = 1, imgsz: int 
 
     trainer = KeepModelTrainer(overrides=args)
     trainer.model = model
+    epochs_seen: list[dict[str, float]] = []
+
+    def epoch_end(tr: Any) -> None:
+        """Each epoch's validation metrics: the run log's curve, and what ``keep="last"`` keeps."""
+        epochs_seen.append({k: float(v) for k, v in (tr.metrics or {}).items()})
+        if log_path is not None and tr.metrics:
+            row = {"epoch": tr.epoch + 1, **{f"val_{k}": 100 * epochs_seen[-1][v]
+                                             for k, v in METRICS.items() if v in epochs_seen[-1]}}
+            with open(log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    trainer.add_callback("on_fit_epoch_end", epoch_end)
     try:
         trainer.train()
     finally:
@@ -544,6 +605,8 @@ def train(model: nn.Module, dataset: str | Path, *, epochs: int = 1, imgsz: int 
     if chosen.is_file():
         model.load_state_dict(_trained_state(_load_signed(chosen, signatures)))
     model.float().eval()
+    if keep == "last" and epochs_seen:  # the metrics of the epoch kept, not of best.pt's final evaluation
+        return epochs_seen[-1]
     return {k: float(v) for k, v in (trainer.metrics or {}).items()}
 
 

@@ -1,15 +1,21 @@
-"""Pascal VOC detection directories as the YOLO txt layout Ultralytics trains on.
+"""Detection data as users have it, turned into the YOLO txt layout Ultralytics trains on.
 
-``voc_to_yolo(root)`` converts ``Annotations/*.xml`` + ``JPEGImages`` + ``ImageSets/Main/<split>.txt``
-once into ``<cache>/yolo-data/<name>-<key>/`` (``images/<split>``, ``labels/<split>``, ``data.yaml``),
-keyed by the directory's path and the contents of its annotations and split lists, so an
-edited annotation converts again. Boxes are shifted from VOC's 1-based pixels as Ultralytics' own VOC
-conversion does (width = xmax - xmin) and checked against the image's real size: boxes reaching
-outside are clipped, boxes with no area left (BCCD has points with xmin = xmax) are dropped,
-objects marked ``difficult`` are left out (VOC excludes them from training and scoring); each kind
-is counted and reported in one warning. Images without objects keep an empty label
-file: they are negatives the detector must learn. Class names are the sorted names found in the
-annotations unless given. A ``.yaml`` path is taken as an existing YOLO data set.
+``detection_data(path)`` takes a YOLO data yaml as it is, or converts a folder once into
+``<cache>/yolo-data/<name>-<key>/`` (``images/<split>``, ``labels/<split>``, ``data.yaml``): a Pascal VOC folder
+(``Annotations`` + ``JPEGImages``, or LabelImg's ``annotations`` + ``images``; names in any case) or a YOLO txt
+folder (``images`` + ``labels``, class names from ``classes.txt``, a ``data.yaml`` beside them or ``names``).
+Splits are VOC's ``ImageSets/Main/<split>.txt`` or YOLO's ``images/<split>`` folders; a folder without them gets a
+seeded split by image, stratified so every class reaches every split the images allow, whose lists are kept in
+the converted folder (``splits/<split>.txt``). The key is the folder's path, the contents of its annotations and
+split lists, its image names and the options, so an edited annotation converts again; only the cache is written.
+
+Boxes are checked against the image's real size (VOC's 1-based pixels shifted as Ultralytics' own VOC conversion
+does, width = xmax - xmin): boxes reaching outside are clipped, boxes with no area left (BCCD has points with
+xmin = xmax) or inverted corners are dropped, ``difficult`` objects are left out (VOC excludes them from training
+and scoring), and so are objects of classes the model does not have; an image without an XML (VOC without
+ImageSets) or whose YOLO label file Ultralytics would refuse is left out. Each kind is counted per split, with
+the first files named, in one warning. Images without objects keep an empty label file: they are negatives the
+detector must learn. VOC class names are the sorted names in the training split's annotations unless given.
 """
 
 from __future__ import annotations
@@ -17,10 +23,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
 import tempfile
 import warnings
 import xml.etree.ElementTree as ET
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,62 +42,124 @@ from ..errors import PrunekitError
 from ..io import read_yaml
 
 SPLITS = ("train", "val", "test")
-_FORMAT = 2  # bump when the conversion changes, so old caches are not reused
+_FORMAT = 3  # bump when the conversion changes, so old caches are not reused
 EXAMPLES = 3  # file names shown per kind of problem
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+KINDS = {  # kind of problem -> (what happened, its short name in a split's line, its name in the one-line total)
+    "clipped": ("boxes changed", "clipped", "boxes clipped to the image"),
+    "zero area": ("boxes dropped", "zero area", "boxes dropped with zero area"),
+    "inverted": ("boxes dropped", "inverted corners",
+                 "boxes dropped with inverted corners (xmax < xmin or ymax < ymin)"),
+    "difficult": ("boxes dropped", "difficult", "difficult objects left out"),
+    "unknown class": ("boxes dropped", "unknown class", "objects of classes the model does not have dropped"),
+    "bad label": ("images left out", "bad label file", "images dropped for a bad label file"),
+    "no annotation": ("images left out", "no annotation file", "images without an annotation file left out"),
+    "no split": ("images left out", "outside the split folders", "images outside the split folders left out"),
+}
 
 
 @dataclass
 class DetectionData:
-    """A YOLO-layout data set: the data yaml Ultralytics reads, its classes and what conversion did."""
+    """A YOLO-layout data set: the data yaml Ultralytics reads, its classes and what conversion did, per split."""
 
     yaml: Path
     names: list[str]
-    images: dict[str, int] = field(default_factory=dict)
-    objects: dict[str, int] = field(default_factory=dict)
-    empty_images: int = 0
-    clipped: int = 0
-    dropped_empty: int = 0
-    difficult: int = 0
-    unknown_class: int = 0
-    inverted: int = 0
-    dropped_images: int = 0  # images whose label file Ultralytics would refuse (YOLO layout)
-    examples: dict[str, list[str]] = field(default_factory=dict)  # kind of problem -> first few files
+    images: dict[str, int] = field(default_factory=dict)  # split -> images kept
+    objects: dict[str, int] = field(default_factory=dict)  # split -> boxes kept
+    empty: dict[str, int] = field(default_factory=dict)  # split -> kept images without a box (negatives)
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)  # split ('' before splitting) -> kind -> n
+    examples: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # split -> kind -> first files
+    split_files: dict[str, Path] = field(default_factory=dict)  # the split prunekit made: split -> its image list
+
+    def note(self, split: str, kind: str, file: str) -> None:
+        """Count one box or image changed or left out in ``split``, keeping the first few files as examples."""
+        counts = self.counts.setdefault(split, {})
+        counts[kind] = counts.get(kind, 0) + 1
+        files = self.examples.setdefault(split, {}).setdefault(kind, [])
+        if len(files) < EXAMPLES and file not in files:
+            files.append(file)
+
+    def count(self, kind: str, split: str | None = None) -> int:
+        """How many boxes or images of one kind of problem, in one split or in all."""
+        return sum(c.get(kind, 0) for s, c in self.counts.items() if split in (None, s))
+
+    empty_images = property(lambda self: sum(self.empty.values()))
+    clipped = property(lambda self: self.count("clipped"))
+    dropped_empty = property(lambda self: self.count("zero area"))
+    inverted = property(lambda self: self.count("inverted"))
+    difficult = property(lambda self: self.count("difficult"))
+    unknown_class = property(lambda self: self.count("unknown class"))
+    dropped_images = property(lambda self: self.count("bad label"))
 
     def problems(self) -> str:
-        """One line naming every kind of box that was changed or left out, with the first files, or ''."""
-        kinds = (("clipped", self.clipped, "boxes clipped to the image"),
-                 ("zero area", self.dropped_empty, "boxes dropped with zero area"),
-                 ("inverted", self.inverted, "boxes dropped with inverted corners (xmax < xmin or ymax < ymin)"),
-                 ("difficult", self.difficult, "difficult objects left out"),
-                 ("unknown class", self.unknown_class, "objects of classes the model does not have dropped"),
-                 ("bad label", self.dropped_images, "images dropped for a bad label file"))
+        """One line naming every kind of box or image changed or left out, with the first files, or ''."""
         parts = []
-        for key, n, what in kinds:
-            if n:
-                files = self.examples.get(key, [])
+        for kind, (*_, what) in KINDS.items():
+            if n := self.count(kind):
+                files = list(dict.fromkeys(f for ex in self.examples.values() for f in ex.get(kind, [])))[:EXAMPLES]
                 parts.append(f"{n} {what}" + (f" (e.g. {', '.join(files)})" if files else ""))
         return ", ".join(parts)
 
+    def summary(self) -> str:
+        """One line per split (and one for images left out before splitting): images, boxes, and each kind of box
+        changed or dropped and image left out, by cause with the first files, so a user sees what training gets."""
+        lines = []
+        for split in [*self.images, *([""] if self.counts.get("") else [])]:
+            head = (f"{split}: {self.images[split]} images ({self.empty.get(split, 0)} without boxes), "
+                    f"{self.objects.get(split, 0)} boxes" if split else "before splitting")
+            groups: dict[str, list[str]] = {}
+            for kind, (group, short, _) in KINDS.items():
+                if n := self.count(kind, split):
+                    files = self.examples.get(split, {}).get(kind, [])
+                    groups.setdefault(group, []).append(f"{n} {short}" + (f" ({', '.join(files)})" if files else ""))
+            lines.append("; ".join([head, *(f"{g}: {', '.join(v)}" for g, v in groups.items())]))
+        return "\n".join(lines)
+
 
 def detection_data(path: str | Path, *, names: list[str] | None = None, cache_dir: str | Path | None = None,
-                   keep_difficult: bool = False) -> DetectionData:
-    """A YOLO data yaml as is, or a Pascal VOC directory converted by ``voc_to_yolo``."""
+                   keep_difficult: bool = False, split_seed: int = 0,
+                   split: tuple[float, float, float] = (0.7, 0.15, 0.15)) -> DetectionData:
+    """A YOLO data yaml as is, or a VOC or YOLO txt folder converted into the cache (see the module docstring).
+
+    ``split`` (train, val, test fractions) and ``split_seed`` make the split of a folder that gives none.
+    """
     path = Path(path).expanduser()
     if path.is_file() and path.suffix in (".yaml", ".yml"):
-        cfg = read_yaml(path, "YOLO data yaml")
-        if not isinstance(cfg, dict) or "names" not in cfg or "train" not in cfg:
-            raise PrunekitError(f"{path} is not a YOLO data yaml (it needs train: and names:)")
-        found = cfg["names"]
-        names = list(found.values()) if isinstance(found, dict) else found
-        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-            raise PrunekitError(f"{path}: names must be a list (or id: name mapping) of class names")
-        data = DetectionData(path, names)
-        for split in (s for s in SPLITS if cfg.get(s)):
-            check_labels(data, split)
-        if data.problems():
-            warnings.warn(f"{path.name}: {data.problems()}", stacklevel=2)
-        return data
-    return voc_to_yolo(path, names=names, cache_dir=cache_dir, keep_difficult=keep_difficult)
+        return _from_yaml(path)
+    return _convert_folder(path, names, cache_dir, keep_difficult, split_seed, split, voc_only=False)
+
+
+def voc_to_yolo(root: str | Path, *, names: list[str] | None = None, cache_dir: str | Path | None = None,
+                keep_difficult: bool = False, split_seed: int = 0,
+                split: tuple[float, float, float] = (0.7, 0.15, 0.15)) -> DetectionData:
+    """Convert (or find already converted) the Pascal VOC folder ``root``; a YOLO txt folder is refused."""
+    return _convert_folder(Path(root).expanduser(), names, cache_dir, keep_difficult, split_seed, split,
+                           voc_only=True)
+
+
+def _from_yaml(path: Path) -> DetectionData:
+    cfg = read_yaml(path, "YOLO data yaml")
+    if not isinstance(cfg, dict) or "names" not in cfg or "train" not in cfg:
+        raise PrunekitError(f"{path} is not a YOLO data yaml (it needs train: and names:)")
+    data = DetectionData(path, _yaml_names(cfg, path))
+    for split in (s for s in SPLITS if cfg.get(s)):
+        check_labels(data, split)
+    _warn_problems(path.name, data)
+    return data
+
+
+def _yaml_names(cfg: dict, path: Path) -> list[str]:
+    found = cfg.get("names")
+    names = list(found.values()) if isinstance(found, dict) else found
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise PrunekitError(f"{path}: names must be a list (or id: name mapping) of class names")
+    return names
+
+
+def _warn_problems(name: str, data: DetectionData) -> None:
+    if data.problems():
+        summary = "".join(f"\n  {line}" for line in data.summary().splitlines())
+        warnings.warn(f"{name}: {data.problems()}{summary}", stacklevel=4)
 
 
 def label_file(image: Path) -> Path:
@@ -102,8 +172,8 @@ def label_file(image: Path) -> Path:
     return Path(*parts).with_suffix(".txt")
 
 
-def _label_problem(line: str, classes: int) -> str | None:
-    """Why Ultralytics would refuse this label line (and with it the whole image), or None."""
+def _parse_label(line: str) -> tuple[int, list[float]] | str:
+    """A label line's class id and box (x y w h), or why Ultralytics would refuse it (and the whole image)."""
     fields = line.split()
     if len(fields) != 5:
         return f"{len(fields)} fields, a box needs 5 (class x y w h)"
@@ -111,78 +181,222 @@ def _label_problem(line: str, classes: int) -> str | None:
         values = [float(v) for v in fields]
     except ValueError:
         return "a non-numeric value"
-    if not values[0].is_integer() or not 0 <= values[0] < classes:
-        return f"class id {fields[0]} is not in 0..{classes - 1}"
+    if not values[0].is_integer() or values[0] < 0:
+        return f"class id {fields[0]} is not a class index"
     if any(v < 0 for v in values[1:]):
         return "a negative coordinate"
     if any(v > 1 for v in values[1:]):
         return "coordinates above 1 (YOLO labels are fractions of the image size, not pixels)"
-    return None
+    return int(values[0]), values[1:]
+
+
+def _label_problem(line: str, classes: int) -> str | None:
+    """Why Ultralytics would refuse this label line (and with it the whole image), or None."""
+    parsed = _parse_label(line)
+    if isinstance(parsed, str):
+        return parsed
+    return f"class id {parsed[0]} is not in 0..{classes - 1}" if parsed[0] >= classes else None
+
+
+def _label_lines(lf: Path) -> list[str]:
+    try:
+        return [ln for ln in lf.read_text().splitlines() if ln.strip()]
+    except (OSError, UnicodeDecodeError):
+        return ["?"]  # refused as a line of one field
 
 
 def check_labels(data: DetectionData, split: str) -> None:
     """Count a split's images and objects as Ultralytics will train or score them: an image with any bad label
     line is dropped whole (counted, its file named); a split left with no object is an error."""
     images = split_images(data, split)
-    objects = dropped = 0
+    objects = dropped = empty = 0
     for image in images:
         lf = label_file(image)
-        if not lf.is_file():
-            continue  # an image without a label file is a negative
-        try:
-            lines = [ln for ln in lf.read_text().splitlines() if ln.strip()]
-        except (OSError, UnicodeDecodeError):
-            lines = ["?"]
+        lines = _label_lines(lf) if lf.is_file() else []  # an image without a label file is a negative
         why = next((w for ln in lines if (w := _label_problem(ln, len(data.names))) is not None), None)
         if why is not None:
             dropped += 1
-            data.examples.setdefault("bad label", [])
-            if len(data.examples["bad label"]) < EXAMPLES:
-                data.examples["bad label"].append(f"{lf.name}: {why}")
+            data.note(split, "bad label", f"{lf.name}: {why}")
             continue
         objects += len(lines)
-    data.dropped_images += dropped
-    data.images[split], data.objects[split] = len(images) - dropped, objects
+        empty += not lines
+    data.images[split], data.objects[split], data.empty[split] = len(images) - dropped, objects, empty
     if not objects:
-        why = f"; {dropped} of {len(images)} images have a bad label file ({data.examples['bad label'][0]})" \
+        why = f"; {dropped} of {len(images)} images have a bad label file ({data.examples[split]['bad label'][0]})" \
             if dropped else ""
         raise PrunekitError(f"{data.yaml}: split {split!r} has no object to train or score on{why}")
 
 
-def voc_to_yolo(root: str | Path, *, names: list[str] | None = None, cache_dir: str | Path | None = None,
-                keep_difficult: bool = False) -> DetectionData:
-    """Convert (or find already converted) the VOC directory ``root``; warns once per call about changed boxes."""
-    root = Path(root).expanduser().resolve()
-    ann_dir, img_dir, sets = root / "Annotations", root / "JPEGImages", root / "ImageSets" / "Main"
-    if not ann_dir.is_dir() or not img_dir.is_dir():
-        raise PrunekitError(f"{root} is not a Pascal VOC directory: it needs Annotations/ and JPEGImages/")
-    splits = {s: sets / f"{s}.txt" for s in SPLITS if (sets / f"{s}.txt").is_file()}
-    if "train" not in splits:
+@dataclass
+class _Folder:
+    """A detection folder as found on disk, before any annotation is read."""
+
+    root: Path
+    kind: str  # "voc" or "yolo"
+    images: dict[str, Path]  # key (a VOC id, or a YOLO image's path under images/) -> image file
+    dest: dict[str, str]  # key -> the image's path under images/<split>/ in the converted folder
+    labels: dict[str, Path]  # key -> its annotation file (a YOLO image without one is a negative)
+    splits: dict[str, list[str]]  # the splits the folder gives: split -> keys; {} when it gives none
+    where: dict[str, Path]  # split -> the list file or folder that gives it, for messages
+    names: list[str] | None  # the class names given or found (YOLO); None: VOC's training split decides
+    stamped: list[Path]  # split lists and class-name files: part of the cache key with the labels
+    left_out: dict[str, list[str]] = field(default_factory=dict)  # kind -> images left out before splitting
+
+
+def _subdir(parent: Path | None, *names: str) -> Path | None:
+    """The child folder called any of ``names``, ignoring case (VOC writes Annotations, LabelImg annotations)."""
+    if parent is None or not parent.is_dir():
+        return None
+    found = {p.name.lower(): p for p in sorted(parent.iterdir()) if p.is_dir()}
+    return next((found[n] for n in names if n in found), None)
+
+
+def _files(folder: Path, suffixes: tuple[str, ...], recursive: bool = False) -> list[Path]:
+    """The files with one of ``suffixes`` (any case), hidden ones (macOS ``._`` forks) left out, sorted."""
+    found = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(p for p in found if p.suffix.lower() in suffixes and not p.name.startswith(".") and p.is_file())
+
+
+def _check_names(names: list[str] | None, where: str) -> None:
+    if names is not None and (not isinstance(names, list | tuple) or not names or len(set(names)) != len(names)
+                              or not all(isinstance(n, str) and n.strip() for n in names)):
+        raise PrunekitError(f"{where}: class names must be distinct non-empty names, got {names}")
+
+
+def _scan(root: Path, names: list[str] | None, voc_only: bool) -> _Folder:
+    if not root.is_dir():
+        raise PrunekitError(f"data not found: {root} (give a Pascal VOC or YOLO txt folder, or a YOLO data yaml)")
+    ann, img, labels = _subdir(root, "annotations"), _subdir(root, "jpegimages", "images"), _subdir(root, "labels")
+    if ann and img and (voc_only or labels is None or _files(ann, (".xml",))):
+        return _scan_voc(root, ann, img, names)
+    layouts = "Annotations/ and JPEGImages/ (or LabelImg's annotations/ and images/)"
+    if voc_only:
+        raise PrunekitError(f"{root} is not a Pascal VOC directory: it needs {layouts}")
+    if img and labels:
+        return _scan_yolo(root, img, labels, names)
+    raise PrunekitError(f"{root} is not a Pascal VOC directory ({layouts}) nor a YOLO txt folder (images/ and "
+                        "labels/); or give a YOLO data yaml")
+
+
+def _scan_voc(root: Path, ann: Path, img: Path, names: list[str] | None) -> _Folder:
+    xmls = {p.stem: p for p in _files(ann, (".xml",))}
+    if not xmls:
+        raise PrunekitError(f"{ann} has no annotations (*.xml)")
+    pics: dict[str, Path] = {}
+    for p in _files(img, IMAGE_SUFFIXES):
+        pics.setdefault(p.stem, p)
+    if not pics:
+        raise PrunekitError(f"{img} has no images ({', '.join(IMAGE_SUFFIXES)})")
+    main = _subdir(_subdir(root, "imagesets"), "main")
+    where = {s: main / f"{s}.txt" for s in SPLITS if main and (main / f"{s}.txt").is_file()}
+    if where and "train" not in where:
         raise PrunekitError(f"{root} has no ImageSets/Main/train.txt: list the training image ids there "
-                            "(and val.txt, test.txt)")
-    if names is not None and (not names or len(set(names)) != len(names)):
-        raise PrunekitError(f"names must be distinct class names, got {names}")
-    stamp = [_FORMAT, str(root), names, keep_difficult]
-    for f in [*sorted(ann_dir.glob("*.xml")), *splits.values()]:  # by content: an edit keeping mtimes counts too
-        stamp.append([f.name, hashlib.blake2b(f.read_bytes(), digest_size=16).hexdigest()])
+                            "(and val.txt, test.txt), or remove ImageSets to have a seeded split made")
+    splits = {s: [ln.split()[0] for ln in f.read_text().splitlines() if ln.strip()] for s, f in where.items()}
+    for split, ids in splits.items():
+        for missing, what in (([i for i in ids if i not in xmls], f"without an annotation in {ann}"),
+                              ([i for i in ids if i not in pics], f"without an image in {img}")):
+            if missing:
+                raise PrunekitError(f"{where[split]} lists {len(missing)} image(s) {what} (e.g. "
+                                    f"{', '.join(missing[:EXAMPLES])}); add them or remove them from the list")
+    orphans = sorted(xmls.keys() - pics.keys())
+    if not splits and orphans:
+        raise PrunekitError(f"{ann} has {len(orphans)} annotation(s) without an image in {img} (e.g. "
+                            f"{', '.join(f'{i}.xml' for i in orphans[:EXAMPLES])})")
+    keys = sorted({i for ids in splits.values() for i in ids}) if splits else sorted(xmls)
+    unannotated = [] if splits else [pics[i].name for i in sorted(pics.keys() - xmls.keys())]
+    return _Folder(root, "voc", {k: pics[k] for k in keys}, {k: pics[k].name for k in keys},
+                   {k: xmls[k] for k in keys}, splits, where, names, list(where.values()),
+                   {"no annotation": unannotated} if unannotated else {})
+
+
+def _scan_yolo(root: Path, img: Path, labels: Path, names: list[str] | None) -> _Folder:
+    pics = _files(img, IMAGE_SUFFIXES, recursive=True)
+    if not pics:
+        raise PrunekitError(f"{img} has no images ({', '.join(IMAGE_SUFFIXES)})")
+    if not [p for p in _files(labels, (".txt",), recursive=True) if p.name != "classes.txt"]:
+        raise PrunekitError(f"{labels} has no annotations (YOLO label files, *.txt)")
+    names, names_file = _yolo_names(root, labels, names)
+    where = {s: d for s in SPLITS if (d := _subdir(img, s))}
+    if where and "train" not in where:
+        raise PrunekitError(f"{img} has {', '.join(d.name for d in where.values())}/ but no train/ folder")
+    splits: dict[str, list[str]] = {s: [] for s in where}
+    images, dest, lbl, outside = {}, {}, {}, []
+    for p in pics:
+        rel = p.relative_to(img)
+        split = next((s for s, d in where.items() if p.is_relative_to(d)), None)
+        if where and split is None:
+            outside.append(rel.as_posix())
+            continue
+        key = rel.as_posix()
+        images[key], dest[key] = p, (p.relative_to(where[split]) if split else rel).as_posix()
+        if (labels / rel).with_suffix(".txt").is_file():
+            lbl[key] = (labels / rel).with_suffix(".txt")
+        if split:
+            splits[split].append(key)
+    return _Folder(root, "yolo", images, dest, lbl, splits, where, names, [names_file] if names_file else [],
+                   {"no split": outside} if outside else {})
+
+
+def _yolo_names(root: Path, labels: Path, names: list[str] | None) -> tuple[list[str], Path | None]:
+    """Class names in class id order: given, or a ``classes.txt`` (LabelImg writes one) or ``data.yaml``'s."""
+    if names is not None:
+        return names, None
+    for f in (root / "classes.txt", labels / "classes.txt"):
+        if f.is_file():
+            found = [ln.strip() for ln in f.read_text().splitlines() if ln.strip()]
+            _check_names(found, str(f))
+            return found, f
+    for f in (root / "data.yaml", root / "data.yml"):
+        if f.is_file():
+            cfg = read_yaml(f, "YOLO data yaml")
+            return _yaml_names(cfg if isinstance(cfg, dict) else {}, f), f
+    raise PrunekitError(f"{root} is a YOLO txt folder without class names: add {root / 'classes.txt'} (one name a "
+                        "line, in class id order, as LabelImg writes it) or give names=[...]")
+
+
+def _convert_folder(root: Path, names: list[str] | None, cache_dir: str | Path | None, keep_difficult: bool,
+                    split_seed: int, split: tuple[float, float, float], *, voc_only: bool) -> DetectionData:
+    """Scan, convert once into the cache (keyed by content), check the result and warn about what changed."""
+    root = root.resolve()
+    _check_names(names, "names")
+    if (not isinstance(split, list | tuple) or len(split) != 3 or not all(isinstance(f, int | float) for f in split)
+            or not all(0 <= f <= 1 for f in split) or split[0] <= 0 or abs(sum(split) - 1) > 1e-6):
+        raise PrunekitError(f"split must be three fractions (train, val, test) adding up to 1, train above 0; "
+                            f"got {split}")
+    if not isinstance(split_seed, int) or isinstance(split_seed, bool):
+        raise PrunekitError(f"split_seed must be an integer, got {split_seed!r}")
+    folder = _scan(root, names, voc_only)
+    stamp = [_FORMAT, str(root), folder.kind, folder.names, keep_difficult, split_seed, list(split),
+             sorted(folder.images), folder.left_out]
+    for f in sorted({*folder.labels.values(), *folder.stamped}):  # by content: an edit keeping mtimes counts too
+        stamp.append([f.relative_to(root).as_posix(), hashlib.blake2b(f.read_bytes(), digest_size=16).hexdigest()])
     key = hashlib.sha1(json.dumps(stamp).encode()).hexdigest()[:12]
     out = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     out = out / "yolo-data" / f"{root.name}-{key}"
     if not (out / "stats.json").is_file():
-        _convert(root, splits, out, names, keep_difficult)
-    stats = json.loads((out / "stats.json").read_text())
-    data = DetectionData(out / "data.yaml", **stats)
+        _convert(folder, out, keep_difficult, split_seed, split)
+    made = {s: out / "splits" / f"{s}.txt" for s in SPLITS if (out / "splits" / f"{s}.txt").is_file()}
+    data = DetectionData(out / "data.yaml", **json.loads((out / "stats.json").read_text()), split_files=made)
+    if not sum(data.objects.values()):
+        raise PrunekitError(f"{root}: " + (f"all boxes were dropped ({data.problems()})" if data.problems()
+                                           else "no boxes in any annotation"))
+    for split_name, n in data.images.items():
+        if not n:
+            given = f" ({folder.where[split_name]})" if split_name in folder.where else ""
+            raise PrunekitError(f"{root}: split {split_name!r}{given} has no images")
     empty = [s for s in data.images if not data.objects.get(s)]
     if empty:
         raise PrunekitError(f"{root}: split {empty[0]!r} has no object left to train or score on"
                             + (f" ({data.problems()})" if data.problems() else ""))
-    if data.problems():
-        warnings.warn(f"{root.name}: {data.problems()}", stacklevel=2)
+    if made:
+        shares = "/".join(f"{f * 100:g}" for f in split if f)
+        warnings.warn(f"{root.name}: no splits given: made a seeded {shares} split by image (seed {split_seed}), "
+                      f"every class in every split where the images allow; the lists are in {out / 'splits'}. To "
+                      "choose the split, give ImageSets/Main/{train,val,test}.txt (VOC) or images/{train,val,test}/ "
+                      "(YOLO), or change split_seed", stacklevel=3)
+    _warn_problems(root.name, data)
     return data
-
-
-def _ids(split_file: Path) -> list[str]:
-    return [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
 
 
 def _objects(xml_file: Path) -> list[tuple[str, bool, list[float]]]:
@@ -204,83 +418,104 @@ def _objects(xml_file: Path) -> list[tuple[str, bool, list[float]]]:
     return objs
 
 
-def _image_for(img_dir: Path, image_id: str) -> Path:
-    for ext in (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG", ".bmp"):
-        if (img_dir / f"{image_id}{ext}").is_file():
-            return img_dir / f"{image_id}{ext}"
-    raise PrunekitError(f"image {image_id!r} is listed in ImageSets but not in {img_dir}")
+def _yolo_objects(label: Path, names: list[str]) -> list[tuple[str | None, bool, list[float]]] | str:
+    """(class name, None for an id past the names; False; corners as fractions of the image) of every box,
+    or why Ultralytics would refuse the file."""
+    objs = []
+    for line in _label_lines(label):
+        parsed = _parse_label(line)
+        if isinstance(parsed, str):
+            return f"{label.name}: {parsed}"
+        cls, (cx, cy, w, h) = parsed
+        objs.append((names[cls] if cls < len(names) else None, False, [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]))
+    return objs
 
 
-def _convert(root: Path, splits: dict[str, Path], out: Path, names: list[str] | None, keep_difficult: bool) -> None:
-    """Write the YOLO layout to a temporary folder beside ``out`` and rename it into place when complete."""
-    ann_dir, img_dir = root / "Annotations", root / "JPEGImages"
-    listed = {s: _ids(f) for s, f in splits.items()}
-    for split, ids in listed.items():
-        missing = [i for i in ids if not (ann_dir / f"{i}.xml").is_file()]
-        if missing:
-            raise PrunekitError(f"{splits[split]} lists {len(missing)} image(s) without an annotation in {ann_dir} "
-                                f"(e.g. {', '.join(missing[:EXAMPLES])}); add their XML or remove them from the list")
-    parsed = {i: _objects(ann_dir / f"{i}.xml") for ids in listed.values() for i in ids}
-    # the model's classes are those it can learn: the training split's (a class only in test is not one)
-    classes = list(names) if names is not None else sorted({o[0] for i in listed["train"] for o in parsed[i]})
+def _make_split(classes: dict[str, set[str]], fractions: tuple[float, float, float], seed: int,
+                root: Path) -> dict[str, list[str]]:
+    """A seeded split by image, greedy by each image's rarest class: a split without that class gets the image
+    (train first: the model's classes are the training split's), else the split furthest below its share of the
+    class, among those not yet full, so every class reaches every split the images allow."""
+    share = {s: f for s, f in zip(SPLITS, fractions, strict=True) if f}
     if not classes:
-        raise PrunekitError(f"{root}: no objects in the training split's annotations and no names given")
-    index = {n: i for i, n in enumerate(classes)}
-    stats = {"names": classes, "images": {}, "objects": {}, "empty_images": 0, "clipped": 0, "dropped_empty": 0,
-             "difficult": 0, "unknown_class": 0, "inverted": 0, "examples": {}}
+        return {s: [] for s in share}  # no usable image: the caller's checks say why
+    keys = sorted(classes)
+    random.Random(seed).shuffle(keys)  # the order among images alike
+    freq = Counter(c for k in keys for c in classes[k])
+    rarest = {k: min(classes[k], key=lambda c: (freq[c], c), default=None) for k in keys}
+    keys.sort(key=lambda k: (rarest[k] is None, freq[rarest[k]]))
+    size = {s: max(1, round(f * len(keys))) for s, f in share.items() if s != "train"}
+    size = {"train": len(keys) - sum(size.values()), **size}
+    if size["train"] < 1:
+        raise PrunekitError(f"{root}: {len(keys)} usable images are too few to split into {', '.join(share)}; add "
+                            "images or give the splits")
+    out: dict[str, list[str]] = {s: [] for s in size}
+    have = {s: Counter() for s in size}
+    for k in keys:
+        c = rarest[k]
+        lacking = [s for s in size if c is not None and not have[s][c]]
+        room = [s for s in size if len(out[s]) < size[s]] or list(size)
+        score = {s: (share[s] * freq[c] - have[s][c] if c is not None else 0, (size[s] - len(out[s])) / size[s])
+                 for s in room}
+        s = lacking[0] if lacking else max(score, key=score.__getitem__)
+        out[s].append(k)
+        have[s].update(classes[k])
+    return {s: sorted(v) for s, v in out.items()}
 
-    def note(kind: str, image_id: str) -> None:
-        files = stats["examples"].setdefault(kind, [])
-        if len(files) < EXAMPLES and f"{image_id}.xml" not in files:
-            files.append(f"{image_id}.xml")
+
+def _convert(folder: _Folder, out: Path, keep_difficult: bool, seed: int, fractions: tuple[float, float, float]
+             ) -> None:
+    """Read the annotations, split if the folder gives no split, and write the YOLO layout to a temporary folder
+    beside ``out``, renamed into place when complete."""
+    if folder.kind == "voc":
+        parsed: dict[str, list | str] = {k: _objects(f) for k, f in folder.labels.items()}
+    else:
+        parsed = {k: _yolo_objects(folder.labels[k], folder.names) if k in folder.labels else [] for k in folder.images}
+    data = DetectionData(out / "data.yaml", [])
+    for kind, files in folder.left_out.items():
+        for f in files:
+            data.note("", kind, f)
+    splits = folder.splits
+    if not splits:
+        usable = [k for k, objs in parsed.items() if not isinstance(objs, str)]
+        for k in sorted(parsed.keys() - set(usable)):
+            data.note("", "bad label", parsed[k])
+        known = set(folder.names) if folder.names is not None else None
+        splits = _make_split({k: {n for n, difficult, _ in parsed[k] if n is not None and (keep_difficult or not
+                                  difficult) and (known is None or n in known)} for k in usable},
+                             fractions, seed, folder.root)
+    # the model's classes are those it can learn: the training split's (a class only in test is not one)
+    classes = folder.names or sorted({o[0] for k in splits["train"] if isinstance(parsed[k], list) for o in parsed[k]})
+    if not classes:
+        raise PrunekitError(f"{folder.root}: no objects in the training split's annotations and no names given")
+    data.names, index = list(classes), {n: i for i, n in enumerate(classes)}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        for split, ids in listed.items():
+        for split, keys in splits.items():
             (tmp / "images" / split).mkdir(parents=True)
             (tmp / "labels" / split).mkdir(parents=True)
-            n_obj = 0
-            for image_id in ids:
-                src = _image_for(img_dir, image_id)
-                try:
-                    with Image.open(src) as im:
-                        w, h = im.size
-                        im.verify()
-                except Exception as exc:  # PIL's own errors, or Ultralytics' HEIF hook for an unknown format
-                    raise PrunekitError(f"{src} is not a readable image ({type(exc).__name__}); replace it or "
-                                        f"remove {image_id} from {splits[split].name}") from exc
-                lines = []
-                for name, difficult, (x0, y0, x1, y1) in parsed[image_id]:
-                    if difficult and not keep_difficult:
-                        stats["difficult"] += 1
-                        note("difficult", image_id)
-                        continue
-                    if name not in index:
-                        stats["unknown_class"] += 1
-                        note("unknown class", image_id)
-                        continue
-                    if x1 < x0 or y1 < y0:
-                        stats["inverted"] += 1
-                        note("inverted", image_id)
-                        continue
-                    x0, y0, x1, y1 = x0 - 1, y0 - 1, x1 - 1, y1 - 1  # VOC pixels are 1-based
-                    cx0, cy0, cx1, cy1 = min(max(x0, 0), w), min(max(y0, 0), h), min(max(x1, 0), w), min(max(y1, 0), h)
-                    if cx1 <= cx0 or cy1 <= cy0:
-                        stats["dropped_empty"] += 1
-                        note("zero area", image_id)
-                        continue
-                    if (cx0, cy0, cx1, cy1) != (x0, y0, x1, y1):
-                        stats["clipped"] += 1
-                        note("clipped", image_id)
-                    lines.append(f"{index[name]} {(cx0 + cx1) / 2 / w:.6f} {(cy0 + cy1) / 2 / h:.6f} "
-                                 f"{(cx1 - cx0) / w:.6f} {(cy1 - cy0) / h:.6f}")
-                stats["empty_images"] += not lines
-                n_obj += len(lines)
-                _link(src, tmp / "images" / split / src.name)
-                (tmp / "labels" / split / f"{src.stem}.txt").write_text("".join(f"{ln}\n" for ln in lines))
-            stats["images"][split], stats["objects"][split] = len(ids), n_obj
-        cfg = {"path": str(out), **{s: f"images/{s}" for s in listed}, "names": dict(enumerate(classes))}
+            data.images[split] = data.objects[split] = data.empty[split] = 0
+            for key in keys:
+                if isinstance(parsed[key], str):
+                    data.note(split, "bad label", parsed[key])
+                    continue
+                lines = _box_lines(folder, key, parsed[key], index, keep_difficult, data, split)
+                data.images[split] += 1
+                data.objects[split] += len(lines)
+                data.empty[split] += not lines
+                dst = tmp / "images" / split / folder.dest[key]
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                _link(folder.images[key], dst)
+                label = (tmp / "labels" / split / folder.dest[key]).with_suffix(".txt")
+                label.parent.mkdir(parents=True, exist_ok=True)
+                label.write_text("".join(f"{ln}\n" for ln in lines))
+            if not folder.splits:
+                (tmp / "splits").mkdir(exist_ok=True)
+                (tmp / "splits" / f"{split}.txt").write_text("".join(f"{k}\n" for k in keys))
+        cfg = {"path": str(out), **{s: f"images/{s}" for s in splits}, "names": dict(enumerate(classes))}
         (tmp / "data.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        stats = {k: v for k, v in vars(data).items() if k not in ("yaml", "split_files")}
         (tmp / "stats.json").write_text(json.dumps(stats))
         if out.exists() and not (out / "stats.json").is_file():  # left incomplete by a crash
             shutil.rmtree(out)
@@ -295,16 +530,46 @@ def _convert(root: Path, splits: dict[str, Path], out: Path, names: list[str] | 
         raise
 
 
+def _box_lines(folder: _Folder, key: str, objs: list, index: dict[str, int], keep_difficult: bool,
+               data: DetectionData, split: str) -> list[str]:
+    """One image's YOLO label lines: boxes checked against its real size, each change or drop noted."""
+    src, label = folder.images[key], folder.labels.get(key)
+    try:
+        with Image.open(src) as im:
+            w, h = im.size
+            im.verify()
+    except Exception as exc:  # PIL's own errors, or Ultralytics' HEIF hook for an unknown format
+        raise PrunekitError(f"{src} is not a readable image ({type(exc).__name__}); replace it or leave it out of "
+                            "the data") from exc
+    lines = []
+    for name, difficult, (x0, y0, x1, y1) in objs:
+        kind = ("difficult" if difficult and not keep_difficult else "unknown class" if name not in index
+                else "inverted" if x1 < x0 or y1 < y0 else None)
+        if kind is None:
+            if folder.kind == "yolo":  # corners as fractions of the image
+                x0, y0, x1, y1 = x0 * w, y0 * h, x1 * w, y1 * h
+            else:  # VOC pixels are 1-based
+                x0, y0, x1, y1 = x0 - 1, y0 - 1, x1 - 1, y1 - 1
+            clipped = min(max(x0, 0), w), min(max(y0, 0), h), min(max(x1, 0), w), min(max(y1, 0), h)
+            cx0, cy0, cx1, cy1 = clipped
+            if cx1 <= cx0 or cy1 <= cy0:
+                kind = "zero area"
+            elif max(abs(a - b) for a, b in zip(clipped, (x0, y0, x1, y1), strict=True)) > 0.01:  # not float noise
+                data.note(split, "clipped", label.name)
+        if kind is not None:
+            data.note(split, kind, label.name)
+            continue
+        lines.append(f"{index[name]} {(cx0 + cx1) / 2 / w:.6f} {(cy0 + cy1) / 2 / h:.6f} "
+                     f"{(cx1 - cx0) / w:.6f} {(cy1 - cy0) / h:.6f}")
+    return lines
+
+
 def _link(src: Path, dst: Path) -> None:
     """Hard link when possible (no second copy on disk), else copy."""
     try:
         os.link(src, dst)
     except OSError:
         shutil.copyfile(src, dst)
-
-
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def split_images(data: DetectionData, split: str) -> list[Path]:

@@ -103,6 +103,9 @@ def evaluate(model: nn.Module, dataset: str | Path | None = None, *, split: str 
              cache_dir: str | Path | None = None) -> dict[str, Any]:
     """mAP50 / mAP50-95 (Ultralytics' validator), params, MACs at ``imgsz`` and batch-1 latency (eager, ORT).
 
+    mAP, precision and recall are fractions here (as in Ultralytics' own results and ``--json``); the table
+    ``format_evaluation`` prints, the pipeline's metrics and the report give them in %.
+
     ``dataset`` is a Pascal VOC directory or a YOLO data yaml (``None``: cost only, no mAP); ``imgsz``
     defaults to the model's recorded input size. Latency is timed on the decoded-prediction forward
     (``export_mode``: what a deployed detector runs, and what goes to ONNX), without NMS.
@@ -141,8 +144,7 @@ def format_evaluation(res: dict[str, Any]) -> str:
     lines = [f"model        {res.get('model')} at {res['imgsz']}x{res['imgsz']}"]
     if "mAP50" in res:
         lines.append(f"data         {res['data']} (split {res['split']}, {res.get('images')} images)")
-        lines += [f"mAP50        {res['mAP50']:.4f}", f"mAP50-95     {res['mAP50-95']:.4f}",
-                  f"precision    {res['precision']:.4f}", f"recall       {res['recall']:.4f}"]
+        lines += [f"{k:<12} {100 * res[k]:.2f} %" for k in ("mAP50", "mAP50-95", "precision", "recall")]
     lines += [f"params       {res['params'] / 1e6:.4f} M",
               f"MACs         {res['macs'] / 1e9:.3f} G (at {res['imgsz']})"]
     for b, lat in res["latency"].items():
