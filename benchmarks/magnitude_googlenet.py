@@ -33,7 +33,7 @@ from cifar_methods import cached
 from torch import nn
 
 import prunekit as pk
-from prunekit.graph import Masks
+from prunekit.masks import Masks
 from prunekit.measure import count_params
 from prunekit.methods.magnitude import conv_linear_macs, iterative_prune
 from prunekit.sparse import export_sparse, sparse_latency

@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import prunekit as pk
 from prunekit.errors import PrunekitError
 from prunekit.graph import PruneGraph
-from prunekit.methods.adaptive_slim import BNSparsity, compensate_beta, sparsify
-from prunekit.train import TrainConfig
+from prunekit.methods.adaptive_slim import compensate_beta, sparsify
+from prunekit.train import BNSparsity, TrainConfig
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 

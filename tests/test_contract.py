@@ -15,8 +15,8 @@ from torch import nn
 
 import prunekit as pk
 from prunekit import methods
+from prunekit.compensate import fold_constant_into
 from prunekit.errors import PrunekitError
-from prunekit.graph import fold_constant_into
 from prunekit.measure import hooked
 from prunekit.pipeline import run, validate
 from prunekit.train import evaluate

@@ -7,8 +7,11 @@ import torch
 from torch import nn
 
 import prunekit as pk
+from prunekit.blocks import find_blocks, remove_block
+from prunekit.compensate import fold_constant_into, merge_input_channel
 from prunekit.errors import PrunekitError
-from prunekit.graph import Masks, PruneGraph, find_blocks, fold_constant_into, merge_input_channel, remove_block
+from prunekit.graph import PruneGraph
+from prunekit.masks import Masks
 
 
 def _randomise_bn(model: nn.Module, seed: int = 0) -> None:

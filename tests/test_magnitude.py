@@ -10,7 +10,7 @@ from torch import nn
 
 import prunekit as pk
 from prunekit.errors import PrunekitError
-from prunekit.graph import Masks
+from prunekit.masks import Masks
 from prunekit.methods.magnitude import (
     iterative_prune,
     magnitude_masks,

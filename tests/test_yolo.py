@@ -794,3 +794,19 @@ def test_pipeline_prunes_my_trained_detector_on_my_folder(layout: str, tmp_path:
                             "out": str(tmp_path / "run2")})
     with pytest.raises(PrunekitError, match="trust_pickle"):
         pipeline.run(cfg | {"model": {"name": f"ul:{best}"}, "out": str(tmp_path / "run3")})
+
+
+def test_cli_prunes_my_trained_detector(tmp_path: Path, capsys) -> None:
+    from prunekit.cli import main
+
+    best = _trained_pt(tmp_path / "best.pt", ["a", "b", "c"])
+    out = tmp_path / "pruned.pt"
+    args = ["prune", "--model", f"ul:{best}", "--method", "l1-norm", "--speedup", "1.5", "--image-size", "160",
+            "--out", str(out)]
+    assert main(args) == 2 and "trust_pickle" in capsys.readouterr().err  # a pickle is opened only when trusted
+    assert main([*args, "--trust-pickle"]) == 0
+    pruned = pk.load(out)
+    assert pruned.prunekit_arch["name"] == "ul:yolov3-tinyu" and pruned.prunekit_arch["input_shape"] == [3, 160, 160]
+    assert main(["prune", "--model", "ul:yolov8n", "--method", "l1-norm", "--speedup", "1.5", "--out",
+                 str(tmp_path / "x.pt")]) == 2
+    assert "--model takes ul:path/to/best.pt" in capsys.readouterr().err

@@ -21,7 +21,7 @@ from torch import nn
 from . import data as pkdata
 from . import distill, models
 from .errors import PrunekitError
-from .graph import Masks
+from .masks import Masks
 from .measure import hooked
 from .tasks import Task, TaskData
 from .train import TrainConfig, dist_info, fit

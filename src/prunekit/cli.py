@@ -19,7 +19,8 @@ import yaml
 from . import data as pkdata
 from . import distill, io, methods, models, tasks
 from .errors import PrunekitError
-from .graph import Masks, run_checked
+from .graph import run_checked
+from .masks import Masks
 from .measure import measure
 from .tasks import Task
 from .train import TrainConfig, dist_info, evaluate, fit, resolve_device
@@ -169,6 +170,15 @@ def _example_inputs(model: torch.nn.Module, bundle: pkdata.DataBundle | None) ->
     return torch.randn(8, *_input_shape(model), generator=torch.Generator().manual_seed(0))
 
 
+def _trained_detector(args: argparse.Namespace) -> torch.nn.Module:
+    """``--model ul:best.pt``: the detector Ultralytics trained, with its weights and classes."""
+    if not (args.model.startswith(models.UL_PREFIX) and args.model.endswith(".pt")):
+        raise PrunekitError(f"--model takes ul:path/to/best.pt (a detector Ultralytics trained), got {args.model!r}; "
+                            "for a prunekit model file use --checkpoint")
+    kwargs = {"trust_pickle": args.trust_pickle} | ({"imgsz": args.image_size} if args.image_size else {})
+    return models.create(args.model, num_classes=None, **kwargs)
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.force:
@@ -186,15 +196,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
                                     f"its options: {', '.join(method.options) or 'none'}")
             opts[key] = value
     method.check_options(opts)  # before anything is loaded
-    if opts.get("percentile") is not None and args.speedup is not None:
-        raise PrunekitError("--percentile and --speedup both set the cut: give one of them")
     if args.speedup is not None and args.speedup <= 1.0:
         raise PrunekitError(f"--speedup {args.speedup:g} removes nothing: give a speedup > 1 (base MACs / pruned MACs)")
     timed = {k: v for k, v in (("runtime", args.runtime), ("batch", args.batch), ("threads", args.threads))
              if v is not None}
     if timed and args.latency is None:
         raise PrunekitError("--runtime, --batch and --threads say where a --latency target is timed: add --latency")
-    model = io.load(args.checkpoint)
+    model = io.load(args.checkpoint) if args.checkpoint else _trained_detector(args)
     data = val = bundle = None
     x = None
     own = tasks.for_model(model).cli_calibration  # a task with data of its own
@@ -369,7 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_finetune)
 
     p = sub.add_parser("prune", help="prune a model file with a registered method")
-    p.add_argument("--checkpoint", required=True)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a prunekit model file (pk.save, prunekit train/prune/finetune)")
+    source.add_argument("--model", help="ul:path/to/best.pt: a detector Ultralytics trained (with --trust-pickle; "
+                        "--image-size sets its input size, default 640)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="--model's .pt is a pickle (loading it runs code): say you trust the file")
     p.add_argument("--method", required=True, help="see `prunekit methods`")
     p.add_argument("--param", action="append", type=_param, metavar="KEY=VALUE",
                    help="a method option (repeatable; `prunekit methods` lists them), e.g. --param ranking=global")

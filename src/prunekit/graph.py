@@ -19,29 +19,27 @@ Where Torch-Pruning's index rules would misread a node (a reshape that neither k
 flattens them: channel shuffles, channel-last window partitions; pixel shuffles, which it takes for
 element-wise; any node on which a rule raises), the node is opaque: the groups reaching it stay whole.
 
-Also here: residual-block discovery and removal (replace f in x + f(x) by nothing), masks for
-unstructured sparsity, and the per-layer hooks that methods use to compensate for what they
-remove (fold a constant into the next layer, merge one input channel into another).
+Beside it: ``tracing`` (the guards on Torch-Pruning's index rules), ``blocks`` (residual-block
+discovery and removal), ``compensate`` (fold a constant into the next layer, merge one input channel
+into another) and ``masks`` (unstructured sparsity kept through training).
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-import warnings
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
 import torch_pruning as tp
 from torch import nn
-from torch.overrides import TorchFunctionMode
-from torch_pruning.dependency import index_mapping
 from torch_pruning.pruner import function as F_
 
+from .compensate import fold_constant_into
 from .errors import PrunekitError
-from .io import set_module
-from .measure import LAYERS, WEIGHTED, count_macs, hooked, layer_macs
+from .measure import LAYERS, count_macs, hooked, layer_macs
+from .tracing import TraceLog, make_opaque
 
 CONV_LINEAR = LAYERS
 # Torch-Pruning handlers that shrink a conv/linear layer's outputs or inputs (methods read group members by them).
@@ -163,7 +161,7 @@ class PruneGraph:
         unreached = self._probe()
         self.DG = tp.DependencyGraph()
         try:
-            with hooked(model, grad=True), _TraceLog() as log:  # Torch-Pruning traces the autograd graph
+            with hooked(model, grad=True), TraceLog() as log:  # Torch-Pruning traces the autograd graph
                 self.DG.prunekit_reshapes, self.DG.prunekit_opaque = log.reshapes, set()
                 self.DG.build_dependency(model, example_inputs=example_inputs, verbose=False)
         except Exception as exc:
@@ -171,7 +169,7 @@ class PruneGraph:
             raise PrunekitError(f"Torch-Pruning could not trace this model: {str(exc).splitlines()[0][:200]}") from exc
         for node in self.DG.module2node.values():
             if node.grad_fn in log.shuffles:  # no index rule runs there: made opaque once, stays so
-                _make_opaque(self.DG, node)
+                make_opaque(self.DG, node)
         self._functional = self._functional_weights(unreached) | self.DG.prunekit_opaque
         self.groups = self._collect_groups()
 
@@ -485,220 +483,19 @@ def _weights_used(fn, weights: dict[int, nn.Module], depth: int = 2) -> set[nn.M
     return found
 
 
-class _TraceLog(TorchFunctionMode):
-    """Records, by the autograd node each creates, every reshape's real (input, output) shapes and every
-    pixel or channel shuffle (an op Torch-Pruning takes for element-wise, mapping channel i to channel i)."""
-
-    RESHAPES = {"view", "reshape", "flatten", "unflatten", "view_as", "reshape_as"}
-    SHUFFLES = {"pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "native_channel_shuffle"}
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.reshapes: dict = {}
-        self.shuffles: set = set()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        name = getattr(func, "__name__", "")
-        if isinstance(out, torch.Tensor) and out.grad_fn is not None:
-            if name in self.RESHAPES:
-                self.reshapes[out.grad_fn] = (tuple(args[0].shape), tuple(out.shape))
-            elif name in self.SHUFFLES:
-                self.shuffles.add(out.grad_fn)
-        return out
+ROUTING_ATTRS = ("f", "i", "type")  # how Ultralytics' DetectionModel.forward finds each layer's inputs
 
 
-def _reshape(graph, node) -> str | None:
-    """How prunekit reads a reshape it recorded (None: not recorded, Torch-Pruning's rule decides).
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted ``name`` (pruned-away blocks, rewritten modules).
 
-    Torch-Pruning's reshape rule reads dim 1 as channels and guesses the rest recursively. It is needed
-    for flattening (N, C, H, W) to (N, C·H·W) and back ("flatten"); a reshape that keeps (N, C) keeps every
-    channel index ("kept", no rule needed: its guess only costs time and, on channel-last models, goes
-    astray); anything else (a channel shuffle's view into groups, which crashes it, the window partitions
-    of channel-last Swin and MaxViT, where it makes a bogus flatten whose index lists explode) is opaque.
+    The replacement keeps the routing attributes a container reads from its layers (``ROUTING_ATTRS``),
+    so a residual layer of a YOLO backbone can become an identity and still be fed the right input.
     """
-    shapes = graph.prunekit_reshapes.get(node.grad_fn)
-    if shapes is None:
-        return None
-    before, after = shapes
-    if len(before) < 2 or len(after) < 2 or before[0] != after[0]:
-        return "opaque"
-    if before[1] == after[1]:
-        return "kept"
-    if (len(after) == 2 and after[1] == math.prod(before[1:])) or (len(before) == 2 and before[1] == math.prod(
-            after[1:])):
-        return "flatten"
-    return "opaque"
-
-
-def _guarded(rule):
-    """Torch-Pruning's index rule for one kind of node, made safe on graphs prunekit traced: a reshape it
-    would misread, or a node on which the rule itself fails (Swin-S/B's concatenations), becomes opaque:
-    groups reach it (and are then left whole) but no index passes it."""
-    def run(graph, node) -> None:
-        if not hasattr(graph, "prunekit_reshapes"):  # a graph built by someone else: the library's own rule
-            rule(graph, node)
-            return
-        kind = _reshape(graph, node)
-        if kind == "kept":
-            return
-        if kind != "opaque":
-            try:
-                with warnings.catch_warnings():  # its shape guesser gives up on deep graphs: no mapping, as before
-                    warnings.filterwarnings("ignore", "Maximum recursive depth reached")
-                    rule(graph, node)
-                return
-            except Exception:  # noqa: BLE001 - any failure of the rule leaves this node unmapped
-                pass
-        _make_opaque(graph, node)
-    return run
-
-
-def _make_opaque(graph, node) -> None:
-    graph.prunekit_opaque.add(node)
-    for dep in node.dependencies:
-        dep.index_mapping[:] = [_stop, _stop]
-
-
-def _stop(_idxs: list) -> list:
-    return []
-
-
-# Torch-Pruning re-runs its index rules for every group it builds, so the guards stay installed.
-for _rule in ("reshape", "concat", "split", "slice", "unbind", "expand"):
-    _name = f"update_{_rule}_index_mapping"
-    setattr(index_mapping, _name, _guarded(getattr(index_mapping, _name)))
-
-
-# ---- residual blocks ----
-@dataclass
-class Block:
-    """A residual block whose output is x + f(x); removing it keeps only x."""
-
-    name: str
-    closing_bn: str
-
-
-@torch.no_grad()
-def find_blocks(model: nn.Module, example_inputs: torch.Tensor) -> list[Block]:
-    """Residual blocks of any model, found numerically rather than by class name.
-
-    A module qualifies when its input and output shapes match and, with the γ and β of its last
-    BatchNorm set to zero, it returns its input unchanged on the real activations of
-    ``example_inputs``: then it computes x + f(x) (possibly through a ReLU that is the identity on
-    its non-negative input), and replacing it by identity is exact whenever f vanishes.
-    """
-    captured: dict[str, torch.Tensor] = {}
-    names = {m: n for n, m in model.named_modules()}
-
-    def hook(m, inp, out):
-        if len(inp) == 1 and isinstance(inp[0], torch.Tensor) and isinstance(out, torch.Tensor) \
-                and inp[0].shape == out.shape and names[m] not in captured:
-            captured[names[m]] = inp[0].detach().clone()
-
-    candidates = {n: m for n, m in model.named_modules() if n and any(
-        isinstance(c, nn.modules.batchnorm._BatchNorm) for c in m.modules()) and len(list(m.children())) > 0}
-    with hooked(model, [(m, hook) for m in candidates.values()]):
-        model(example_inputs)
-    blocks: list[Block] = []
-    for name, x in captured.items():
-        m = candidates[name]
-        bn_name, bn = [(f"{name}.{n}", c) for n, c in m.named_modules()
-                       if isinstance(c, nn.modules.batchnorm._BatchNorm)][-1]
-        saved = bn.weight.detach().clone(), bn.bias.detach().clone()
-        bn.weight.zero_()
-        bn.bias.zero_()
-        try:
-            with hooked(model):
-                y = m(x)
-        finally:
-            bn.weight.copy_(saved[0])
-            bn.bias.copy_(saved[1])
-        scale = float(x.abs().max())  # a tolerance relative to x, so a vanishing x cannot pass trivially
-        if scale > 0 and y.shape == x.shape and torch.allclose(y, x, atol=1e-5 * scale, rtol=1e-5):
-            blocks.append(Block(name, bn_name))
-    # Keep the innermost block when a container (e.g. a one-block stage) shares its closing BN.
-    by_bn: dict[str, Block] = {}
-    for b in blocks:
-        if b.closing_bn not in by_bn or len(b.name) > len(by_bn[b.closing_bn].name):
-            by_bn[b.closing_bn] = b
-    return sorted(by_bn.values(), key=lambda b: list(names.values()).index(b.name))
-
-
-def remove_block(model: nn.Module, block: Block | str) -> None:
-    """Replace a residual block by identity (its shortcut); rebuild any PruneGraph afterwards."""
-    set_module(model, block.name if isinstance(block, Block) else block, nn.Identity())
-
-
-# ---- compensation hooks used by methods ----
-@torch.no_grad()
-def fold_constant_into(consumer: nn.Module, channels: list[int], values: torch.Tensor,
-                       bn: nn.modules.batchnorm._BatchNorm | None = None) -> None:
-    """A removed input channel that carried the constant ``values[i]`` adds W[:, c]·v to every output.
-
-    Fold that into the consumer's bias, or, for a bias-free conv followed by BN, into the BN's
-    running mean (BN(y + d) == BN'(y) with mean' = mean - d). Exact except at zero-padded borders.
-    """
-    w = consumer.weight
-    per_in = w[:, channels].flatten(2).sum(-1) if w.dim() > 2 else w[:, channels]
-    delta = per_in @ values.to(w.dtype)
-    if consumer.bias is not None:
-        consumer.bias += delta
-    elif bn is not None:
-        bn.running_mean -= delta
-    else:
-        consumer.bias = nn.Parameter(delta.clone())
-
-
-@torch.no_grad()
-def merge_input_channel(consumer: nn.Module, src: int, dst: int, scale: float, offset: float = 0.0) -> None:
-    """If input channel ``src`` ≈ scale·x_dst + offset, move its weights onto ``dst`` before removing it."""
-    w = consumer.weight
-    w[:, dst] += scale * w[:, src]
-    if offset:
-        fold_constant_into(consumer, [src], torch.tensor([offset]))
-    w[:, src] = 0
-
-
-# ---- unstructured masks ----
-class Masks:
-    """Binary masks on weights that stay enforced through training.
-
-    Gradients of masked weights are zeroed by a hook, and ``after_step`` multiplies the weights
-    again after each optimiser step, so neither momentum nor weight decay can revive them.
-    """
-
-    def __init__(self, masks: dict[str, torch.Tensor]):
-        self.masks = masks
-        self._handles: list = []
-
-    @classmethod
-    def from_zeros(cls, model: nn.Module) -> Masks:
-        """Masks that freeze the zero pattern of a pruned model (e.g. loaded from a sparse file) for training."""
-        return cls({f"{name}.weight": m.weight.detach() != 0 for name, m in model.named_modules()
-                    if isinstance(m, WEIGHTED) and m.weight.requires_grad and bool((m.weight == 0).any())})
-
-    @torch.no_grad()
-    def apply(self, model: nn.Module) -> None:
-        params = dict(model.named_parameters())
-        for name, mask in self.masks.items():
-            params[name].mul_(mask.to(params[name].device, params[name].dtype))
-
-    def attach(self, model: nn.Module) -> None:
-        params = dict(model.named_parameters())
-        for name, mask in self.masks.items():
-            m = mask.to(params[name].device)
-            self._handles.append(params[name].register_hook(lambda g, m=m: g * m.to(g.dtype)))
-        self.apply(model)
-
-    def detach(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-    def after_step(self, model: nn.Module) -> None:
-        self.apply(model)
-
-    def sparsity(self) -> float:
-        total = sum(m.numel() for m in self.masks.values())
-        return 1.0 - sum(float(m.sum()) for m in self.masks.values()) / max(total, 1)
+    parent, _, leaf = name.rpartition(".")
+    owner = model.get_submodule(parent) if parent else model
+    old = getattr(owner, leaf, None)
+    for attr in ROUTING_ATTRS:
+        if hasattr(old, attr) and not hasattr(new, attr):
+            setattr(new, attr, getattr(old, attr))
+    setattr(owner, leaf, new)

@@ -1,4 +1,4 @@
-"""Atomic files and portable model files.
+"""Portable model files (the atomic file helpers they use are in ``prunekit.files``).
 
 A model file holds an architecture *recipe* (zoo or torchvision name and kwargs, or for a user's own
 ``nn.Module`` its class name; the shape attributes of every layer, integers and tuples such as
@@ -11,23 +11,25 @@ shapes; a parameter the state holds where the base has none (a bias added by com
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import hmac
 import math
-import os
-import tempfile
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from .errors import PrunekitError
+from .files import (  # noqa: F401  (prunekit.io is where callers have always found the file helpers)
+    atomic_save,
+    atomic_write_text,
+    file_signature,
+    read_yaml,
+    run_lock,
+    safe_load,
+    signed_by_us,
+)
+from .graph import set_module
 
 FORMAT = "prunekit-model"
 VERSION = 1
@@ -39,180 +41,6 @@ _SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "num_features", "in_fea
 _TUPLE_ATTRS = ("normalized_shape",)
 # Other file formats ``load`` reads (e.g. prunekit-sparse): format name -> loader(path, model).
 DECODERS: dict[str, Any] = {}
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """Write with torch.save to a temp file, fsync it, then rename, so a crash never leaves half a file.
-
-    The file gets the permissions the umask gives a new file (mkstemp alone would make it 0600).
-    """
-    _atomic(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(text: str, path: str | Path) -> None:
-    """``atomic_save`` for a text file (JSON, YAML, Markdown, HTML)."""
-    _atomic(path, lambda f: f.write(text.encode()))
-
-
-def _atomic(path: str | Path, write: Callable[[Any], Any]) -> None:
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:200]}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError | RuntimeError):  # torch's zip writer reports a full disk as a RuntimeError
-            text = str(exc).strip().splitlines()
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else (text[0][:120] if text else exc)
-            raise PrunekitError(f"cannot write {path}: {reason}; check the path, free space and permissions") from exc
-        raise
-
-
-@contextmanager
-def run_lock(directory: str | Path) -> Iterator[None]:
-    """One writer per run directory: an exclusive lock on ``DIR/.lock`` for the ``with`` block.
-
-    The operating system drops the lock when its process dies, so a crashed or killed writer never
-    leaves the directory stuck; a second writer is refused at once with the holder's pid.
-    """
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise PrunekitError(f"{directory} is a file; a run needs a directory: choose another output path")
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        handle = open(directory / ".lock", "a+")  # noqa: SIM115 - held for the whole block
-    except OSError as exc:
-        raise PrunekitError(f"cannot write run directory {directory}: {exc.strerror or exc}") from exc
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise PrunekitError(f"{directory} is being written by {holder}; wait for it to finish or use another "
-                                "output directory") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"prunekit pid {os.getpid()}")
-        handle.flush()
-        yield
-    finally:
-        handle.close()
-
-
-def safe_load(path: str | Path) -> dict:
-    """torch.load with weights_only=True and a clear error for missing, truncated or foreign files."""
-    if not isinstance(path, str | os.PathLike):
-        raise PrunekitError(f"a model file path must be a string or Path, got {type(path).__name__}")
-    path = Path(path)
-    if not path.is_file():
-        raise PrunekitError(f"checkpoint {path} does not exist; check the path")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for damaged files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PrunekitError(f"checkpoint {path} is corrupt or truncated ({first[:120]}); re-create it") from exc
-    if not isinstance(obj, dict):
-        raise PrunekitError(f"checkpoint {path} is not a prunekit file; save models with prunekit.save")
-    return obj
-
-
-# ---- configs people write ----
-MAX_CONFIG_NODES = 100_000  # a config far beyond any real one: an alias bomb expands past this
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """PyYAML's safe loader that refuses a key given twice in one mapping (else the last would win silently)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            try:
-                if key in seen:
-                    raise yaml.constructor.ConstructorError(None, None, f"key {str(key)[:40]!r} is given twice",
-                                                            key_node.start_mark)
-                seen.add(key)
-            except TypeError:
-                pass  # an unhashable key: the base class says so
-        return super().construct_mapping(node, deep)
-
-
-def read_yaml(path: str | Path, what: str = "config file") -> Any:
-    """A YAML file people write, parsed safely: no duplicate keys, no alias bomb, errors in one line."""
-    path = Path(path)
-    if not path.is_file():
-        raise PrunekitError(f"{what} {path} does not exist")
-    try:
-        obj = yaml.load(path.read_text(), Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
-        raise PrunekitError(f"{what} {path} is not valid YAML{where}: {str(problem)[:160]}") from exc
-    memo: dict[int, int] = {}
-
-    def size(x: Any) -> int:  # nodes after expanding every alias, each shared node counted once per use
-        if id(x) in memo:
-            return memo[id(x)]
-        items = list(x.items()) if isinstance(x, dict) else list(x) if isinstance(x, list) else []
-        memo[id(x)] = n = 1 + sum(size(v) for kv in items for v in (kv if isinstance(x, dict) else (kv,)))
-        if n > MAX_CONFIG_NODES:
-            raise PrunekitError(f"{what} {path} expands to more than {MAX_CONFIG_NODES:,} values (YAML aliases?); "
-                                "refused")
-        return n
-
-    size(obj)
-    return obj
-
-
-# ---- files prunekit wrote itself ----
-def _signing_key() -> bytes:
-    """This machine's key for signing files prunekit wrote (``$PRUNEKIT_CACHE/signing.key``, made once, 0600).
-
-    A run folder copied from elsewhere carries no signature made with this key, so nothing in it that
-    only a pickle can read (Ultralytics' ``last.pt``) is ever unpickled.
-    """
-    root = Path(os.environ.get("PRUNEKIT_CACHE") or Path.home() / ".cache" / "prunekit").expanduser()
-    path = root / "signing.key"
-    if not path.exists():
-        root.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(os.urandom(32))
-        except FileExistsError:
-            pass
-    return path.read_bytes()
-
-
-def file_signature(path: str | Path) -> str:
-    """HMAC-SHA256 of the file's bytes under this machine's key."""
-    mac = hmac.new(_signing_key(), digestmod=hashlib.sha256)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            mac.update(chunk)
-    return mac.hexdigest()
-
-
-def signed_by_us(path: str | Path, signature: str | None) -> bool:
-    """Whether ``path`` is byte for byte a file this machine's prunekit signed."""
-    return isinstance(signature, str) and Path(path).is_file() and hmac.compare_digest(file_signature(path),
-                                                                                         signature)
 
 
 def arch_of(model: nn.Module) -> dict:
@@ -235,24 +63,6 @@ def arch_of(model: nn.Module) -> dict:
             "class": f"{type(model).__module__}.{type(model).__qualname__}",
             "input_shape": list(base.get("input_shape") or []), "layers": layers, "identities": identities,
             "state_versions": versions}
-
-
-ROUTING_ATTRS = ("f", "i", "type")  # how Ultralytics' DetectionModel.forward finds each layer's inputs
-
-
-def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Replace the submodule at dotted ``name`` (pruned-away blocks, rewritten modules).
-
-    The replacement keeps the routing attributes a container reads from its layers (``ROUTING_ATTRS``),
-    so a residual layer of a YOLO backbone can become an identity and still be fed the right input.
-    """
-    parent, _, leaf = name.rpartition(".")
-    owner = model.get_submodule(parent) if parent else model
-    old = getattr(owner, leaf, None)
-    for attr in ROUTING_ATTRS:
-        if hasattr(old, attr) and not hasattr(new, attr):
-            setattr(new, attr, getattr(old, attr))
-    setattr(owner, leaf, new)
 
 
 # A model file names an architecture and its shape parameters, never a file to open or a trust flag:

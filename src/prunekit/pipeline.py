@@ -160,18 +160,15 @@ def _check_target(method: methods.Method, params: dict, tgt: dict) -> None:
     if "latency" in tgt and method.kind != "structured":
         raise _err("target.latency", f"method {method.name} is {method.kind}: a latency target needs a method "
                                      "that removes channels to a target")
-    if "latency" in tgt and params.get("percentile") is not None:
-        raise _err("target.latency", "method.params.percentile and target.latency both set the cut: give one")
     if method.kind == "unstructured":
         if "speedup" in tgt:
             raise _err("target.speedup", f"method {method.name} is unstructured: give target.sparsity or schedule")
-        if not ({"sparsity", "schedule"} & set(tgt)) and params.get("rule") != "layer-std":
-            raise _err("target.sparsity", f"method {method.name} needs target.sparsity or target.schedule")
-        return
-    if "sparsity" in tgt or "schedule" in tgt:
+    elif "sparsity" in tgt or "schedule" in tgt:
         raise _err("target", f"method {method.name} removes channels: give target.speedup, not sparsity")
-    if method.kind == "structured" and not {"speedup", "latency"} & set(tgt) and params.get("percentile") is None:
-        raise _err("target.speedup", f"method {method.name} needs a speedup (or latency) target")
+    try:
+        method.check_target(params, set(tgt))
+    except PrunekitError as exc:
+        raise _err("target", str(exc)) from exc
 
 
 def _check_latency_target(tgt: dict) -> None:

@@ -209,13 +209,28 @@ class Method:
     fn: Callable[..., PruneResult]
     options: dict[str, Option]
     needs_data: bool = False
-    # (model, stage settings, optimiser steps) -> train.fit's after_backward hook, for `sparsify` stages
-    # regularizer(model, settings, total_steps, example_inputs, ignored_layers) -> hook run after each backward
+    # regularizer(model, settings, total_steps, example_inputs, ignored_layers) -> fit's after_backward hook,
+    # for `sparsify` stages
     regularizer: Callable[..., Callable[[nn.Module], None]] | None = None
     regularizer_options: dict[str, Option] = field(default_factory=dict)
     keeps_zeros: bool = False  # unstructured: training after pruning keeps pruned weights at zero
     figures: Callable[[dict], list[tuple[str, bytes]]] | None = None  # PruneResult.info -> report PNGs
     needs_batchnorm: bool = False  # ranks channels by BN scale factors
+    # options -> the options that set the cut themselves (e.g. "percentile"), so no target is needed; None if
+    # they do not. A structured method's own cut excludes a speedup or latency target; an unstructured one's
+    # may be calibrated by a sparsity target.
+    own_cut: Callable[[dict], str | None] = lambda opts: None
+
+    def check_target(self, opts: dict, targets: set[str]) -> None:
+        """One PrunekitError if ``targets`` (the target keys given) is not what this method with ``opts`` takes."""
+        cut = self.own_cut(opts)
+        if self.kind == "structured" and not targets & {"speedup", "latency"} and cut is None:
+            raise PrunekitError(f"method {self.name!r} needs a speedup target (e.g. speedup=2.0)")
+        if self.kind == "structured" and cut is not None and targets & {"speedup", "latency"}:
+            given = sorted(targets & {"speedup", "latency"})[0]
+            raise PrunekitError(f"{cut} and {given} both set the cut of method {self.name!r}: give one of them")
+        if self.kind == "unstructured" and not targets & {"sparsity", "schedule"} and cut is None:
+            raise PrunekitError(f"method {self.name!r} needs a sparsity target (e.g. sparsity=0.9)")
 
     @property
     def target(self) -> str:
@@ -244,12 +259,14 @@ REGISTRY: dict[str, Method] = {}
 def register(name: str, summary: str, kind: str = "structured", *, options: Iterable[Option] = (),
              needs_data: bool = False, regularizer: Callable | None = None,
              regularizer_options: Iterable[Option] = (), keeps_zeros: bool = False,
-             figures: Callable | None = None, needs_batchnorm: bool = False) -> Callable:
+             figures: Callable | None = None, needs_batchnorm: bool = False,
+             own_cut: Callable[[dict], str | None] | None = None) -> Callable:
     """Decorator: make ``fn(model, ctx, **options) -> PruneResult`` available by ``name``."""
 
     def deco(fn: Callable[..., PruneResult]) -> Callable[..., PruneResult]:
         REGISTRY[name] = Method(name, summary, kind, fn, {o.name: o for o in options}, needs_data, regularizer,
-                                {o.name: o for o in regularizer_options}, keeps_zeros, figures, needs_batchnorm)
+                                {o.name: o for o in regularizer_options}, keeps_zeros, figures, needs_batchnorm,
+                                *([own_cut] if own_cut is not None else []))
         return fn
 
     return deco
@@ -321,10 +338,8 @@ def prune(model: nn.Module, method: str, example_inputs: torch.Tensor | None = N
     latency = _number("latency", latency)
     if latency is not None:
         _check_latency(m, opts, latency, speedup, runtime, batch, threads)
-    if m.kind == "structured" and speedup is None and latency is None and opts.get("percentile") is None:
-        raise PrunekitError(f"method {method!r} needs a speedup target (e.g. speedup=2.0)")
-    if m.kind == "unstructured" and sparsity is None and opts.get("rule") != "layer-std":
-        raise PrunekitError(f"method {method!r} needs a sparsity target (e.g. sparsity=0.9) or rule='layer-std'")
+    m.check_target(opts, {k for k, v in (("speedup", speedup), ("sparsity", sparsity), ("latency", latency))
+                          if v is not None})
     if speedup is not None and m.kind == "unstructured":
         raise PrunekitError(f"method {method!r} is unstructured: give sparsity, not speedup")
     if sparsity is not None and m.kind != "unstructured":
@@ -377,8 +392,6 @@ def _check_latency(m: Method, opts: dict, latency: float, speedup: float | None,
     if m.kind != "structured":
         raise PrunekitError(f"method {m.name!r} is {m.kind}: a latency target needs a method that removes channels "
                             "to a target (see `prunekit methods`)")
-    if opts.get("percentile") is not None:
-        raise PrunekitError("percentile and latency both set the cut: give one of them")
     if latency <= 1.0:
         raise PrunekitError(f"latency must be > 1 (base time / pruned time, measured), got {latency:g}")
     lat.check_setting(runtime, batch, threads)
@@ -419,7 +432,7 @@ def _checked(model: nn.Module, backup: nn.Module, ctx: Context, m: Method, targe
     if after != shapes:
         raise PrunekitError(f"method {m.name!r} changed the model's output shapes ({_shapes(shapes)} -> "
                             f"{_shapes(after)}); pass the layers producing them in ignored_layers")
-    if m.kind == "structured" and target.get("speedup") and opts.get("percentile") is None and lat.current() is None:
+    if m.kind == "structured" and target.get("speedup") and m.own_cut(opts) is None and lat.current() is None:
         achieved = count_macs(backup, x) / max(count_macs(result.model, x), 1)
         if abs(achieved - target["speedup"]) > TOLERANCE * target["speedup"]:
             raise PrunekitError(

@@ -42,7 +42,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import criteria, thresholds
-from ..graph import IN_CHANNEL_FNS, PruneGraph, find_blocks, remove_block, set_module
+from ..blocks import find_blocks, remove_block
+from ..graph import IN_CHANNEL_FNS, PruneGraph, set_module
 from ..measure import hooked, layer_macs
 from ..thresholds import ThresholdFit, learn_threshold
 from ..train import TrainConfig, TrainResult, fit

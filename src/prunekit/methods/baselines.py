@@ -83,5 +83,5 @@ _baseline("net-slim", "net-slim", "global",
           Option("percentile", (int, float, type(None)), None, "remove channels below this global |γ| percentile "
                  "(0-100) instead of reaching speedup", minimum=0, maximum=100),
           regularizer=bn_sparsity, regularizer_options=BN_SPARSITY_OPTIONS, figures=_net_slim_figures,
-          needs_batchnorm=True)
+          needs_batchnorm=True, own_cut=lambda o: "percentile" if o["percentile"] is not None else None)
 _baseline("random", "random", "local", "random filters removed, same ratio per layer (sanity baseline)", SEED)

@@ -11,7 +11,7 @@ Our reading (SPEC §4 S4), following Han et al. 2015 ("Learning both weights and
    where σ is the std of the layer's surviving weights and ``q`` a quality parameter (one
    number, or one per layer from ``sensitivity_scan``); with a ``sparsity`` target the q·σ
    thresholds are scaled by one common factor so that the target is met exactly;
-2. a mask per weight tensor (``graph.Masks``) keeps pruned connections at exactly zero while
+2. a mask per weight tensor (``masks.Masks``) keeps pruned connections at exactly zero while
    retraining: gradient hooks zero their gradients and every optimiser step re-applies the
    mask, so momentum and weight decay cannot revive them;
 3. ``iterative_prune`` raises the sparsity step by step (50 → 75 → 87.5 → 93.75 % by default,
@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from ..errors import PrunekitError
-from ..graph import Masks
+from ..masks import Masks
 from ..measure import WEIGHTED, count_params, layer_macs
 from . import Context, Option, PruneResult, register
 
@@ -112,6 +112,7 @@ def conv_linear_macs(model: nn.Module, example_inputs: torch.Tensor) -> tuple[in
 
 @register("magnitude", "S4: zero the smallest-magnitude conv/FC weights (global percentile or q·σ per layer)",
           kind="unstructured", keeps_zeros=True,
+          own_cut=lambda o: "rule=layer-std" if o["rule"] == "layer-std" else None,  # q·σ per layer needs no target
           options=(Option("rule", str, "global", "global: one magnitude percentile; layer-std: |w| < q·σ per layer",
                           ("global", "layer-std")),
                    Option("q", (int, float, dict), 1.0, "layer-std: threshold in standard deviations (or per layer)"),
@@ -119,7 +120,7 @@ def conv_linear_macs(model: nn.Module, example_inputs: torch.Tensor) -> tuple[in
                    Option("include_classifier", bool, True, "prune the output layer's weights too (as the paper)")))
 def magnitude(model: nn.Module, ctx: Context, *, sparsity: float | None, rule: str, q: float | dict[str, float],
               ignored_layers: Iterable[str | nn.Module] | None, include_classifier: bool) -> PruneResult:
-    """Prune in place; ``before``/``after`` params count non-zero parameters. Masks: ``graph.Masks.from_zeros``."""
+    """Prune in place; ``before``/``after`` params count non-zero parameters. Masks: ``masks.Masks.from_zeros``."""
     nonzero_before = count_params(model, nonzero=True)
     masks = magnitude_masks(model, sparsity=sparsity, rule=rule, q=q, ignored_layers=ignored_layers,
                             include_classifier=include_classifier)

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import io
+from .. import files
 from ..errors import PrunekitError
 from . import data  # prunekit.yolo.data: VOC -> YOLO layout (needs no Ultralytics)
 from .distill import HeadDistill
@@ -360,7 +360,7 @@ def make_traceable(model: nn.Module) -> nn.Module:
     ultralytics()
     from ultralytics.nn.modules.block import C2PSA, C2f
 
-    from ..io import set_module
+    from ..graph import set_module
 
     for name, mod in list(model.named_modules()):
         if type(mod).forward is C2f.forward:
@@ -555,8 +555,8 @@ def train(model: nn.Module, dataset: str | Path, *, epochs: int = 1, imgsz: int 
             return resumed
 
         def _sign(self) -> None:
-            signed = {p.name: io.file_signature(p) for p in (self.last, self.best) if Path(p).is_file()}
-            io.atomic_write_text(json.dumps(signed), signatures)
+            signed = {p.name: files.file_signature(p) for p in (self.last, self.best) if Path(p).is_file()}
+            files.atomic_write_text(json.dumps(signed), signatures)
 
         def save_model(self) -> bool:
             """Ultralytics' checkpoints, signed as this machine's prunekit's own (the only pickles it reopens)."""
@@ -616,7 +616,7 @@ def _signed(path: Path, signatures: Path) -> bool:
         signed = json.loads(signatures.read_text()) if signatures.is_file() else {}
     except (OSError, ValueError):
         signed = {}
-    return io.signed_by_us(path, signed.get(path.name) if isinstance(signed, dict) else None)
+    return files.signed_by_us(path, signed.get(path.name) if isinstance(signed, dict) else None)
 
 
 def _load_signed(path: Path, signatures: Path) -> dict:

@@ -39,7 +39,7 @@ from PIL import Image
 
 from ..data._folder import default_cache_dir
 from ..errors import PrunekitError
-from ..io import read_yaml
+from ..files import read_yaml
 
 SPLITS = ("train", "val", "test")
 _FORMAT = 3  # bump when the conversion changes, so old caches are not reused

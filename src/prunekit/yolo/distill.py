@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import PrunekitError
-from ..measure import hooked
 
 
 def raw_head(preds: Any) -> dict[str, torch.Tensor]:
@@ -69,20 +68,3 @@ class HeadDistill:
     def update(self) -> None:  # Ultralytics calls this on criteria that schedule their own weights
         if hasattr(self.criterion, "update"):
             self.criterion.update()
-
-
-def check_teacher(teacher: nn.Module, student: nn.Module, example_inputs: torch.Tensor, where: str) -> None:
-    """The teacher must be a detector whose predictions have the student's shape (classes, anchors)."""
-    from . import export_mode
-
-    x = example_inputs[:1]
-    try:
-        with hooked(teacher), hooked(student), export_mode(teacher), export_mode(student):
-            t, s = teacher(x), student(x)
-    except Exception as exc:
-        raise PrunekitError(f"{where}.teacher is not a detector that runs on the student's images "
-                            f"({type(exc).__name__}: {str(exc).strip()[:120]})") from exc
-    if not isinstance(t, torch.Tensor) or t.shape != s.shape:
-        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-        raise PrunekitError(f"{where}.teacher predicts {shape}, the student {tuple(s.shape)}: another class count "
-                            "or architecture family; distil from the unpruned detector")

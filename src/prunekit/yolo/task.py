@@ -209,7 +209,6 @@ class Detection(Task):
                     desc: str) -> tuple[nn.Module, float | None]:
         """Ultralytics' trainer; a sparsify stage keeps its last epoch (its best is its least sparse), others
         their best on val."""
-        from . import distill as ydistill
         from . import train
 
         if not epochs:
@@ -220,7 +219,7 @@ class Detection(Task):
         kd = None
         if teacher is not None:
             net, spec = teacher
-            ydistill.check_teacher(net, model, data.x, f"{desc}.distill")
+            check_teacher(net, model, data.x, f"{desc}.distill")
             kd = (net, spec["alpha"], spec["temperature"])
         metrics = train(model, data.train, epochs=epochs, imgsz=data.x.shape[-1], batch=batch,
                         device=_ul_device(device), project=sdir, name="ultralytics", after_backward=hook, resume=True,
@@ -271,7 +270,6 @@ class Detection(Task):
 
     def cli_finetune(self, args: Any, model: nn.Module) -> int:
         """Ultralytics' trainer on a VOC directory or YOLO data yaml; the model kept, written to OUT/model.pt."""
-        from . import distill as ydistill
         from . import train
 
         out = Path(args.out)
@@ -285,7 +283,7 @@ class Detection(Task):
                                  "--distill")
             teacher = io.load(spec["teacher"])
             size = input_size(model)
-            ydistill.check_teacher(teacher, model, torch.zeros(1, 3, size, size), "--distill")
+            check_teacher(teacher, model, torch.zeros(1, 3, size, size), "--distill")
             kd = (teacher, spec["alpha"], spec["temperature"])
         with io.run_lock(out):
             metrics = train(model, args.data, epochs=args.epochs, batch=args.batch_size or self.default_batch,
@@ -293,6 +291,21 @@ class Detection(Task):
             io.save(model, out / "model.pt")
         print(json.dumps({"out": str(out / "model.pt"), **metrics}))
         return 0
+
+
+def check_teacher(teacher: nn.Module, student: nn.Module, example_inputs: torch.Tensor, where: str) -> None:
+    """The teacher must be a detector whose predictions have the student's shape (classes, anchors)."""
+    x = example_inputs[:1]
+    try:
+        with hooked(teacher), hooked(student), export_mode(teacher), export_mode(student):
+            t, s = teacher(x), student(x)
+    except Exception as exc:
+        raise PrunekitError(f"{where}.teacher is not a detector that runs on the student's images "
+                            f"({type(exc).__name__}: {str(exc).strip()[:120]})") from exc
+    if not isinstance(t, torch.Tensor) or t.shape != s.shape:
+        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise PrunekitError(f"{where}.teacher predicts {shape}, the student {tuple(s.shape)}: another class count "
+                            "or architecture family; distil from the unpruned detector")
 
 
 class _Names:
