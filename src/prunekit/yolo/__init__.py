@@ -570,17 +570,19 @@ def train(model: nn.Module, dataset: str | Path, *, epochs: int = 1, imgsz: int 
             self._sign()
 
         def optimizer_step(self) -> None:
-            """Ultralytics' step (unscale, clip to norm 10, step, EMA) with the regulariser before the clip."""
+            """Ultralytics' own step (unscale, clip, step, EMA), the regulariser added to the unscaled gradients
+            first: the gradients are unscaled here, and Ultralytics' second unscale is skipped for this call
+            only (a GradScaler refuses a second one), so no line of its step is copied."""
+            if after_backward is None:
+                return super().optimizer_step()
             self.scaler.unscale_(self.optimizer)
-            if after_backward is not None:
-                with _scaled(after_backward, self.batch_size * self.accumulate):
-                    after_backward(self.model)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=10.0)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad()
-            if self.ema:
-                self.ema.update(self.model)
+            with _scaled(after_backward, self.batch_size * self.accumulate):
+                after_backward(self.model)
+            self.scaler.unscale_ = lambda optimizer: None  # already done above
+            try:
+                return super().optimizer_step()
+            finally:
+                del self.scaler.unscale_  # the scaler's own method again
 
     trainer = KeepModelTrainer(overrides=args)
     trainer.model = model
