@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import os
 import platform
@@ -94,12 +95,8 @@ def main() -> None:
                 for rt in args.runtimes for t in args.targets]
         for r in rows:
             print(_line(r), flush=True)
-        try:
-            import ultralytics  # noqa: F401  (optional extra)
-            yolo = not args.no_yolo
-        except ImportError:
-            yolo = False
-        if yolo:
+        if not args.no_yolo and importlib.util.find_spec("ultralytics") is not None:  # optional extra; prunekit
+            # imports it itself (offline), so it is only looked for here
             det = pk.models.create("ul:yolov8n", num_classes=80, imgsz=320).eval()
             rows.append(_case("ul:yolov8n@320", det, torch.rand(1, 3, 320, 320), args.method, 2.0, "onnxruntime", 1,
                               args.threads))

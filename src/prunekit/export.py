@@ -30,13 +30,18 @@ def _to_onnx(model: nn.Module, x: torch.Tensor, path: Path, opset: int) -> None:
                           dynamo=False)
 
 
-def _session(path: Path, threads: int | None = None):
+def _session(path: Path, threads: int | None = None, spinning: bool = True):
+    """An ONNX Runtime CPU session; ``spinning=False`` for sessions timed side by side: a thread pool that keeps
+    spinning after its run takes the cores from the next session's run."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     opts.log_severity_level = 3
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 

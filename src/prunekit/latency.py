@@ -50,7 +50,7 @@ from .errors import PrunekitError
 from .graph import _PRODUCTS, COST_MODEL, PruneGraph
 from .measure import LAYERS, hooked
 
-SCHEMA = 1
+SCHEMA = 2  # 2: ONNX Runtime timed without spinning thread pools
 ROUNDS = 3  # interleaved rounds per table point: a table is many points, each needs only a rough median
 MODEL_ROUNDS = 5  # rounds of the end-to-end time that the layers' sum is compared with
 MEASURE_ROUNDS = 15  # rounds of a pruned model against the unpruned one (what a target is judged by)

@@ -64,7 +64,7 @@ def _onnx(model: nn.Module, x: torch.Tensor, threads: int, folder: Path, name: s
     except Exception as exc:
         raise PrunekitError(f"{name}: ONNX export for timing failed ({type(exc).__name__}: "
                             f"{str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''})") from exc
-    sess = _session(path, threads)
+    sess = _session(path, threads, spinning=False)
     feed = {"input": x.numpy().astype(np.float32)}
     return lambda: sess.run(None, feed)
 

@@ -443,19 +443,28 @@ def _checked(model: nn.Module, backup: nn.Module, ctx: Context, m: Method, targe
 
 
 LATENCY_TOLERANCE = 0.05  # a latency target is met when the measured median lies within 5 % of it
-LATENCY_TRIES = 4  # pruned-and-measured copies before the search gives up
+LATENCY_TRIES = 6  # pruned-and-measured copies before the search gives up
 
 
 def _next_ask(tries: list[dict], asked: float) -> float:
     """The predicted speedup to prune to next: between the two tries whose measurements bracket ``asked``
-    (log-log interpolation), else the last one corrected by asked/measured."""
+    (log-log interpolation); else along the secant through the two tries nearest it (measured speedup
+    grows more slowly than predicted where the table is off, so a plain asked/measured correction
+    creeps), at most doubling or halving the step; with one try, that try corrected by asked/measured."""
     below = [t for t in tries if t["speedup"] < asked]
     above = [t for t in tries if t["speedup"] >= asked]
     if below and above:
         lo, hi = max(below, key=lambda t: t["speedup"]), min(above, key=lambda t: t["speedup"])
         f = math.log(asked / lo["speedup"]) / math.log(hi["speedup"] / lo["speedup"])
         return lo["predicted"] * (hi["predicted"] / lo["predicted"]) ** f
-    return tries[-1]["predicted"] * asked / tries[-1]["speedup"]
+    near = sorted(tries, key=lambda t: abs(math.log(t["speedup"] / asked)))[:2]
+    step = math.log(asked / near[0]["speedup"])  # in log measured speedup
+    if len(near) == 2 and near[0]["predicted"] != near[1]["predicted"]:
+        slope = (math.log(near[0]["speedup"] / near[1]["speedup"])
+                 / math.log(near[0]["predicted"] / near[1]["predicted"]))
+        if slope > 0.1:  # measured rises with predicted: follow the secant
+            return near[0]["predicted"] * math.exp(max(-math.log(2), min(math.log(2), step / slope)))
+    return near[0]["predicted"] * math.exp(step)
 
 
 def _to_latency(model: nn.Module, backup: nn.Module, ctx: Context, m: Method, target: dict, opts: dict,
