@@ -534,6 +534,9 @@ def test_pipeline_runs_a_detector_end_to_end(bccd, tmp_path: Path) -> None:
     assert [p.name for p in sorted((tmp_path / "run" / "stages").iterdir())] == [
         "01-sparsify", "02-prune", "03-finetune"]
     assert json.loads((tmp_path / "run" / "split.json").read_text())["test"] == 8
+    log = [json.loads(ln) for ln in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    curve = [r for r in log if "epoch" in r and "val_mAP50-95" in r]  # the report's curve: one row per epoch
+    assert [r["epoch"] for r in curve] == [1, 1]  # sparsify's and finetune's; best.pt's final evaluation is not one
     again = pipeline.run(cfg)  # finished stages are skipped, the same models come back
     assert again["after"]["macs"] == after["macs"]
     with pytest.raises(PrunekitError, match="under 'ultralytics:'"):

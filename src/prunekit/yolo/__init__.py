@@ -589,7 +589,10 @@ def train(model: nn.Module, dataset: str | Path, *, epochs: int = 1, imgsz: int 
     epochs_seen: list[dict[str, float]] = []
 
     def epoch_end(tr: Any) -> None:
-        """Each epoch's validation metrics: the run log's curve, and what ``keep="last"`` keeps."""
+        """Each epoch's validation metrics: the run log's curve, and what ``keep="last"`` keeps (the final
+        evaluation of best.pt after the last epoch calls this too, past the last epoch: not an epoch)."""
+        if tr.epoch >= tr.epochs:
+            return
         epochs_seen.append({k: float(v) for k, v in (tr.metrics or {}).items()})
         if log_path is not None and tr.metrics:
             row = {"epoch": tr.epoch + 1, **{f"val_{k}": 100 * epochs_seen[-1][v]
