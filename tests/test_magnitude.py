@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -69,6 +70,16 @@ def test_layer_std_rule_thresholds_and_exact_target():
     masks = magnitude_masks(model, rule="layer-std", q=q, sparsity=0.8)
     assert "features.0.weight" not in masks.masks
     assert abs(masks.sparsity() - 0.8) < 1e-3
+
+
+def test_giving_q_means_the_per_layer_rule_with_no_target():
+    """Options own their rules: q implies rule=layer-std (the method declares it), in Python as in the CLI's --q."""
+    model = _digits_model()
+    expected = magnitude_masks(copy.deepcopy(model), rule="layer-std", q=0.7).sparsity()
+    res = pk.prune(model, "magnitude", torch.randn(1, 1, 8, 8), q=0.7)
+    assert res.target["rule"] == "layer-std" and res.info["sparsity"] == pytest.approx(expected)
+    with pytest.raises(PrunekitError, match="needs a sparsity target"):
+        pk.prune(_digits_model(), "magnitude", torch.randn(1, 1, 8, 8))
 
 
 def test_ignored_layers_and_classifier_option():

@@ -170,10 +170,10 @@ def _example_inputs(model: torch.nn.Module, bundle: pkdata.DataBundle | None) ->
     return torch.randn(8, *_input_shape(model), generator=torch.Generator().manual_seed(0))
 
 
-def _trained_detector(args: argparse.Namespace) -> torch.nn.Module:
-    """``--model ul:best.pt``: the detector Ultralytics trained, with its weights and classes."""
+def _trained_ultralytics(args: argparse.Namespace) -> torch.nn.Module:
+    """``--model ul:best.pt``: the model Ultralytics trained, with its weights and classes."""
     if not (args.model.startswith(models.UL_PREFIX) and args.model.endswith(".pt")):
-        raise PrunekitError(f"--model takes ul:path/to/best.pt (a detector Ultralytics trained), got {args.model!r}; "
+        raise PrunekitError(f"--model takes ul:path/to/best.pt (a model Ultralytics trained), got {args.model!r}; "
                             "for a prunekit model file use --checkpoint")
     kwargs = {"trust_pickle": args.trust_pickle} | ({"imgsz": args.image_size} if args.image_size else {})
     return models.create(args.model, num_classes=None, **kwargs)
@@ -185,10 +185,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise PrunekitError(f"{out} already exists; use --force to overwrite or choose another --out")
     method = methods.get(args.method)
     opts: dict[str, Any] = dict(args.param or [])
-    flags = {"min_keep": args.min_keep, "round_to": args.round_to, "percentile": args.percentile,
-             "ignored_layers": args.ignore.split(",") if args.ignore else None}
-    if args.q is not None:
-        flags.update(q=args.q, rule="layer-std")
+    flags = {"min_keep": args.min_keep, "round_to": args.round_to, "percentile": args.percentile, "q": args.q,
+             "ignored_layers": args.ignore.split(",") if args.ignore else None}  # shorthands of method options
     for key, value in flags.items():
         if value is not None and key not in opts:
             if key not in method.options:
@@ -202,7 +200,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
              if v is not None}
     if timed and args.latency is None:
         raise PrunekitError("--runtime, --batch and --threads say where a --latency target is timed: add --latency")
-    model = io.load(args.checkpoint) if args.checkpoint else _trained_detector(args)
+    model = io.load(args.checkpoint) if args.checkpoint else _trained_ultralytics(args)
     data = val = bundle = None
     x = None
     own = tasks.for_model(model).cli_calibration  # a task with data of its own
@@ -379,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="prune a model file with a registered method")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a prunekit model file (pk.save, prunekit train/prune/finetune)")
-    source.add_argument("--model", help="ul:path/to/best.pt: a detector Ultralytics trained (with --trust-pickle; "
+    source.add_argument("--model", help="ul:path/to/best.pt: a model Ultralytics trained (with --trust-pickle; "
                         "--image-size sets its input size, default 640)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="--model's .pt is a pickle (loading it runs code): say you trust the file")
@@ -395,8 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime", help="where --latency is timed: eager (default) or onnxruntime")
     p.add_argument("--batch", type=_positive, help="batch size --latency is timed at (default 64)")
     p.add_argument("--threads", type=_positive, help="threads --latency is timed with (default 2)")
-    p.add_argument("--percentile", type=float, help="net-slim: global |γ| percentile instead of --speedup")
-    p.add_argument("--q", type=float, help="magnitude: per-layer threshold q·σ(W) instead of --sparsity")
+    p.add_argument("--percentile", type=float, help="the method's option percentile (net-slim: global |γ| "
+                   "percentile instead of --speedup)")
+    p.add_argument("--q", type=float, help="the method's option q (magnitude: per-layer threshold q·σ(W), "
+                   "instead of --sparsity)")
     p.add_argument("--ignore", help="comma-separated module names never pruned (structured methods never prune "
                    "the classifier's outputs)")
     p.add_argument("--min-keep", type=_positive)

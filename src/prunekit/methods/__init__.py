@@ -90,6 +90,7 @@ class Option:
     choices: tuple | None = None
     minimum: float | None = None
     maximum: float | None = None
+    implies: dict[str, Any] | None = None  # other options this one sets when given (q -> rule=layer-std)
 
     def type_name(self) -> str:
         types = self.type if isinstance(self.type, tuple) else (self.type,)
@@ -242,6 +243,8 @@ class Method:
         if unknown:
             raise PrunekitError(f"method {self.name!r} has no option {', '.join(unknown)}; valid options: "
                                 f"{', '.join(self.options) or 'none'} (see `prunekit methods`)")
+        implied = {k: v for name in options for k, v in (self.options[name].implies or {}).items() if k not in options}
+        options = {**implied, **options}
         return {k: o.check(options[k], self.name) if k in options else o.default for k, o in self.options.items()}
 
     def check_regularizer_options(self, settings: dict[str, Any]) -> dict[str, Any]:

@@ -115,7 +115,8 @@ def conv_linear_macs(model: nn.Module, example_inputs: torch.Tensor) -> tuple[in
           own_cut=lambda o: "rule=layer-std" if o["rule"] == "layer-std" else None,  # q·σ per layer needs no target
           options=(Option("rule", str, "global", "global: one magnitude percentile; layer-std: |w| < q·σ per layer",
                           ("global", "layer-std")),
-                   Option("q", (int, float, dict), 1.0, "layer-std: threshold in standard deviations (or per layer)"),
+                   Option("q", (int, float, dict), 1.0, "layer-std: threshold in standard deviations (or per layer); "
+                          "giving q sets rule=layer-std", implies={"rule": "layer-std"}),
                    Option("ignored_layers", (list, tuple, type(None)), None, "layers never pruned"),
                    Option("include_classifier", bool, True, "prune the output layer's weights too (as the paper)")))
 def magnitude(model: nn.Module, ctx: Context, *, sparsity: float | None, rule: str, q: float | dict[str, float],
