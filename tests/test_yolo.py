@@ -770,7 +770,7 @@ def _folders_from_bccd(root: Path, n: int = 24) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("layout", ["labelimg", "yolo"])
-def test_pipeline_prunes_my_trained_detector_on_my_folder(layout: str, tmp_path: Path) -> None:
+def test_pipeline_prunes_my_trained_detector_on_my_folder(layout: str, tmp_path: Path, capsys) -> None:
     """A user's Ultralytics best.pt on a folder without splits: a seeded split is made and kept with the run,
     the detector keeps its trained weights and classes, prune -> 1-epoch fine-tune runs; other classes refused."""
     if not BCCD.is_dir():
@@ -786,6 +786,8 @@ def test_pipeline_prunes_my_trained_detector_on_my_folder(layout: str, tmp_path:
     metrics = pipeline.run(cfg)
     assert metrics["before"]["macs"] / metrics["after"]["macs"] == pytest.approx(1.5, rel=0.03)
     assert sum(metrics["split"].values()) == 24 and all(metrics["split"].values())
+    err = capsys.readouterr().err  # every split's images and boxes are said at load, changed or not
+    assert all(f"prunekit: data {s}: {metrics['split'][s]} images" in err for s in ("train", "val", "test"))
     assert sorted(p.name for p in (tmp_path / "run" / "splits").iterdir()) == ["test.txt", "train.txt", "val.txt"]
     before = pk.load(metrics["models"]["before"])
     trained = torch.load(best, weights_only=False)["model"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,8 @@ class Detection(Task):
     # ---- data and metric ----
     def load_data(self, spec: dict, *, seed: int, split_seed: int, device: torch.device) -> TaskData:
         det = ydata.detection_data(spec["name"], split_seed=split_seed)  # a folder without splits: a seeded split
+        for line in det.summary().splitlines():  # what each split holds, and what conversion changed
+            print(f"prunekit: data {line}", file=sys.stderr)
         missing = [s for s in ("train", "val", "test") if s not in det.images]
         if missing:
             raise PrunekitError(f"config error at 'data.name': {spec['name']} has no {' or '.join(missing)} split; "
