@@ -245,3 +245,28 @@ def test_a_run_whose_folder_is_removed_mid_run_stops_instead_of_recreating_it(tm
     with pytest.raises(PrunekitError, match="was removed while the run was going"):
         run(cfg)
     assert not (Path(cfg["out"]) / "stages" / "01-train" / "model.pt").exists()
+
+
+def test_a_run_resumed_after_its_prune_reports_the_pruned_model_before_fine_tuning(tmp_path, monkeypatch):
+    """'pruned' is the test metric straight after pruning, also when the prune stage was finished by an earlier
+    process (the fine-tune must not train the model that 'pruned' is measured on)."""
+    from prunekit import classify
+    from prunekit.train import evaluate
+
+    cfg = _cfg(tmp_path)
+    real_fit = classify.fit
+
+    def stop_at_finetune(*args, desc="", **kwargs):
+        if desc == "finetune":
+            raise KeyboardInterrupt  # the process is stopped after the prune stage finished
+        return real_fit(*args, desc=desc, **kwargs)
+
+    monkeypatch.setattr(classify, "fit", stop_at_finetune)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg)
+    monkeypatch.undo()
+    metrics = run(cfg)
+    bundle = pk.data.load("digits", seed=0).holdout(0.1, seed=0)
+    pruned = pk.load(Path(cfg["out"]) / "stages" / "02-prune" / "model.pt")
+    assert metrics["pruned"]["top1"] == pytest.approx(evaluate(pruned, bundle.eval_loader(bundle.test, 256))["top1"])
+    assert metrics["pruned"]["top1"] != metrics["after"]["top1"]

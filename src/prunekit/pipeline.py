@@ -433,9 +433,9 @@ class Run:
         if self._distils_from_before:
             self.teachers["before"] = copy.deepcopy(model)
         done = self._done(sdir)
-        if done is not None:
+        if done is not None:  # two loads: the stages after train theirs, self.pruned stays as pruned
             self.pruned = io.load(sdir / "model.pt")
-            return self.pruned, done
+            return io.load(sdir / "model.pt"), done
         model = model.to(self.dev)
         tgt = self.cfg["target"]
         sparsity = tgt.get("sparsity")
