@@ -166,3 +166,15 @@ def test_masks_survive_momentum_and_weight_decay():
         opt.zero_grad()
     assert torch.all(lin.weight[mask == 0] == 0)
     assert abs(masks.sparsity() - (1 - mask.mean().item())) < 1e-6
+
+
+def test_frozen_parameters_stay_frozen_after_pruning(tmp_path):
+    """Torch-Pruning makes new Parameters that require grad; the option-A shortcut's fixed selection stays frozen,
+    so a fine-tune sees the same trainable parameters in the process that pruned and after loading the file."""
+    model = pk.models.create("resnet20")
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {"layer2.0.shortcut.weight", "layer3.0.shortcut.weight"}
+    pk.prune(model, "l1-norm", torch.randn(2, 3, 32, 32), speedup=2.0)
+    assert {n for n, p in model.named_parameters() if not p.requires_grad} == frozen
+    pk.save(model, tmp_path / "m.pt")
+    assert {n for n, p in pk.load(tmp_path / "m.pt").named_parameters() if not p.requires_grad} == frozen

@@ -422,8 +422,11 @@ class PruneGraph:
         """Physically remove channels ``remove[group index]`` (indices into that group's channels).
 
         Returns the pruned model's MACs as counted (``measure.count_macs``) on the forward pass that
-        checks it still runs.
+        checks it still runs. A frozen parameter stays frozen: Torch-Pruning replaces every pruned
+        Parameter by a new one that requires grad, which would change what an optimiser (and the
+        checkpoint of an interrupted fine-tune, resumed from the saved model) sees as trainable.
         """
+        frozen = {name for name, p in self.model.named_parameters() if not p.requires_grad}
         for gi, idxs in remove.items():
             idxs = sorted(set(int(i) for i in idxs))
             if not idxs:
@@ -438,6 +441,9 @@ class PruneGraph:
                     raise PrunekitError(f"group {g.name} feeds a grouped conv ({g.chunks} groups): remove the same "
                                         "positions from every channel block and keep at least one per block")
             g.tp_group.prune(idxs=idxs)
+        for name, p in self.model.named_parameters():
+            if name in frozen:
+                p.requires_grad_(False)
         sync_widths(self.model)
         return count_macs(self.model, self.example_inputs[:1], run=lambda m, x: run_checked(m, x, "after pruning"))
 
