@@ -20,7 +20,7 @@ from torch import nn
 
 from . import data as pkdata
 from . import distill, models
-from .errors import PrunekitError
+from .errors import PrunekitError, config_error
 from .masks import Masks
 from .measure import hooked
 from .tasks import Task, TaskData
@@ -92,8 +92,8 @@ class Classification(Task):
     def create_model(self, spec: dict, data: TaskData, seed: int) -> nn.Module:
         bundle = data.source
         if spec.get("trust_pickle") is not None:
-            raise PrunekitError("config error at 'model.trust_pickle': it is for Ultralytics checkpoints "
-                                "(model.name: ul:path/to/best.pt)")
+            raise config_error("model.trust_pickle", "it is for Ultralytics checkpoints (model.name: "
+                               "ul:path/to/best.pt)")
         torch.manual_seed(seed)
         model = models.create(spec["name"], num_classes=spec.get("num_classes") or bundle.num_classes,
                               **({"in_channels": bundle.input_shape[0]} | spec.get("kwargs", {})))
@@ -111,7 +111,10 @@ class Classification(Task):
         settings = {k: v for k, v in stage.items() if k in self.train_keys}
         if settings.get("epochs") == "rest":
             settings["epochs"] = 0
-        TrainConfig.from_dict(settings)
+        try:
+            TrainConfig.from_dict(settings)
+        except PrunekitError as exc:
+            raise config_error(where, str(exc)) from exc
 
     def stage_epochs(self, stage: dict) -> int | str:
         return stage.get("epochs", TrainConfig.epochs)

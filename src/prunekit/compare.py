@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import yaml
 
-from . import distill, io, methods, models, pipeline
+from . import distill, io, methods, models, pipeline, tasks
 from .errors import PrunekitError
 
 KEYS = {"name": str, "out": str, "task": str, "device": str, "data": dict, "base": dict, "methods": list,
@@ -366,13 +366,11 @@ def _latency(cfg: dict, out: Path, base_path: Path, cells: list[dict]) -> dict[s
     shape = (getattr(base, "prunekit_arch", None) or {}).get("input_shape")
     if not shape:
         raise PrunekitError(f"{base_path} records no input shape; cannot time it")
-    mode = None
-    if models.is_detector(base):  # Ultralytics' eval forward returns a tuple: time the single-output export
-        from .yolo import export_mode as mode
     _say(f"measuring latency of {len(loaded)} models side by side (this takes a few minutes; keep the machine quiet)")
     batches = sorted({1, settings["batch"]})
     results = timing.side_by_side(loaded, torch.zeros(1, *shape), batch_sizes=batches, runtimes=settings["runtimes"],
-                                  threads=settings["threads"], rounds=settings["rounds"], mode=mode, progress=_say)
+                                  threads=settings["threads"], rounds=settings["rounds"],
+                                  mode=tasks.for_model(base).export_mode, progress=_say)  # a detector: one output
     io.atomic_write_text(json.dumps({"settings": settings, "models": hashes, "results": results}, indent=1), cache)
     return results
 

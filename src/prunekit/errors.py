@@ -8,3 +8,8 @@ single line and exits with code 2; everything else is a bug and keeps its traceb
 
 class PrunekitError(Exception):
     """A problem with the user's input or environment, explained in one line."""
+
+
+def config_error(key: str, msg: str) -> PrunekitError:
+    """A problem at ``key`` of a run config (``stages[1].epochs``), said the same way wherever it is found."""
+    return PrunekitError(f"config error at '{key}': {msg}")

@@ -34,8 +34,7 @@ import math
 import os
 import platform
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import io, timing
+from . import io, tasks, timing
 from .data._folder import cache_key, default_cache_dir
 from .errors import PrunekitError
 from .graph import _PRODUCTS, COST_MODEL, PruneGraph
@@ -83,17 +82,6 @@ def machine(runtime: str) -> dict[str, Any]:
             "onnxruntime": ort}
 
 
-def _mode(model: nn.Module) -> Callable[[nn.Module], AbstractContextManager] | None:
-    """A detector is timed on its single-output export forward, as compare and the report time it."""
-    from .models import is_detector
-
-    if is_detector(model):
-        from .yolo import export_mode
-
-        return export_mode
-    return None
-
-
 def _on_cpu(model: nn.Module) -> nn.Module:
     """``model`` itself if it lives on the CPU, else a CPU copy (timing moves what it times to the CPU)."""
     return model if all(p.device.type == "cpu" for p in model.parameters()) else copy.deepcopy(model).cpu()
@@ -104,7 +92,8 @@ def measure(base: nn.Module, pruned: nn.Module, example_inputs: torch.Tensor, *,
     """Measured speedup of ``pruned`` over ``base``: median and interquartile spread of per-round ratios."""
     x = example_inputs[:1].detach().cpu().float()
     res = timing.side_by_side({"base": _on_cpu(base), "pruned": _on_cpu(pruned)}, x, batch_sizes=(batch,),
-                              runtimes=(runtime,), threads=threads, rounds=rounds, mode=_mode(base))
+                              runtimes=(runtime,), threads=threads, rounds=rounds,
+                              mode=tasks.for_model(base).export_mode)  # a detector: its single-output forward
     (row,) = res.values()
     r = row["pruned"]["ratio"]
     return {"speedup": r["median"], "lo": r["lo"], "hi": r["hi"], "within_noise": r["within_noise"],
@@ -324,7 +313,7 @@ def _build(ref: nn.Module, x: torch.Tensor, runtime: str, batch: int, threads: i
     t0 = time.perf_counter()
     try:
         (row,) = timing.side_by_side({"model": ref}, x, batch_sizes=(batch,), runtimes=(runtime,), threads=threads,
-                                     rounds=MODEL_ROUNDS, mode=_mode(ref)).values()
+                                     rounds=MODEL_ROUNDS, mode=tasks.for_model(ref).export_mode).values()
     except PrunekitError as exc:
         raise PrunekitError(f"runtime {runtime} cannot run this model, so no latency target on it ({exc})") from exc
     model_ms = row["model"]["median_ms"]

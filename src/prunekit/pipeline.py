@@ -33,6 +33,7 @@ import yaml
 
 from . import distill, io, methods, models, tasks, timing
 from .errors import PrunekitError
+from .errors import config_error as _err
 from .graph import run_checked
 from .measure import measure
 from .tasks import Task
@@ -49,13 +50,8 @@ TARGET_KEYS = {"speedup": (int, float), "sparsity": (int, float), "learned": boo
                "latency": (int, float), "runtime": str, "batch": int, "threads": int}
 LATENCY_KEYS = ("latency", "runtime", "batch", "threads")  # a measured-speedup target and where it is timed
 CYCLE_KEYS = {"stage", "stages", "max_cycles", "stop_below", "tolerance"}
-VAL_FRACTION = 0.1  # the classification task's default (checked here, before anything loads)
 REST = "rest"  # `epochs: rest` = what the run's `budget` has left
 LATENCY = {"threads": 1, "rounds": 10}  # the final table's side-by-side timing (eager PyTorch)
-
-
-def _err(key: str, msg: str) -> PrunekitError:
-    return PrunekitError(f"config error at '{key}': {msg}")
 
 
 def _check_keys(section: dict, allowed: dict | set, where: str) -> None:
@@ -117,16 +113,13 @@ def _check_stage(stage: Any, where: str, method: methods.Method | None, budget: 
         if spec["teacher"] not in distill.TEACHERS and not Path(spec["teacher"]).is_file():
             raise _err(f"{where}.distill.teacher", f"{spec['teacher'][:80]!r} is neither base, before nor a model file")
     extra = sorted(set(stage) - {"stage"} - train_keys - set(reg)) if kind != "prune" else []
-    if extra and getattr(task, "train_keys_hint", None):
+    if extra and task.train_keys_hint:
         raise _err(f"{where}.{extra[0]}", f"unknown key; {task.train_keys_hint}")
     _check_keys(stage, {"stage"} | (set() if kind == "prune" else train_keys) | set(reg), where)
     if kind != "prune":
         if stage.get("epochs") == REST and budget is None:
             raise _err(f"{where}.epochs", "'rest' needs a top-level budget (total training epochs of the run)")
-        try:
-            task.check_stage(stage, where)
-        except PrunekitError as exc:
-            raise exc if str(exc).startswith("config error") else _err(where, str(exc)) from exc
+        task.check_stage(stage, where)
 
 
 def _check_teachers(stages: list) -> None:
@@ -251,8 +244,8 @@ def validate(cfg: Any) -> dict:
     sched = cfg["target"].get("schedule", [])
     if any(not isinstance(v, int | float) or not 0 <= v < 1 for v in sched) or sched != sorted(sched):
         raise _err("target.schedule", f"must be increasing sparsities in [0, 1) (one per cycle), got {sched!r}")
-    vf = cfg["data"].get("val_fraction", VAL_FRACTION)
-    if isinstance(vf, bool) or not isinstance(vf, int | float) or not 0 < vf < 1:
+    vf = cfg["data"].get("val_fraction")
+    if vf is not None and (isinstance(vf, bool) or not isinstance(vf, int | float) or not 0 < vf < 1):
         raise _err("data.val_fraction", f"must be a fraction in (0, 1) of the training data, got {vf!r}")
     budget = cfg.get("budget")
     if budget is not None and budget < 0:
@@ -433,9 +426,9 @@ class Run:
         if self._distils_from_before:
             self.teachers["before"] = copy.deepcopy(model)
         done = self._done(sdir)
-        if done is not None:  # two loads: the stages after train theirs, self.pruned stays as pruned
+        if done is not None:  # the stages after it train their own copy: self.pruned stays as pruned
             self.pruned = io.load(sdir / "model.pt")
-            return io.load(sdir / "model.pt"), done
+            return copy.deepcopy(self.pruned), done
         model = model.to(self.dev)
         tgt = self.cfg["target"]
         sparsity = tgt.get("sparsity")
@@ -496,7 +489,6 @@ class Run:
         if self.rank == 0:
             io.save(before_model, self.dir / "before.pt")
             io.save(model, self.dir / "after.pt")
-        if self.rank == 0:
             io.atomic_save(metrics, self.dir / "metrics.pt")
             (self.dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
             from .report import write_report

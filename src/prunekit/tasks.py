@@ -63,6 +63,7 @@ class Task:
     higher_is_better: bool = True
     data_hint: str = ""  # what data.name may be, for the error when it is missing
     train_keys: frozenset[str] = frozenset()  # keys a training stage takes (besides stage, distill, regulariser)
+    train_keys_hint: str = ""  # said with an unknown training-stage key (where the task's settings go)
     default_batch: int = 128
     report_rows: tuple[tuple[str, str, str], ...] = ()  # (label, metrics key, format) beside the metric
     metric_format: str = "{:.2f}"
@@ -113,7 +114,7 @@ class Task:
 
     # ---- training stages ----
     def check_stage(self, stage: dict, where: str) -> None:
-        """Check a training stage's own settings; raise PrunekitError naming the key."""
+        """Check a training stage's own settings; raise ``errors.config_error`` naming the key."""
 
     def stage_epochs(self, stage: dict) -> int | str:
         """A stage's epochs as written (an integer or ``rest``), with the task's default."""

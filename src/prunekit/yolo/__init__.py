@@ -198,14 +198,9 @@ def _trained(path: Path, num_classes: int | None, *, trust_pickle: bool) -> tupl
         raise PrunekitError(f"{path} is an Ultralytics checkpoint, a Python pickle: loading one runs whatever code it "
                             "holds; pass trust_pickle: true (--trust-pickle) only for a file you trust (e.g. one you "
                             "trained yourself)")
-    ultralytics()  # the pickle names Ultralytics classes
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # a damaged or foreign pickle raises anything
-        raise PrunekitError(f"cannot read {path} as an Ultralytics checkpoint ({type(exc).__name__}: {exc})") from exc
-    obj = (ckpt.get("ema") or ckpt.get("model")) if isinstance(ckpt, dict) else ckpt
+    obj = _pickled_model(path)
     cfg = getattr(obj, "yaml", None)
-    if not isinstance(obj, nn.Module) or not isinstance(cfg, dict):
+    if not isinstance(cfg, dict):
         raise PrunekitError(f"{path} holds no Ultralytics model (expected a checkpoint with 'model' or 'ema')")
     stem = Path(str(cfg.get("yaml_file") or "")).stem
     arch = f"{PREFIX}{stem}" if stem else ""
@@ -218,8 +213,7 @@ def _trained(path: Path, num_classes: int | None, *, trust_pickle: bool) -> tupl
     nc = int(cfg.get("nc") or len(names))
     if num_classes is not None and num_classes != nc:
         raise PrunekitError(f"{path} predicts {nc} classes, not num_classes={num_classes}")
-    state = {k: v.float() if v.is_floating_point() else v for k, v in obj.state_dict().items()}
-    return arch, nc, names or {i: str(i) for i in range(nc)}, state
+    return arch, nc, names or {i: str(i) for i in range(nc)}, _float_state(obj)
 
 
 def input_size(model: nn.Module) -> int:
@@ -265,7 +259,7 @@ def load_weights(model: nn.Module, path: Path, num_classes: int, *, trust_pickle
                 f"{path} is not a plain state dict: Ultralytics .pt checkpoints are Python pickles, and loading "
                 "one runs whatever code it holds; pass trust_pickle=True only for a file you trust (e.g. one "
                 "you trained yourself)") from exc
-        state = _state_from_pickle(path)
+        state = _float_state(_pickled_model(path))
     if isinstance(state, dict) and isinstance(state.get("model"), dict):  # {"model": state_dict, ...}
         state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -287,24 +281,27 @@ def load_weights(model: nn.Module, path: Path, num_classes: int, *, trust_pickle
         raise PrunekitError(f"weights in {path} do not fit this model: {detail[:300]}") from exc
 
 
-def _state_from_pickle(path: Path) -> dict[str, torch.Tensor]:
+def _pickled_model(path: Path) -> nn.Module:
+    """The model inside a trusted Ultralytics ``.pt`` (its EMA when it has one, as Ultralytics loads it)."""
     ultralytics()  # the pickle names Ultralytics classes
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # a damaged or foreign pickle raises anything
         raise PrunekitError(f"cannot read {path} as an Ultralytics checkpoint ({type(exc).__name__}: {exc})") from exc
-    state = _trained_state(ckpt if isinstance(ckpt, dict) else {"model": ckpt})
-    if state is None:
+    obj = (ckpt.get("ema") or ckpt.get("model")) if isinstance(ckpt, dict) else ckpt
+    if not isinstance(obj, nn.Module):
         raise PrunekitError(f"{path} holds no Ultralytics model (expected a checkpoint with 'model' or 'ema')")
-    return state
+    return obj
 
 
 def _trained_state(ckpt: dict) -> dict[str, torch.Tensor] | None:
     """The weights of an Ultralytics checkpoint (its EMA when it has one, as Ultralytics loads it), in float32."""
     obj = ckpt.get("ema") or ckpt.get("model")
-    if not isinstance(obj, nn.Module):
-        return None
-    return {k: v.float() if v.is_floating_point() else v for k, v in obj.state_dict().items()}
+    return _float_state(obj) if isinstance(obj, nn.Module) else None
+
+
+def _float_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.float() if v.is_floating_point() else v for k, v in model.state_dict().items()}
 
 
 # ---- the traceable rewrite ----
@@ -454,18 +451,28 @@ def check_settings(settings: Any, where: str = "ultralytics") -> None:
     ultralytics()
     from ultralytics.cfg import DEFAULT_CFG_DICT, check_cfg, check_dict_alignment
 
-    logger = logging.getLogger("ultralytics")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)  # its check logs the whole CLI help before raising
     try:
-        with contextlib.redirect_stdout(io_.StringIO()):
+        with quiet(logging.CRITICAL), contextlib.redirect_stdout(io_.StringIO()):  # its check logs the CLI help
             check_dict_alignment(DEFAULT_CFG_DICT, dict(settings))
             check_cfg(dict(settings))
     except (SyntaxError, ValueError, TypeError) as exc:
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()
         raise PrunekitError(f"{where}: {' '.join(text[:1])[:200]}") from None
+
+
+@contextmanager
+def quiet(level: int = logging.WARNING) -> Iterator[None]:
+    """Ultralytics' logger at ``level`` inside the block: its tables and help texts are not prunekit's output
+    (a CLI printing JSON to stdout must not get them mixed in)."""
+    logger = logging.getLogger("ultralytics")
+    old = logger.level
+    logger.setLevel(level)
+    try:
+        yield
     finally:
-        logger.setLevel(level)
+        logger.setLevel(old)
+
+
 def train(model: nn.Module, dataset: str | Path, *, epochs: int = 1, imgsz: int | None = None, batch: int = 16,
           device: str = "cpu", project: str | Path | None = None, name: str = "train",
           after_backward: Callable[[nn.Module], None] | None = None, keep: str = "best", resume: bool = False,
@@ -671,12 +678,6 @@ def validate(model: nn.Module, dataset: str | Path, *, split: str = "val", imgsz
     validator = DetectionValidator(args=args)
     net = copy.deepcopy(model).float().eval()
     net.names = dict(enumerate(ds.names))
-    logger = logging.getLogger("ultralytics")
-    level = logger.level
-    if not verbose:
-        logger.setLevel(logging.WARNING)
-    try:
+    with contextlib.nullcontext() if verbose else quiet():
         stats = validator(model=net)
-    finally:
-        logger.setLevel(level)
     return {short: float(stats[key]) for short, key in METRICS.items()}

@@ -11,7 +11,6 @@ the detection metric).
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -22,11 +21,11 @@ from PIL import Image
 from torch import nn
 
 from .. import distill, io, models
-from ..errors import PrunekitError
+from ..errors import PrunekitError, config_error
 from ..measure import hooked
 from ..tasks import Task, TaskData
 from . import data as ydata
-from . import export_mode, input_size, ultralytics
+from . import export_mode, input_size, quiet, ultralytics
 
 DEFAULT_EPOCHS = 10
 
@@ -127,8 +126,8 @@ class Detection(Task):
             print(f"prunekit: data {line}", file=sys.stderr)
         missing = [s for s in ("train", "val", "test") if s not in det.images]
         if missing:
-            raise PrunekitError(f"config error at 'data.name': {spec['name']} has no {' or '.join(missing)} split; "
-                                "detectors need train, val and test")
+            raise config_error("data.name", f"{spec['name']} has no {' or '.join(missing)} split; detectors need "
+                               "train, val and test")
         imgsz = spec.get("image_size") or 640
         bs = spec.get("batch_size", self.default_batch)
         calib = ydata.image_batches(det, "train", imgsz=imgsz, batch=bs, seed=seed,
@@ -151,8 +150,9 @@ class Detection(Task):
         if nc is None:
             raise PrunekitError("the detection task evaluates Ultralytics detection models (ul:<name>) only")
         v = DetectionValidator(args={"conf": 0.001, "iou": 0.7, "plots": False, "save_json": False, "task": "detect"})
-        v.device, v.training, v.data = device, True, {"names": dict(enumerate(map(str, range(nc))))}
-        v.init_metrics(_Names(nc))
+        names = _Names(nc)
+        v.device, v.training, v.data = device, True, {"names": names.names}
+        v.init_metrics(names)
         with hooked(model):
             for images, labels in batches:
                 images = images.to(device)
@@ -162,13 +162,8 @@ class Detection(Task):
                          "ori_shape": [size] * n, "ratio_pad": [((1.0, 1.0), (0.0, 0.0))] * n,
                          "im_file": [f"{i}.jpg" for i in range(n)]}
                 v.update_metrics(v.postprocess(model(images)), batch)
-        logger = logging.getLogger("ultralytics")
-        level = logger.level
-        logger.setLevel(logging.WARNING)
-        try:
+        with quiet():
             stats = v.get_stats()
-        finally:
-            logger.setLevel(level)
         return {"mAP50-95": 100 * float(stats["metrics/mAP50-95(B)"]), "mAP50": 100 * float(stats["metrics/mAP50(B)"])}
 
     def score(self, model: nn.Module, data: TaskData, split: str, device: torch.device) -> float:
@@ -194,14 +189,13 @@ class Detection(Task):
             try:
                 check_settings(stage["ultralytics"])
             except PrunekitError as exc:
-                raise PrunekitError(f"config error at '{where}.ultralytics': {exc}") from exc
+                raise config_error(f"{where}.ultralytics", str(exc)) from exc
         elif not isinstance(stage.get("ultralytics", {}), dict):
-            raise PrunekitError(f"config error at '{where}.ultralytics': must be a mapping of Ultralytics train "
-                                "settings")
+            raise config_error(f"{where}.ultralytics", "must be a mapping of Ultralytics train settings")
         for key in ("epochs", "batch_size", "seed"):
             v = stage.get(key)
             if v is not None and v != "rest" and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
-                raise PrunekitError(f"config error at '{where}.{key}': must be an integer >= 0, got {v!r}")
+                raise config_error(f"{where}.{key}", f"must be an integer >= 0, got {v!r}")
 
     def stage_epochs(self, stage: dict) -> int | str:
         return stage.get("epochs", DEFAULT_EPOCHS)
