@@ -447,21 +447,38 @@ def _checked(model: nn.Module, backup: nn.Module, ctx: Context, m: Method, targe
 
 LATENCY_TOLERANCE = 0.05  # a latency target is met when the measured median lies within 5 % of it
 LATENCY_TRIES = 8  # measurements (a landing one and its confirmation count two) before the search gives up
+LATENCY_PRUNES = 40  # prunes (cheap: a keep map met before is not timed again) before the search gives up
+NEIGHBOURS = 1.001  # predicted speedups closer than this ratio hold no keep map between them
 
 
-def _next_ask(tries: list[dict], asked: float) -> float:
-    """The predicted speedup to prune to next: between the two tries whose measurements bracket ``asked``
-    (log-log interpolation); else beyond the outermost try on the short side, along the secant through the
-    two outermost tries there (measured speedup grows more slowly than predicted where the table is off, so
-    a plain asked/measured correction creeps), at least 5 % and at most a factor 2 further out: widths are
-    discrete, and a step that lands on a keep map already measured would measure the same again."""
-    below = [t for t in tries if t["speedup"] < asked]
-    above = [t for t in tries if t["speedup"] >= asked]
-    if below and above:
-        lo, hi = max(below, key=lambda t: t["speedup"]), min(above, key=lambda t: t["speedup"])
+def _keep_map(model: nn.Module) -> tuple:
+    """What a prune's timing depends on: every parameter's shape (two prunes with the same shapes time alike)."""
+    return tuple(tuple(p.shape) for p in model.parameters())
+
+
+def _bracket(points: list[dict], asked: float) -> tuple[dict, dict] | None:
+    """The two prunes whose measured speedups bracket ``asked`` most tightly: of a keep map met at several
+    predicted speedups, the one nearest the other side (so the bracket narrows as prunes are added)."""
+    below = [t for t in points if t["speedup"] < asked]
+    above = [t for t in points if t["speedup"] >= asked]
+    if not (below and above):
+        return None
+    return (max(below, key=lambda t: (t["speedup"], t["predicted"])),
+            min(above, key=lambda t: (t["speedup"], t["predicted"])))
+
+
+def _next_ask(points: list[dict], asked: float) -> float:
+    """The predicted speedup to prune to next: between the two prunes whose measurements bracket ``asked``
+    (log-log interpolation); else beyond the outermost prune on the short side, along the secant through the
+    two outermost prunes there (measured speedup grows more slowly than predicted where the table is off, so
+    a plain asked/measured correction creeps), at least 5 % and at most a factor 2 further out."""
+    bracket = _bracket(points, asked)
+    if bracket:
+        lo, hi = bracket
         f = math.log(asked / lo["speedup"]) / math.log(hi["speedup"] / lo["speedup"])
+        f = min(max(f, 0.1), 0.9)  # a keep map met again moves its end of the bracket: strictly inside
         return lo["predicted"] * (hi["predicted"] / lo["predicted"]) ** f
-    side = sorted(below or above, key=lambda t: t["predicted"], reverse=bool(below))  # outermost first
+    side = sorted(points, key=lambda t: t["predicted"], reverse=points[0]["speedup"] < asked)  # outermost first
     edge = side[0]
     step = math.log(asked / edge["speedup"])  # in log measured speedup: > 0 below asked, < 0 above
     if len(side) > 1 and side[1]["predicted"] != edge["predicted"]:
@@ -472,19 +489,32 @@ def _next_ask(tries: list[dict], asked: float) -> float:
     return edge["predicted"] * math.exp(step)
 
 
+def _latency_error(msg: str, closest: dict, **extra: Any) -> PrunekitError:
+    err = PrunekitError(msg)
+    err.closest = closest  # the measurement a caller can judge the miss by (timing noise or reach)
+    for k, v in extra.items():
+        setattr(err, k, v)
+    return err
+
+
 def _to_latency(model: nn.Module, backup: nn.Module, ctx: Context, m: Method, target: dict, opts: dict,
                 shapes: list[torch.Size]) -> PruneResult:
     """Prune copies to the latency table's predicted speedup, time each side by side with the unpruned model,
     and correct the predicted speedup asked for from what was measured (``_next_ask``) until the measured
-    median lands; the winning copy's modules then become the model's.
+    median lands (and a second timing agrees); the winning copy's modules then become the model's.
 
-    Out of reach by the table, the most the method prunes is measured once: the error names that speedup.
+    Widths are discrete: a keep map met before is not timed again (its measurement is reused), and when the
+    two prunes bracketing the target are neighbours (no keep map between them) the target is refused naming
+    both. Out of reach by the table, the most the method prunes is measured once: the error names it.
     """
     asked = target["latency"]
     setting = {k: target[k] for k in ("runtime", "batch", "threads")}
     where = f"{setting['runtime']} (batch {setting['batch']}, {setting['threads']} threads)"
     table = lat.table(backup, ctx.example_inputs, **setting)
-    ask, at_most, tries = asked, False, []
+    known: dict[tuple, dict] = {}  # keep map -> its latest measurement
+    tries: list[dict] = []  # every timing, in order (reported)
+    points: list[dict] = []  # every prune: its predicted speedup and its keep map's measurement
+    ask, at_most = asked, False
     while True:
         trial = copy.deepcopy(backup)
         try:
@@ -496,27 +526,39 @@ def _to_latency(model: nn.Module, backup: nn.Module, ctx: Context, m: Method, ta
                 raise
             ask, at_most = reachable, True  # as far as the method prunes: measure that once
             continue
-        got = lat.measure(backup, trial, ctx.example_inputs, **setting)
-        tries.append({"predicted": ask, **got})
-        if abs(got["speedup"] / asked - 1) <= LATENCY_TOLERANCE:  # landed: kept only if a second timing agrees
+        sig = _keep_map(trial)
+        if sig in known:
+            got = known[sig]
+        else:
             got = lat.measure(backup, trial, ctx.example_inputs, **setting)
             tries.append({"predicted": ask, **got})
-            if abs(got["speedup"] / asked - 1) <= LATENCY_TOLERANCE:
-                break
-        if at_most and not any(t["speedup"] >= asked for t in tries):  # not even the fastest prune reaches it
-            err = PrunekitError(f"latency {asked:g}x is out of reach on {where}: pruning as far as {m.name!r} "
-                                f"goes measures {got['speedup']:.2f}x ({got['lo']:.2f}-{got['hi']:.2f}); lower "
-                                "the target or min_keep")
-            err.closest = got
-            raise err
-        if len(tries) >= LATENCY_TRIES:
+            if abs(got["speedup"] / asked - 1) <= LATENCY_TOLERANCE:  # landed: kept only if a second timing agrees
+                got = lat.measure(backup, trial, ctx.example_inputs, **setting)
+                tries.append({"predicted": ask, **got})
+                if abs(got["speedup"] / asked - 1) <= LATENCY_TOLERANCE:
+                    break
+            known[sig] = got
+        points.append({"predicted": ask, **got})
+        if at_most and not any(t["speedup"] >= asked for t in points):  # not even the fastest prune reaches it
+            raise _latency_error(f"latency {asked:g}x is out of reach on {where}: pruning as far as {m.name!r} goes "
+                                 f"measures {got['speedup']:.2f}x ({got['lo']:.2f}-{got['hi']:.2f}); lower the "
+                                 "target or min_keep", got)
+        bracket = _bracket(points, asked)
+        if bracket and max(bracket[0]["predicted"], bracket[1]["predicted"]) / \
+                min(bracket[0]["predicted"], bracket[1]["predicted"]) < NEIGHBOURS:
+            lo, hi = bracket
+            raise _latency_error(
+                f"latency {asked:g}x falls between two neighbouring prunes of {m.name!r} on {where}: "
+                f"{lo['speedup']:.2f}x ({lo['lo']:.2f}-{lo['hi']:.2f}) and {hi['speedup']:.2f}x "
+                f"({hi['lo']:.2f}-{hi['hi']:.2f}), no width between them; ask for one of those",
+                min(bracket, key=lambda t: abs(t["speedup"] - asked)), between=bracket)
+        if len(tries) >= LATENCY_TRIES or len(points) >= LATENCY_PRUNES:
             best = min(tries, key=lambda t: abs(t["speedup"] - asked))
-            err = PrunekitError(f"latency {asked:g}x not reached within {LATENCY_TOLERANCE:.0%} on {where} in "
-                                f"{len(tries)} measurements: the closest {best['speedup']:.2f}x "
-                                f"({best['lo']:.2f}-{best['hi']:.2f}); ask for that, or time on a quieter machine")
-            err.closest = best  # the measurement a caller can judge the miss by (timing noise or reach)
-            raise err
-        ask, at_most = max(1.0, _next_ask(tries, asked)), False
+            raise _latency_error(f"latency {asked:g}x not reached within {LATENCY_TOLERANCE:.0%} on {where} in "
+                                 f"{len(tries)} measurements: the closest {best['speedup']:.2f}x "
+                                 f"({best['lo']:.2f}-{best['hi']:.2f}); ask for that, or time on a quieter machine",
+                                 best)
+        ask, at_most = max(1.0, _next_ask(points, asked)), False
     result.target = {"latency": asked, **setting} | {k: v for k, v in result.target.items() if k != "speedup"}
     result.measured = {**got, **setting, "predicted": ask, "tries": tries, "table": table.info}
     model.__dict__.update(trial.__dict__)  # the winning copy's modules, in the caller's model
