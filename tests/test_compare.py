@@ -162,12 +162,25 @@ def test_best_row_and_lead_beyond_spread():
     ({"methods": ["magnitude"]}, "unstructured"),
     ({"finetune": {"epochs": 3}}, "budget"),
     ({"bogus": 1}, "unknown key"),
+    ({"targets": [{"latency": 2.0, "runtme": "eager"}]}, "unknown key 'runtme'"),
+    ({"targets": [{"latency": 0.5}]}, "'target.latency': must be > 1"),
+    ({"methods": [{"name": "adaptive-slim", "targets": [{"latency": 2.0}]}]}, "adaptive: give this entry"),
 ])
 def test_bad_compare_configs_fail_before_any_training(change, expected, tmp_path):
     cfg = {**copy.deepcopy(SMALL), **change, "out": str(tmp_path / "out")}
     with pytest.raises(PrunekitError, match=re.escape(expected)):
         compare.run(cfg)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_latency_target_is_a_cell_pruned_to_a_measured_speedup(tmp_path):
+    cfg = compare.validate({**copy.deepcopy(SMALL), "out": str(tmp_path / "out"),
+                            "targets": [2.0, {"latency": 1.5, "runtime": "onnxruntime", "batch": 8, "threads": 1}]})
+    cells = compare._cells(cfg, compare._entries(cfg), Path(cfg["out"]))
+    lat = [c for c in cells if c["target"].startswith("lat")]
+    assert {c["target"] for c in lat} == {"lat1.5x-ort-b8-t1"} and len(lat) == 3 * 2
+    assert lat[0]["config"]["target"] == {"latency": 1.5, "runtime": "onnxruntime", "batch": 8, "threads": 1}
+    assert lat[0]["id"] == "l1-norm-lat1.5x-ort-b8-t1-s0"
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (.ci/run installs Debian's chromium)")

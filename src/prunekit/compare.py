@@ -65,8 +65,17 @@ def _check_keys(section: Any, allowed: dict, where: str) -> None:
             raise _err(f"{where}.{k}" if where else k, f"must be {names}, got {str(v)[:80]!r}")
 
 
-def _target_name(t: float | str) -> str:
+def _target_name(t: float | str | dict) -> str:
+    if isinstance(t, dict):  # a measured speedup: where it is timed is part of its name
+        rt = {"onnxruntime": "ort"}.get(t.get("runtime", "eager"), t.get("runtime", "eager"))
+        return f"lat{float(t['latency']):g}x-{rt}-b{t.get('batch', 64)}-t{t.get('threads', 2)}"
     return LEARNED if t == LEARNED else f"{float(t):g}x"
+
+
+def _pipeline_target(t: float | str | dict) -> dict:
+    if isinstance(t, dict):
+        return {"runtime": "eager", "batch": 64, "threads": 2, **t}
+    return {"learned": True} if t == LEARNED else {"speedup": float(t)}
 
 
 def _entries(cfg: dict) -> list[dict]:
@@ -104,6 +113,10 @@ def _entries(cfg: dict) -> list[dict]:
                 raise _err(f"{where}.targets" if "targets" in e else "targets",
                            f"'learned' is for methods that choose their own cut (adaptive-slim); {m.name} needs a "
                            "speedup: give this entry its own targets")
+            if isinstance(t, dict) and m.kind != "structured":
+                raise _err(f"{where}.targets" if "targets" in e else "targets",
+                           f"a latency target needs a method that removes channels to a target; {m.name} is "
+                           f"{m.kind}: give this entry its own targets")
         sparsify = e.get("sparsify", True)
         if sparsify is not False and m.regularizer is None and isinstance(sparsify, dict):
             raise _err(f"{where}.sparsify", f"{m.name} declares no sparsity regulariser")
@@ -118,11 +131,18 @@ def _entries(cfg: dict) -> list[dict]:
 
 def _check_targets(targets: Any, where: str) -> None:
     if not isinstance(targets, list) or not targets:
-        raise _err(where, "give a non-empty list of speedups (base MACs / pruned MACs) and/or 'learned'")
+        raise _err(where, "give a non-empty list of speedups (base MACs / pruned MACs), 'learned' and/or "
+                          "{latency: X, runtime, batch, threads} (a measured speedup)")
     for t in targets:
+        if isinstance(t, dict):  # {latency: 2.0, runtime: onnxruntime, batch: 64, threads: 2}: a measured speedup
+            unknown = sorted(set(t) - set(pipeline.LATENCY_KEYS))
+            if unknown or not isinstance(t.get("latency"), int | float) or isinstance(t.get("latency"), bool):
+                raise _err(where, f"{str(t)[:60]!r}: a latency target is {{latency: X, runtime, batch, threads}}"
+                                  + (f" (unknown key {unknown[0]!r})" if unknown else ""))
+            continue
         ok = t == LEARNED or (isinstance(t, int | float) and not isinstance(t, bool) and math.isfinite(t) and t > 1)
         if not ok:
-            raise _err(where, f"{str(t)[:40]!r} is neither a speedup > 1 nor 'learned'")
+            raise _err(where, f"{str(t)[:40]!r} is neither a speedup > 1, 'learned' nor {{latency: X, ...}}")
     if len({_target_name(t) for t in targets}) != len(targets):
         raise _err(where, "a target appears twice")
 
@@ -255,7 +275,7 @@ def _cells(cfg: dict, entries: list[dict], out: Path) -> list[dict]:
                                                 **({"distill": kd_spec} if kd_spec else {})}]
             budget = cfg["budget"] - e["search_epochs"]  # a search (auto-mend's) is charged as epochs
             _check_budget(stages, budget, e["label"])
-            target = {"learned": True} if t == LEARNED else {"speedup": float(t)}
+            target = _pipeline_target(t)
             params = dict(e["params"])
             if "seed" in methods.get(e["name"]).options:  # a method's own randomness follows the cell's seed
                 params.setdefault("seed", seed)

@@ -446,7 +446,7 @@ def _checked(model: nn.Module, backup: nn.Module, ctx: Context, m: Method, targe
 
 
 LATENCY_TOLERANCE = 0.05  # a latency target is met when the measured median lies within 5 % of it
-LATENCY_TRIES = 8  # measurements (a landing one and its confirmation count two) before the search gives up
+LATENCY_TRIES = 8  # timings (a landing one and its second count two) before the search gives up
 LATENCY_PRUNES = 40  # prunes (cheap: a keep map met before is not timed again) before the search gives up
 NEIGHBOURS = 1.001  # predicted speedups closer than this ratio hold no keep map between them
 
@@ -457,14 +457,16 @@ def _keep_map(model: nn.Module) -> tuple:
 
 
 def _bracket(points: list[dict], asked: float) -> tuple[dict, dict] | None:
-    """The two prunes whose measured speedups bracket ``asked`` most tightly: of a keep map met at several
-    predicted speedups, the one nearest the other side (so the bracket narrows as prunes are added)."""
-    below = [t for t in points if t["speedup"] < asked]
-    above = [t for t in points if t["speedup"] >= asked]
-    if not (below and above):
+    """The two prunes, neighbours in predicted speedup, whose measurements straddle ``asked`` with the least
+    predicted speedup between them (timing noise can make measured speedup fall where predicted rises, so the
+    bracket is read along the predicted axis, the one the search moves on); None when all lie on one side."""
+    ranked = sorted(points, key=lambda t: t["predicted"])
+    pairs = [(a, b) for a, b in zip(ranked, ranked[1:], strict=False)
+             if (a["speedup"] < asked) != (b["speedup"] < asked)]
+    if not pairs:
         return None
-    return (max(below, key=lambda t: (t["speedup"], t["predicted"])),
-            min(above, key=lambda t: (t["speedup"], t["predicted"])))
+    a, b = min(pairs, key=lambda ab: ab[1]["predicted"] / ab[0]["predicted"])
+    return (a, b) if a["speedup"] < asked else (b, a)
 
 
 def _next_ask(points: list[dict], asked: float) -> float:
@@ -476,7 +478,7 @@ def _next_ask(points: list[dict], asked: float) -> float:
     if bracket:
         lo, hi = bracket
         f = math.log(asked / lo["speedup"]) / math.log(hi["speedup"] / lo["speedup"])
-        f = min(max(f, 0.1), 0.9)  # a keep map met again moves its end of the bracket: strictly inside
+        f = min(max(f, 0.1), 0.9)  # strictly inside: a keep map met again there narrows the bracket
         return lo["predicted"] * (hi["predicted"] / lo["predicted"]) ** f
     side = sorted(points, key=lambda t: t["predicted"], reverse=points[0]["speedup"] < asked)  # outermost first
     edge = side[0]
@@ -487,6 +489,14 @@ def _next_ask(points: list[dict], asked: float) -> float:
             step /= slope
     step = math.copysign(min(max(abs(step), math.log(1.05)), math.log(2)), step)
     return edge["predicted"] * math.exp(step)
+
+
+def _pooled(timings: list[dict]) -> dict:
+    """One keep map's timings as one measurement: the mean speedup, the widest spread."""
+    mean = lambda k: sum(t[k] for t in timings) / len(timings)  # noqa: E731
+    lo, hi = min(t["lo"] for t in timings), max(t["hi"] for t in timings)
+    return {"speedup": mean("speedup"), "lo": lo, "hi": hi, "within_noise": bool(lo <= 1 <= hi),
+            "base_ms": mean("base_ms"), "pruned_ms": mean("pruned_ms")}
 
 
 def _latency_error(msg: str, closest: dict, **extra: Any) -> PrunekitError:
@@ -501,7 +511,7 @@ def _to_latency(model: nn.Module, backup: nn.Module, ctx: Context, m: Method, ta
                 shapes: list[torch.Size]) -> PruneResult:
     """Prune copies to the latency table's predicted speedup, time each side by side with the unpruned model,
     and correct the predicted speedup asked for from what was measured (``_next_ask``) until the measured
-    median lands (and a second timing agrees); the winning copy's modules then become the model's.
+    median lands (and, timed again, the mean of both timings); the winning copy's modules then become the model's.
 
     Widths are discrete: a keep map met before is not timed again (its measurement is reused), and when the
     two prunes bracketing the target are neighbours (no keep map between them) the target is refused naming
@@ -511,7 +521,7 @@ def _to_latency(model: nn.Module, backup: nn.Module, ctx: Context, m: Method, ta
     setting = {k: target[k] for k in ("runtime", "batch", "threads")}
     where = f"{setting['runtime']} (batch {setting['batch']}, {setting['threads']} threads)"
     table = lat.table(backup, ctx.example_inputs, **setting)
-    known: dict[tuple, dict] = {}  # keep map -> its latest measurement
+    known: dict[tuple, list[dict]] = {}  # keep map -> its timings
     tries: list[dict] = []  # every timing, in order (reported)
     points: list[dict] = []  # every prune: its predicted speedup and its keep map's measurement
     ask, at_most = asked, False
@@ -527,17 +537,16 @@ def _to_latency(model: nn.Module, backup: nn.Module, ctx: Context, m: Method, ta
             ask, at_most = reachable, True  # as far as the method prunes: measure that once
             continue
         sig = _keep_map(trial)
-        if sig in known:
-            got = known[sig]
-        else:
-            got = lat.measure(backup, trial, ctx.example_inputs, **setting)
-            tries.append({"predicted": ask, **got})
-            if abs(got["speedup"] / asked - 1) <= LATENCY_TOLERANCE:  # landed: kept only if a second timing agrees
-                got = lat.measure(backup, trial, ctx.example_inputs, **setting)
-                tries.append({"predicted": ask, **got})
-                if abs(got["speedup"] / asked - 1) <= LATENCY_TOLERANCE:
+        if sig not in known:
+            known[sig] = [lat.measure(backup, trial, ctx.example_inputs, **setting)]
+            tries.append({"predicted": ask, **known[sig][0]})
+            if abs(known[sig][0]["speedup"] / asked - 1) <= LATENCY_TOLERANCE:  # landed: timed again, and kept
+                known[sig].append(lat.measure(backup, trial, ctx.example_inputs, **setting))  # if the mean lands
+                tries.append({"predicted": ask, **known[sig][1]})
+                if abs(_pooled(known[sig])["speedup"] / asked - 1) <= LATENCY_TOLERANCE:
+                    got = _pooled(known[sig])
                     break
-            known[sig] = got
+        got = _pooled(known[sig])
         points.append({"predicted": ask, **got})
         if at_most and not any(t["speedup"] >= asked for t in points):  # not even the fastest prune reaches it
             raise _latency_error(f"latency {asked:g}x is out of reach on {where}: pruning as far as {m.name!r} goes "
