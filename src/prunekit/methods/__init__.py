@@ -559,7 +559,7 @@ def _to_latency(model: nn.Module, backup: nn.Module, ctx: Context, m: Method, ta
             raise _latency_error(
                 f"latency {asked:g}x falls between two neighbouring prunes of {m.name!r} on {where}: "
                 f"{lo['speedup']:.2f}x ({lo['lo']:.2f}-{lo['hi']:.2f}) and {hi['speedup']:.2f}x "
-                f"({hi['lo']:.2f}-{hi['hi']:.2f}), no width between them; ask for one of those",
+                f"({hi['lo']:.2f}-{hi['hi']:.2f}), and no prune of it lies between them; ask for one of those",
                 min(bracket, key=lambda t: abs(t["speedup"] - asked)), between=bracket)
         if len(tries) >= LATENCY_TRIES or len(points) >= LATENCY_PRUNES:
             best = min(tries, key=lambda t: abs(t["speedup"] - asked))
