@@ -41,15 +41,16 @@ def save(src: Path, dst: Path) -> None:
     if dst.exists():
         shutil.rmtree(dst)
     files = [p for p in src.iterdir() if p.is_file() and p.suffix in SMALL]  # compare.yaml, latency.json, boards
-    files += [p for p in (src / "errors").glob("*.json")]
-    for run in _run_dirs(src):
+    files += list((src / "errors").glob("*.json"))
+    runs = _run_dirs(src)
+    for run in runs:
         files += _carried(run)
     for f in files:
         out = dst / f.relative_to(src)
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(f, out)
     size = sum(f.stat().st_size for f in files)
-    print(f"saved {len(files)} files ({size / 1e6:.1f} MB) of {len(_run_dirs(src))} runs to {dst}")
+    print(f"saved {len(files)} files ({size / 1e6:.1f} MB) of {len(runs)} runs to {dst}")
 
 
 def load(src: Path, dst: Path) -> None:

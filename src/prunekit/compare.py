@@ -65,17 +65,19 @@ def _check_keys(section: Any, allowed: dict, where: str) -> None:
             raise _err(f"{where}.{k}" if where else k, f"must be {names}, got {str(v)[:80]!r}")
 
 
-def _target_name(t: float | str | dict) -> str:
-    if isinstance(t, dict):  # a measured speedup: where it is timed is part of its name
-        rt = {"onnxruntime": "ort"}.get(t.get("runtime", "eager"), t.get("runtime", "eager"))
-        return f"lat{float(t['latency']):g}x-{rt}-b{t.get('batch', 64)}-t{t.get('threads', 2)}"
-    return LEARNED if t == LEARNED else f"{float(t):g}x"
-
-
 def _pipeline_target(t: float | str | dict) -> dict:
+    """A compare target as a pipeline's ``target``; a latency target with prune's timing defaults filled in."""
     if isinstance(t, dict):
         return {"runtime": "eager", "batch": 64, "threads": 2, **t}
     return {"learned": True} if t == LEARNED else {"speedup": float(t)}
+
+
+def _target_name(t: float | str | dict) -> str:
+    if isinstance(t, dict):  # a measured speedup: where it is timed is part of its name
+        t = _pipeline_target(t)
+        rt = {"onnxruntime": "ort"}.get(t["runtime"], t["runtime"])
+        return f"lat{float(t['latency']):g}x-{rt}-b{t['batch']}-t{t['threads']}"
+    return LEARNED if t == LEARNED else f"{float(t):g}x"
 
 
 def _entries(cfg: dict) -> list[dict]:

@@ -543,10 +543,9 @@ def _to_latency(model: nn.Module, backup: nn.Module, ctx: Context, m: Method, ta
             if abs(known[sig][0]["speedup"] / asked - 1) <= LATENCY_TOLERANCE:  # landed: timed again, and kept
                 known[sig].append(lat.measure(backup, trial, ctx.example_inputs, **setting))  # if the mean lands
                 tries.append({"predicted": ask, **known[sig][1]})
-                if abs(_pooled(known[sig])["speedup"] / asked - 1) <= LATENCY_TOLERANCE:
-                    got = _pooled(known[sig])
-                    break
         got = _pooled(known[sig])
+        if len(known[sig]) > 1 and abs(got["speedup"] / asked - 1) <= LATENCY_TOLERANCE:  # a landing, confirmed
+            break
         points.append({"predicted": ask, **got})
         if at_most and not any(t["speedup"] >= asked for t in points):  # not even the fastest prune reaches it
             raise _latency_error(f"latency {asked:g}x is out of reach on {where}: pruning as far as {m.name!r} goes "
