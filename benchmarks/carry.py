@@ -1,11 +1,12 @@
 """Carry a compare's work from one session to the next through the repository.
 
-The machines these benchmarks run on start fresh every session, and a protocol needs more CPU hours than
-one session has. ``save`` copies what ``prunekit compare`` needs to resume into a folder that is
-committed: every run's config, split, log, metrics and stage markers, and the models a resume reads
-(a finished run: only its final model, which the leaderboard times; an unfinished one: every finished
-stage's model, which its next stage starts from). ``load`` puts them back, so the compare re-runs nothing
-that finished. Mid-stage training checkpoints and reports are not carried (a stage restarts).
+The machines these benchmarks run on start fresh every session, and a protocol needs more CPU hours than one
+session has. ``save`` copies what ``prunekit compare`` needs to resume into a folder that is committed:
+every run's config, split, log, metrics and stage markers, and the models a resume reads (a finished run:
+only its final model, which the leaderboard times; an unfinished one: every finished stage's model, which
+its next stage starts from), and the sparsity stages cells share (``OUT/shared``). ``load`` puts them back,
+so the compare re-runs nothing that finished. Mid-stage training checkpoints and reports are not carried (a
+stage restarts).
 
     python benchmarks/carry.py save runs/compare-resnet20 benchmarks/results/compare-resnet20-cpu/state
     python benchmarks/carry.py load benchmarks/results/compare-resnet20-cpu/state runs/compare-resnet20
@@ -42,6 +43,7 @@ def save(src: Path, dst: Path) -> None:
         shutil.rmtree(dst)
     files = [p for p in src.iterdir() if p.is_file() and p.suffix in SMALL]  # compare.yaml, latency.json, boards
     files += list((src / "errors").glob("*.json"))
+    files += [p for p in (src / "shared").glob("*/*") if not p.parent.name.startswith(".")]  # shared sparsify stages
     runs = _run_dirs(src)
     for run in runs:
         files += _carried(run)

@@ -18,7 +18,7 @@ import torch
 import yaml
 
 import prunekit as pk
-from prunekit import compare, methods
+from prunekit import compare, methods, pipeline
 from prunekit.errors import PrunekitError
 from prunekit.timing import label, ratio_stats, side_by_side
 
@@ -115,6 +115,33 @@ def test_a_killed_compare_resumes_at_the_cell_where_it_stopped(tmp_path):
     board = compare.run(path)
     assert first.stat().st_mtime_ns == stamp  # the finished cell was read, not re-run
     assert board["cells"]["done"] == 2 and board["rows"][0]["seeds"] == [0, 1]
+
+
+def test_methods_sharing_a_regulariser_train_their_sparsify_stage_once_per_seed(tmp_path):
+    cfg = {**copy.deepcopy(SMALL), "budget": 2, "targets": [1.5], "seeds": [0], "sparsify": {"epochs": 1},
+           "methods": ["net-slim", "imp-sim", {"name": "net-slim", "label": "net-slim-s2", "sparsify": {"s": 2e-3}}]}
+    out = tmp_path / "out"
+    b = compare.run(cfg, out=out)
+    assert b["cells"]["done"] == 3
+    shared = sorted(p.name for p in (out / "shared").iterdir())
+    assert len(shared) == 2  # one per distinct sparsify stage: the default s (net-slim, imp-sim), and 2e-3
+
+    def stage(cid: str, name: str) -> Path:
+        return next((out / "cells" / cid / "stages").glob(f"*-{name}"))
+
+    first, twin = stage("net-slim-1.5x-s0", "sparsify"), stage("imp-sim-1.5x-s0", "sparsify")
+    rec, twin_rec = pk.io.safe_load(first / "done.pt"), pk.io.safe_load(twin / "done.pt")
+    assert "shared" not in rec and twin_rec["shared"] in shared and twin_rec["epochs"] == 1
+    assert pk.io.safe_load(out / "shared" / twin_rec["shared"] / "done.pt")["trained_by"] == "net-slim-1.5x-s0"
+    assert pk.io.safe_load(stage("net-slim-s2-1.5x-s0", "sparsify") / "done.pt").get("shared") is None
+    assert pk.io.safe_load(stage("imp-sim-1.5x-s0", "finetune") / "done.pt")["epochs"] == 1  # still charged
+    # the shared stage is the very model imp-sim trains alone
+    alone = yaml.safe_load((out / "cells" / "imp-sim-1.5x-s0" / "config.yaml").read_text())
+    alone.update(out=str(tmp_path / "alone"), stages=alone["stages"][:1])
+    pipeline.run(alone)
+    own = pk.io.load(stage("imp-sim-1.5x-s0", "sparsify") / "model.pt").state_dict()
+    trained = pk.io.load(next((tmp_path / "alone" / "stages").glob("*-sparsify")) / "model.pt").state_dict()
+    assert own.keys() == trained.keys() and all(torch.equal(own[k], trained[k]) for k in own)
 
 
 def test_ratio_within_noise_only_when_the_spread_holds_one():

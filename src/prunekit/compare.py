@@ -1,23 +1,24 @@
 """``prunekit compare CONFIG.yaml``: which method, at what speedup, for how much accuracy, side by side.
 
-Every pruning user asks which method to pick for *their* model and data. A compare answers it the
-only fair way: from **one base** (a checkpoint, or a ``train`` stage run once and cached), every
-(method × target × seed) cell gets the **same post-base budget** in epochs (a method's sparsity
-training counts against it), on **one data split** (the held-out validation split is fixed by the
-base's seed, whatever the cell's seed), and is measured by the same code. Each cell is an ordinary
-pipeline run directory under ``OUT/cells/``, so a killed compare resumes at the cell and stage where it
-stopped and finished cells are never re-run. Latency is measured for every cell **side by side in one
-process** (``prunekit.timing``: interleaved rounds, fixed threads, median and spread; a ratio whose
-spread holds 1.0 is "within noise"). The result is ``OUT/leaderboard.json`` (one row per method and
-target, mean ± std over seeds), the same table printed and as Markdown, and an HTML page with the
-metric against the MACs ratio and against the measured latency ratio.
+Every pruning user asks which method to pick for *their* model and data. A compare answers it the only fair
+way: from **one base** (a checkpoint, or a ``train`` stage run once and cached), every (method × target ×
+seed) cell gets the **same post-base budget** in epochs (a method's sparsity training counts against it), on
+**one data split** (the held-out validation split is fixed by the base's seed, whatever the cell's seed),
+and is measured by the same code. Each cell is an ordinary pipeline run directory under ``OUT/cells/``, so a
+killed compare resumes at the cell and stage where it stopped and finished cells are never re-run. Methods
+that rank by the same sparsity regulariser (net-slim, imp-sim, adaptive-slim) train their identical sparsify
+stage once per seed (``OUT/shared``): each cell is still charged its epochs, and its prune starts from the
+very model it would have trained alone. Latency is measured for every cell **side by side in one process**
+(``prunekit.timing``: interleaved rounds, fixed threads, median and spread; a ratio whose spread holds 1.0
+is "within noise"). The result is ``OUT/leaderboard.json`` (one row per method and target, mean ± std over
+seeds), the same table printed and as Markdown, and an HTML page with the metric against the MACs ratio and
+against the measured latency ratio.
 """
 
 from __future__ import annotations
 
 import base64
 import copy
-import hashlib
 import html
 import json
 import math
@@ -332,15 +333,17 @@ def _finished(config: dict) -> dict | None:
     return pipeline.finished_metrics(Path(config["out"]), pipeline.validate(copy.deepcopy(config)))
 
 
-def _run(config: dict, force: bool) -> dict:
-    return _finished(config) or pipeline.run(config, force=force)
+def _run(config: dict, force: bool, shared: Path | None = None) -> dict:
+    return _finished(config) or pipeline.run(config, force=force, shared=shared)
 
 
-def _run_cell(cell: dict, force: bool, errors_dir: Path) -> dict | None:
-    """Run (or resume) one cell; a failure is recorded and returned as None so the others go on."""
+def _run_cell(cell: dict, force: bool, out: Path) -> dict | None:
+    """Run (or resume) one cell; a failure is recorded and returned as None so the others go on. Cells of one
+    seed whose methods share a sparsity regulariser train that stage once (``OUT/shared``)."""
+    errors_dir = out / "errors"
     err_path = errors_dir / f"{cell['id']}.json"
     try:
-        metrics = _run(cell["config"], force)
+        metrics = _run(cell["config"], force, out / "shared")
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # a method refusing a target, or any bug: recorded, the compare goes on
@@ -363,20 +366,12 @@ def final_model_path(run_dir: Path) -> Path:
     return done[-1].parent / "model.pt"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _latency(cfg: dict, out: Path, base_path: Path, cells: list[dict]) -> dict[str, dict]:
     """Every finished cell's final model timed side by side with the base; cached until a model changes."""
     from . import timing
 
     files = {"base": base_path} | {c["id"]: c["model_path"] for c in cells}
-    hashes = {k: _sha256(p) for k, p in files.items()}
+    hashes = {k: io.sha256_file(p) for k, p in files.items()}
     settings = cfg["latency"]
     cache = out / "latency.json"
     if cache.exists():
@@ -480,7 +475,7 @@ def run(config: str | Path | dict, *, out: str | Path | None = None, force: bool
         for i, cell in enumerate(cells, 1):
             done = _finished(cell["config"]) is not None
             _say(f"cell {i}/{len(cells)} {cell['id']}" + (" (done)" if done else ""))
-            cell["metrics"] = _run_cell(cell, force, out / "errors")
+            cell["metrics"] = _run_cell(cell, force, out)
             if cell["metrics"] is None:
                 cell["error"] = json.loads((out / "errors" / f"{cell['id']}.json").read_text())["error"]
             else:
@@ -489,7 +484,7 @@ def run(config: str | Path | dict, *, out: str | Path | None = None, force: bool
         lat = _latency(cfg, out, base_path, finished)
         board = {"name": cfg["name"], "task": base.get("task"), "metric": metric,
                  "metric_label": base.get("metric_label"), "budget": cfg["budget"], "seeds": cfg["seeds"],
-                 "base": {"checkpoint": str(base_path), "sha256": _sha256(base_path), **base["after"]},
+                 "base": {"checkpoint": str(base_path), "sha256": io.sha256_file(base_path), **base["after"]},
                  "latency_settings": cfg["latency"], "cells": {"done": len(finished), "total": len(cells),
                                                                "failed": [c["id"] for c in cells if c.get("error")]},
                  "rows": _rows(cfg, cells, lat, base["after"], metric),

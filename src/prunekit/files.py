@@ -178,13 +178,21 @@ def _signing_key() -> bytes:
     return path.read_bytes()
 
 
-def file_signature(path: str | Path) -> str:
-    """HMAC-SHA256 of the file's bytes under this machine's key."""
-    mac = hmac.new(_signing_key(), digestmod=hashlib.sha256)
+def _digest(path: str | Path, h: Any) -> str:
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
-            mac.update(chunk)
-    return mac.hexdigest()
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    """The file's SHA-256: which base a result came from, and whether a stage's input is the same file."""
+    return _digest(path, hashlib.sha256())
+
+
+def file_signature(path: str | Path) -> str:
+    """HMAC-SHA256 of the file's bytes under this machine's key."""
+    return _digest(path, hmac.new(_signing_key(), digestmod=hashlib.sha256))
 
 
 def signed_by_us(path: str | Path, signature: str | None) -> bool:

@@ -27,6 +27,7 @@ from .files import (  # noqa: F401  (prunekit.io is where callers have always fo
     read_yaml,
     run_lock,
     safe_load,
+    sha256_file,
     signed_by_us,
 )
 from .graph import set_module

@@ -20,8 +20,10 @@ splits, creating and checking models, training stages, the metric); the task is 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -287,8 +289,10 @@ def validate(cfg: Any) -> dict:
 class Run:
     """One run directory: executes the stages it has not finished yet."""
 
-    def __init__(self, cfg: dict, *, force: bool = False, out: str | Path | None = None):
+    def __init__(self, cfg: dict, *, force: bool = False, out: str | Path | None = None,
+                 shared: Path | None = None):
         self.cfg = validate(copy.deepcopy(cfg))
+        self.shared = shared  # a folder of sparsity stages that runs of one compare share (see _shared_key)
         self.dir = Path(out or self.cfg["out"]).expanduser().absolute()  # Ultralytics' folders live here too
         self.rank, _ = dist_info()
         self._claim(force)
@@ -400,11 +404,18 @@ class Run:
         if done is not None:
             self.spent += done.get("epochs", epochs) if stage["stage"] != "train" else 0
             return io.load(sdir / "model.pt")
-        regularizer = None
+        regularizer = key = None
         if stage["stage"] == "sparsify":
             settings = self.method.check_regularizer_options(stage)
             ignored = self.cfg["method"].get("params", {}).get("ignored_layers")  # the layers the prune will keep
             regularizer = lambda net, steps: self.method.regularizer(net, settings, steps, self.x, ignored)  # noqa: E731
+            key = self._shared_key(stage, epochs, settings, ignored)
+            if key is not None and (self.shared / key / "done.pt").exists():
+                record = io.safe_load(self.shared / key / "done.pt")
+                model = io.load(self.shared / key / "model.pt")
+                self.spent += epochs
+                self._finish(sdir, model, {**record, "shared": key})
+                return model
         model, metric = self.task.train_stage(
             model, stage, self.data, kind=stage["stage"], epochs=epochs, sdir=sdir, regularizer=regularizer,
             keep_zeros=self.method is not None and self.method.keeps_zeros,
@@ -412,8 +423,42 @@ class Run:
             log=self.log, desc=name)
         if stage["stage"] != "train":
             self.spent += epochs
-        self._finish(sdir, model, {"stage": name, "metric": metric, "epochs": epochs})
+        record = {"stage": name, "metric": metric, "epochs": epochs}
+        self._finish(sdir, model, record)
+        if key is not None and self.rank == 0:
+            self._share(key, model, {**record, "trained_by": self.cfg["name"]})
         return model
+
+    def _shared_key(self, stage: dict, epochs: int, settings: dict, ignored: Any) -> str | None:
+        """What a sparsity stage's result depends on, when it is the run's first stage: the checkpoint's
+        bytes, the stage, the regulariser and its settings, the data, the seed. Methods that rank by the same
+        regulariser (net-slim, imp-sim, adaptive-slim) then train it once per seed in a compare, and each is
+        still charged its epochs; the result is what each would have trained alone."""
+        if self.shared is None or self.stage_no != 1 or not self.cfg["model"].get("checkpoint"):
+            return None
+        fn = self.method.regularizer
+        spec = {"checkpoint": io.sha256_file(self.cfg["model"]["checkpoint"]), "stage": stage, "epochs": epochs,
+                "regularizer": f"{fn.__module__}.{fn.__qualname__}", "settings": settings, "ignored": ignored,
+                "keeps_zeros": self.method.keeps_zeros, "data": self.cfg["data"], "seed": self.cfg["seed"],
+                "task": self.cfg["task"], "device": self.cfg["device"]}
+        return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+    def _share(self, key: str, model: torch.nn.Module, record: dict) -> None:
+        """Publish a finished sparsity stage under its key; written to a temporary folder and renamed, so a
+        reader sees all of it or nothing."""
+        dst = self.shared / key
+        if dst.exists():
+            return
+        tmp = self.shared / f".{key}.{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        io.save(model, tmp / "model.pt")
+        io.atomic_save(record, tmp / "done.pt")
+        (tmp / "stage.json").write_text(json.dumps(record, indent=1, default=str))
+        try:
+            tmp.rename(dst)
+        except OSError:  # another run published it first
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def _teacher(self, stage: dict) -> tuple[torch.nn.Module, dict]:
         """The stage's distillation teacher (a copy of base or before, or a model file) and its settings."""
@@ -550,23 +595,26 @@ class Run:
         metrics["latency"] = {"runtime": "eager", **LATENCY}
 
 
-def run(config: str | Path | dict, *, force: bool = False, out: str | Path | None = None) -> dict:
+def run(config: str | Path | dict, *, force: bool = False, out: str | Path | None = None,
+        shared: str | Path | None = None) -> dict:
     """Run (or resume) the pipeline a config describes; returns the final metrics.
 
     The run directory has one writer at a time (``io.run_lock``); under torchrun, rank 0 holds it.
+    ``shared``: a folder where a leading sparsity stage is looked up and published (``compare`` passes one).
     """
+    shared = Path(shared).absolute() if shared is not None else None
     cfg = load_config(config) if not isinstance(config, dict) else validate(copy.deepcopy(config))
     if out is not None and not str(out).strip():
         raise PrunekitError("--out is empty: give a folder for the run (or leave it out to use the config's out)")
     if dist_info()[0] != 0:
-        return Run(cfg, force=force, out=out).execute()
+        return Run(cfg, force=force, out=out, shared=shared).execute()
     with io.run_lock(Path(out or cfg["out"])):
         finished = finished_metrics(Path(out or cfg["out"]), cfg)
         if finished is not None and not force:
             print(f"prunekit: {out or cfg['out']} is a finished run of this config; nothing to do (its metrics.json "
                   "is kept; --force measures it again)", file=sys.stderr)
             return finished
-        return Run(cfg, force=force, out=out).execute()
+        return Run(cfg, force=force, out=out, shared=shared).execute()
 
 
 def finished_metrics(run_dir: Path, cfg: dict) -> dict | None:
