@@ -545,6 +545,23 @@ def test_pipeline_runs_a_detector_end_to_end(bccd, tmp_path: Path) -> None:
         pipeline.validate(cfg | {"task": "classify"})
 
 
+def test_unstructured_zeros_stay_zero_through_a_detector_finetune(bccd, tmp_path: Path) -> None:
+    """magnitude on a detector: Ultralytics' fine-tune (AdamW, its EMA, best.pt) must not revive a zero."""
+    data = subset_yaml(bccd, tmp_path, {"train": 16, "val": 8, "test": 8})
+    fast = {"workers": 0, "plots": False, "val": True, "optimizer": "AdamW", "lr0": 0.01}
+    cfg = {"model": {"name": "ul:yolov3-tinyu"}, "data": {"name": str(data), "image_size": 160, "batch_size": 8,
+                                                          "calibration_batches": 1},
+           "method": {"name": "magnitude"}, "target": {"sparsity": 0.5}, "out": str(tmp_path / "run"),
+           "stages": [{"stage": "prune"}, {"stage": "finetune", "epochs": 1, "ultralytics": fast}]}
+    metrics = pipeline.run(cfg)
+    pruned = pk.load(tmp_path / "run" / "stages" / "01-prune" / "model.pt")
+    tuned = dict(pk.load(metrics["models"]["after"]).named_parameters())
+    zeros = {n: p == 0 for n, p in pruned.named_parameters() if p.dim() > 1 and bool((p == 0).any())}
+    assert sum(int(z.sum()) for z in zeros.values()) > 0.4 * sum(z.numel() for z in zeros.values())
+    assert all(bool((tuned[n][z] == 0).all()) for n, z in zeros.items())
+    assert any(not torch.equal(tuned[n], p) for n, p in pruned.named_parameters())  # and it did train
+
+
 def test_a_planted_checkpoint_is_never_unpickled(bccd, tmp_path: Path) -> None:
     """A run folder from elsewhere: its last.pt carries no signature of this machine, so it is not opened."""
     import pickle

@@ -22,6 +22,7 @@ from torch import nn
 
 from .. import distill, io, models
 from ..errors import PrunekitError, config_error
+from ..masks import Masks
 from ..measure import hooked
 from ..tasks import Task, TaskData
 from . import data as ydata
@@ -218,11 +219,19 @@ class Detection(Task):
             net, spec = teacher
             check_teacher(net, model, data.x, f"{desc}.distill")
             kd = (net, spec["alpha"], spec["temperature"])
-        metrics = train(model, data.train, epochs=epochs, imgsz=data.x.shape[-1], batch=batch,
-                        device=_ul_device(device), project=sdir, name="ultralytics", after_backward=hook, resume=True,
-                        distill=kd, keep="last" if kind == "sparsify" else "best", seed=stage.get("seed", seed),
-                        log_path=log,
-                        **stage.get("ultralytics", {}))
+        masks = Masks.from_zeros(model) if keep_zeros else None  # unstructured: zeros stay zero in training
+        if masks is not None:
+            masks.attach(model)  # no gradient reaches a zero, so no optimiser step or EMA update revives it
+        try:
+            metrics = train(model, data.train, epochs=epochs, imgsz=data.x.shape[-1], batch=batch,
+                            device=_ul_device(device), project=sdir, name="ultralytics", after_backward=hook,
+                            resume=True, distill=kd, keep="last" if kind == "sparsify" else "best",
+                            seed=stage.get("seed", seed), log_path=log, **stage.get("ultralytics", {}))
+        finally:
+            if masks is not None:
+                masks.detach()
+        if masks is not None:
+            masks.apply(model)  # and the weights kept (best or last epoch's EMA) hold exactly those zeros
         metric = metrics.get("metrics/mAP50-95(B)")
         return model, None if metric is None else 100 * metric
 
