@@ -57,7 +57,8 @@ def main() -> None:
             cfg = {"name": f"{run} {speedup:g}x", "model": {"checkpoint": str(args.sparse.absolute())},
                    "data": {**data, "split_seed": 0},
                    "method": {"name": "imp-sim", "params": params}, "target": {"speedup": speedup}, "seed": 0,
-                   "out": str(runs_dir / f"{run.replace(' ', '-')}-{speedup:g}x"), "stages": [{"stage": "prune"}]}
+                   "out": str(runs_dir / f"{run.replace(' ', '-')}-{speedup:g}x"), "stages": [{"stage": "prune"}],
+                   **({"task": "detect"} if args.detect else {})}
             t0 = time.perf_counter()
             metrics = pipeline.run(cfg)
             done = io.safe_load(Path(cfg["out"]) / "stages" / "01-prune" / "done.pt")
