@@ -13,11 +13,12 @@ of both plans (imp-sim auto's own and stage 1's, on the same batches).
         --data-root ../shared/data/cifar10/cifar10-jpeg.tar.gz --out benchmarks/results/imp-sim-straight-resnet20.json
 
 The detector half (``--detect``): the BCCD protocol's sparsified yolov8n (``compare/yolov8n-bccd-cpu.yaml``'s
-shared sparsify stage, 20 epochs at s = 1e-2), pruned at 2x; its table is test mAP50 and mAP50-95 straight
-after pruning, and the val mAP50-95 the pipeline scores the prune stage by.
+shared sparsify stage of net-slim and imp-sim, 20 epochs at s = 1e-2, seed 0; sha256 ``54a01dc7863c…``; the
+results' command names the adaptive-slim cell's copy of it, the same bytes), pruned at 2x; its table is test
+mAP50 and mAP50-95 straight after pruning, and the val mAP50-95 the pipeline scores the prune stage by.
 
     python benchmarks/imp_sim_straight.py --detect --speedups 2 \\
-        --sparse runs/compare-bccd-yolov8n/cells/adaptive-slim-2x-s0/stages/01-sparsify/model.pt \\
+        --sparse runs/compare-bccd-yolov8n/shared/002b12172ace29b3c73aaa28/model.pt \\
         --data-root ../shared/data/bccd --out benchmarks/results/imp-sim-straight-bccd-yolov8n.json
 """
 
