@@ -25,7 +25,6 @@ mAP50 and mAP50-95 straight after pruning, and the val mAP50-95 the pipeline sco
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shlex
 import sys
@@ -51,7 +50,7 @@ def main() -> None:
             {"name": "cifar10", "root": args.data_root, "batch_size": 128})
     metrics_of = ("mAP50", "mAP50-95") if args.detect else ("top1",)
     runs_dir = args.runs_dir or Path("runs/imp-sim-straight" + ("-detect" if args.detect else ""))
-    sha = hashlib.sha256(args.sparse.read_bytes()).hexdigest()
+    sha = io.sha256_file(args.sparse)
     rows = []
     for speedup in args.speedups:
         for run, params in RUNS.items():

@@ -286,6 +286,12 @@ def validate(cfg: Any) -> dict:
     return cfg
 
 
+def _write_record(sdir: Path, record: dict) -> None:
+    """A finished stage's marker (written after its model: its presence means done) and its readable copy."""
+    io.atomic_save(record, sdir / "done.pt")
+    (sdir / "stage.json").write_text(json.dumps(record, indent=1, default=str))
+
+
 class Run:
     """One run directory: executes the stages it has not finished yet."""
 
@@ -354,8 +360,7 @@ class Run:
                 raise PrunekitError(f"run folder {self.dir} (or its config.yaml) was removed while the run was "
                                     "going; nothing more is written there")
             io.save(model, sdir / "model.pt")
-            io.atomic_save(record, sdir / "done.pt")  # the marker is written last: its presence means done
-            (sdir / "stage.json").write_text(json.dumps(record, indent=1, default=str))
+            _write_record(sdir, record)
         self._event({"event": "stage_done", **{k: v for k, v in record.items() if k != "prune"}})
 
     @staticmethod
@@ -426,7 +431,7 @@ class Run:
         record = {"stage": name, "metric": metric, "epochs": epochs}
         self._finish(sdir, model, record)
         if key is not None and self.rank == 0:
-            self._share(key, model, {**record, "trained_by": self.cfg["name"]})
+            self._share(key, sdir, {**record, "trained_by": self.cfg["name"]})
         return model
 
     def _shared_key(self, stage: dict, epochs: int, settings: dict, ignored: Any) -> str | None:
@@ -443,18 +448,17 @@ class Run:
                 "task": self.cfg["task"], "device": self.cfg["device"]}
         return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
-    def _share(self, key: str, model: torch.nn.Module, record: dict) -> None:
-        """Publish a finished sparsity stage under its key; written to a temporary folder and renamed, so a
-        reader sees all of it or nothing."""
+    def _share(self, key: str, sdir: Path, record: dict) -> None:
+        """Publish a finished sparsity stage (its folder ``sdir``) under its key; written to a temporary folder
+        and renamed, so a reader sees all of it or nothing."""
         dst = self.shared / key
         if dst.exists():
             return
         tmp = self.shared / f".{key}.{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        io.save(model, tmp / "model.pt")
-        io.atomic_save(record, tmp / "done.pt")
-        (tmp / "stage.json").write_text(json.dumps(record, indent=1, default=str))
+        shutil.copyfile(sdir / "model.pt", tmp / "model.pt")
+        _write_record(tmp, record)
         try:
             tmp.rename(dst)
         except OSError:  # another run published it first
