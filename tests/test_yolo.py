@@ -669,6 +669,26 @@ def test_a_distilled_detector_finetune_keeps_the_pruned_model(bccd, tmp_path: Pa
         pipeline.run(bad)
 
 
+def test_a_config_that_names_only_a_detector_checkpoint_runs_the_detection_task(bccd, tmp_path: Path) -> None:
+    """No `task:` needed: the model name the file records says it (a compare's checkpoint base too)."""
+    from prunekit import compare
+
+    data = subset_yaml(bccd, tmp_path, {"train": 8, "val": 4, "test": 4})
+    base = tmp_path / "base.pt"
+    pk.save(pk.models.create("ul:yolov3-tinyu", num_classes=3, imgsz=64), base)
+    run = {"model": {"checkpoint": str(base)}, "data": {"name": str(data), "image_size": 64},
+           "method": {"name": "l1-norm"}, "target": {"speedup": 1.5}, "out": str(tmp_path / "run"),
+           "stages": [{"stage": "prune"}]}
+    assert pipeline.validate(dict(run))["task"] == "detect"
+    with pytest.raises(PrunekitError, match="task must be detect"):
+        pipeline.validate({**run, "model": {"name": "ul:yolov3-tinyu"}, "task": "classify"})
+    cmp = compare.validate({"base": {"checkpoint": str(base)}, "data": {"name": str(data), "image_size": 64},
+                            "methods": ["l1-norm"], "targets": [1.5], "seeds": [0], "budget": 1,
+                            "out": str(tmp_path / "cmp")})
+    assert compare._base_config(cmp, tmp_path / "cmp")["task"] == "detect"
+    assert {c["config"]["task"] for c in compare._cells(cmp, compare._entries(cmp), tmp_path / "cmp")} == {"detect"}
+
+
 def test_every_cli_command_takes_a_detector_file(bccd, tmp_path: Path, capsys) -> None:
     """prune (data-free and with --data), export --format onnx, eval, finetune (with --distill) on a ul: file."""
     from prunekit.cli import main

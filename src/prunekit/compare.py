@@ -226,8 +226,13 @@ def _read(path: str | Path) -> Any:
 
 # ---- the runs a compare consists of ----
 def _task(cfg: dict) -> str | None:
-    name = str((cfg["base"].get("model") or {}).get("name") or "")
-    return cfg.get("task") or ("detect" if name.startswith(models.UL_PREFIX) else None)
+    """The task every run gets: the config's, else the one the base model's name (or checkpoint) belongs to."""
+    if cfg.get("task"):
+        return cfg["task"]
+    base = cfg["base"]
+    name = (base.get("model") or {}).get("name") or (io.recorded_name(base["checkpoint"]) if base.get("checkpoint")
+                                                     else None)
+    return "detect" if str(name or "").startswith(models.UL_PREFIX) else None
 
 
 def _data(cfg: dict) -> dict:

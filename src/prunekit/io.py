@@ -242,6 +242,20 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     return build_from_record(obj, path, model)
 
 
+def recorded_name(path: str | Path) -> str | None:
+    """The model name a prunekit file records (``ul:yolov8n``, ``resnet20``), without building the model, so a
+    config that names only a checkpoint runs that model's task; None when the file does not say (loading it
+    later reports why)."""
+    try:
+        obj = safe_load(path)
+    except PrunekitError:
+        return None
+    record = obj if "arch" in obj else obj.get("model")
+    arch = record.get("arch") if isinstance(record, dict) else None
+    name = arch.get("name") if isinstance(arch, dict) else None
+    return name if isinstance(name, str) else None
+
+
 def build_from_record(obj: dict, path: str | Path = "<memory>", model: nn.Module | None = None) -> nn.Module:
     """Rebuild the model held in a loaded prunekit file (model file or training checkpoint)."""
     fmt = obj.get("format")

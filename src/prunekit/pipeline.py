@@ -14,7 +14,7 @@ their options, their sparsity regulariser, whether zeros must stay zero.
 
 Everything that depends on the kind of model is the run's task's (``prunekit.tasks``: the data and its
 splits, creating and checking models, training stages, the metric); the task is the one that owns
-``model.name`` (``ul:<yaml>``: detection) or ``task:`` for a checkpoint.
+``model.name`` (``ul:<yaml>``: detection) or the name a checkpoint records, unless ``task:`` says.
 """
 
 from __future__ import annotations
@@ -219,7 +219,9 @@ def validate(cfg: Any) -> dict:
         if not (models.is_zoo(name) or name.startswith(("tv:", models.UL_PREFIX))):
             raise _err("model.name", f"unknown model {name!r}; allowed: {', '.join(models.names())}, tv:<name> "
                                      "or ul:<name> (Ultralytics detectors)")
-    owner = tasks.for_name(cfg["model"]["name"]) if cfg["model"].get("name") else None
+    name = cfg["model"].get("name") or (io.recorded_name(cfg["model"]["checkpoint"])
+                                        if "task" not in cfg and cfg["model"].get("checkpoint") else None)
+    owner = tasks.for_name(name) if name else None
     cfg.setdefault("task", owner.name if owner is not None else tasks.DEFAULT)
     if cfg["task"] not in tasks.names():
         raise _err("task", f"unknown task {cfg['task']!r}; allowed: {', '.join(tasks.names())}")
