@@ -198,7 +198,7 @@ def test_adaptive_slim_cycle_runs_and_logs_each_round(tmp_path):
     assert "threshold" in info and "channel_fit" in info
 
 
-def test_pipeline_under_torchrun_two_processes(tmp_path):
+def test_pipeline_under_torchrun_two_processes_with_a_distilled_finetune(tmp_path):
     import socket
 
     with socket.socket() as s:
@@ -207,6 +207,7 @@ def test_pipeline_under_torchrun_two_processes(tmp_path):
     cfg = _cfg(tmp_path)
     cfg["stages"][0]["epochs"] = 2
     cfg["stages"][2]["epochs"] = 1
+    cfg["stages"][2]["distill"] = {"teacher": "base"}  # the teacher's forward runs beside DDP in every process
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
