@@ -247,8 +247,9 @@ def _base_config(cfg: dict, out: Path) -> dict:
     train = {**(b.get("train") or {}), "stage": "train"} if b.get("model") else {"stage": "train", "epochs": 0}
     base = {"name": "base", "model": model, "data": _data(cfg), "seed": b["seed"], "device": cfg["device"],
             "out": str(out / "base"), "stages": [train]}
-    if _task(cfg):
-        base["task"] = _task(cfg)
+    task = _task(cfg)
+    if task:
+        base["task"] = task
     return base
 
 
@@ -263,6 +264,7 @@ def _cells(cfg: dict, entries: list[dict], out: Path) -> list[dict]:
     given = cfg.get("distill") or [None]
     kd = [v for v in given if v is not None]
     variants = [(v, "" if v is None else "+kd" if len(kd) == 1 else f"+kd{kd.index(v) + 1}") for v in given]
+    task = _task(cfg)  # once: for a checkpoint base it reads the file
     for seed, e, (kd_spec, suffix) in ((s, e, v) for s in cfg["seeds"] for e in entries for v in variants):
         label = e["label"] + suffix
         for t in e["targets"]:
@@ -291,8 +293,8 @@ def _cells(cfg: dict, entries: list[dict], out: Path) -> list[dict]:
                       "method": {"name": e["name"], "params": params}, "target": target, "seed": seed,
                       "budget": budget, "device": cfg["device"], "out": str(out / "cells" / cid),
                       "stages": stages}
-            if _task(cfg):
-                config["task"] = _task(cfg)
+            if task:
+                config["task"] = task
             cells.append({"id": cid, "label": label, "method": e["name"], "target": _target_name(t),
                           "seed": seed, "config": config, "distill": kd_spec})
     return cells
