@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import torch
-from cifar_methods import FT_CFG, add_protocol_args
+from protocol import BASE_CFG, FT_CFG, add_protocol_args, base_model
 
 import prunekit as pk
 from prunekit import criteria, thresholds
@@ -124,14 +124,11 @@ def kendall(args, base, x, calib, val, train_loader, dev, rows, out) -> None:
 
 def run(args) -> None:
     dev = resolve_device(args.device)
-    base_path = Path(args.cache) / f"{args.model}-e{args.base_epochs}-s{args.base_seed}.pt"
-    while not base_path.exists():  # the shared base is trained elsewhere: never train a second one here
-        print(f"waiting for {base_path}", flush=True)
-        time.sleep(60)
-    time.sleep(5)
-    base = pk.load(base_path).to(dev).to(memory_format=torch.channels_last).eval()  # ~3x faster BN passes on CPU
-    base_meta = json.loads(base_path.with_suffix(".json").read_text())
-    bundle = pk.data.load("cifar10", args.data_root, limit=args.limit).holdout(0.1, seed=args.seed)
+    full = pk.data.load("cifar10", args.data_root, limit=args.limit)  # the v1 base: all 50,000 training images
+    loaders = full.loaders(batch_size=BASE_CFG["batch_size"], device=dev, seed=args.base_seed)
+    base, base_meta = base_model(args, full, *loaders, dev)
+    base = base.to(dev).to(memory_format=torch.channels_last).eval()  # ~3x faster BN passes on CPU
+    bundle = full.holdout(0.1, seed=args.seed)
     train_loader, _ = bundle.loaders(batch_size=FT_CFG["batch_size"], device=dev, seed=args.seed)
     val = [(v.contiguous(memory_format=torch.channels_last), y)
            for v, y in list(bundle.eval_loader(bundle.val, 256, dev))[: args.val_batches]]

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-from cifar_methods import cached
+from protocol import BASE_CFG, cached
 from torch import nn
 
 import prunekit as pk
@@ -39,8 +39,6 @@ from prunekit.methods.magnitude import conv_linear_macs, iterative_prune
 from prunekit.sparse import export_sparse, sparse_latency
 from prunekit.train import TrainConfig, evaluate, fit, resolve_device
 
-BASE_CFG = dict(epochs=12, lr=0.2, optimizer="sgd", momentum=0.9, nesterov=True, weight_decay=5e-4,
-                schedule="onecycle", warmup=0.25, label_smoothing=0.1, batch_size=128)
 STEP_CFG = dict(BASE_CFG, epochs=2, lr=0.05)
 
 
