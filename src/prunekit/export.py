@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .errors import PrunekitError
-from .measure import hooked
+from .measure import hooked, steady_allocator
 
 TOLERANCE = 1e-4
 
@@ -76,6 +76,7 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor, out: str | Path,
 def onnx_latency(model: nn.Module, example_inputs: torch.Tensor, *, batch_sizes=(1, 64), repeats: int = 30,
                  warmup: int = 5, threads: int | None = None) -> dict[str, dict[str, float]]:
     """Median ONNX Runtime latency (ms) per batch size, same protocol as ``measure.latency``."""
+    steady_allocator()
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "m.onnx"
         _to_onnx(model.cpu(), example_inputs[:1].cpu(), path, 17)

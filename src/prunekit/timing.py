@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .errors import PrunekitError
-from .measure import hooked
+from .measure import hooked, steady_allocator
 
 RUNTIMES = ("eager", "onnxruntime")
 MIN_TIMED_S = 0.005  # a timed sample repeats a fast call until it lasts about this long
@@ -94,6 +94,7 @@ def side_by_side(models: dict[str, nn.Module], example_input: torch.Tensor, *, b
     if rounds < 1 or threads < 1 or any(b < 1 for b in batch_sizes):
         raise PrunekitError("rounds, threads and batch sizes must be >= 1")
     mode = mode or (lambda m: contextlib.nullcontext())
+    steady_allocator()
     names = list(models)
     one = example_input[:1].detach().cpu().float()
     results: dict[str, dict[str, dict]] = {}
