@@ -125,10 +125,10 @@ def steady_allocator() -> bool:
 
     By default glibc hands large freed blocks back to the OS and maps fresh ones on the next call, so
     activations page-fault on every forward by an amount that depends on what the process did before: a
-    fresh process timed ResNet-20 at batch 64 at 45 ms, the same process after three training steps at
-    22 ms, and a pruned model's smaller activations escaped most of it (a speedup inflated 1.6x where a
-    warm process measured 1.1x). Fixed thresholds make latency a property of the model, not of the
-    process's history. Returns False where the C library is not glibc (nothing to fix there).
+    fresh process timed ResNet-20 at batch 64 at 28-44 ms, the same process after three training steps at
+    19-21 ms (``benchmarks/allocator_latency.py``), and a pruned model's smaller activations escape more of
+    it than its base's. Fixed thresholds make latency a property of the model, not of the process's
+    history. Returns False where the C library is not glibc (nothing to fix there).
     """
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
