@@ -29,6 +29,7 @@ from prunekit.measure import steady_allocator
 
 @torch.no_grad()
 def median_ms(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
+    """``measure.latency``'s loop without its ``steady_allocator()`` call, which would fix the default arm too."""
     for _ in range(3):
         model(x)
     times = []
