@@ -39,8 +39,7 @@ import prunekit as pk
 from prunekit import criteria, thresholds
 from prunekit.graph import PruneGraph
 from prunekit.measure import count_params
-from prunekit.methods.auto_mend import adapt_bn
-from prunekit.train import TrainConfig, evaluate, fit, resolve_device
+from prunekit.train import TrainConfig, adapt_bn, evaluate, fit, resolve_device
 
 RUNS = ("pre-pruned", "auto-mend", "random-search", "global-l1")
 

@@ -73,8 +73,12 @@ def test_every_cell_is_a_pipeline_run_from_the_same_base_and_split(board):
     base_split = json.loads((out / "base" / "split.json").read_text())
     for cid in ("l1-norm-2x-s0", "tp-taylor-2x-s1"):
         cfg = yaml.safe_load((out / "cells" / cid / "config.yaml").read_text())
-        assert cfg["model"]["checkpoint"] == b["base"]["checkpoint"]
+        assert cfg["model"]["checkpoint"] == str(out.absolute() / b["base"]["checkpoint"])  # recorded relative
         assert json.loads((out / "cells" / cid / "split.json").read_text()) == base_split  # seed 1 too
+        result = json.loads((out / "results" / f"{cid}.json").read_text())  # the small committed record
+        assert result["base_sha256"] == b["base"]["sha256"] and result["after"] == \
+            json.loads((out / "cells" / cid / "metrics.json").read_text())["after"]
+        assert "/" not in result["config"]["model"]["checkpoint"][:1]  # no absolute path of this machine
         assert (out / "cells" / cid / "metrics.json").exists() and (out / "cells" / cid / "report.html").exists()
 
 

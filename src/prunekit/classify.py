@@ -24,7 +24,7 @@ from .errors import PrunekitError, config_error
 from .masks import Masks
 from .measure import hooked
 from .tasks import Task, TaskData
-from .train import TrainConfig, dist_info, fit
+from .train import TrainConfig, dist_info, fit, total_steps
 
 VAL_FRACTION = 0.1
 
@@ -34,6 +34,7 @@ class Classification(Task):
 
     name = "classify"
     metric = "top1"
+    fractional_epochs = True  # fit counts steps
     metric_label = "top-1 (%)"
     data_hint = "digits, cifar10, synthetic or an ImageFolder path"
     train_keys = frozenset(f.name for f in fields(TrainConfig))
@@ -127,7 +128,7 @@ class Classification(Task):
         settings.setdefault("batch_size", data.batch_size)
         settings.setdefault("seed", seed)
         cfg = TrainConfig.from_dict(settings)
-        hook = regularizer(model, max(1, cfg.epochs * len(data.train))) if regularizer is not None else None
+        hook = regularizer(model, max(1, total_steps(cfg.epochs, len(data.train)))) if regularizer is not None else None
         masks = None
         if keep_zeros:  # unstructured: zeros stay zero in training
             masks = Masks.from_zeros(model.to(device))

@@ -37,14 +37,15 @@ from . import distill, io, methods, models, pipeline, tasks
 from .errors import PrunekitError
 
 KEYS = {"name": str, "out": str, "task": str, "device": str, "data": dict, "base": dict, "methods": list,
-        "targets": list, "seeds": list, "budget": int, "finetune": dict, "sparsify": dict, "latency": dict,
-        "distill": list}
+        "targets": list, "seeds": list, "budget": (int, float), "budgets": list, "finetune": dict, "sparsify": dict,
+        "latency": (dict, bool), "distill": list}
 BASE_KEYS = {"checkpoint": str, "model": dict, "train": dict, "seed": int}
-ENTRY_KEYS = {"name": str, "label": str, "params": dict, "targets": list, "sparsify": (dict, bool), "stages": list,
-              "search_epochs": int}
+ENTRY_KEYS = {"name": str, "label": str, "params": dict, "targets": list, "budgets": list, "sparsify": (dict, bool),
+              "stages": list, "search_epochs": int}
 LATENCY_KEYS = {"batch": int, "threads": int, "rounds": int, "runtimes": list}
 LATENCY_DEFAULTS = {"batch": 64, "threads": 2, "rounds": 15, "runtimes": ["eager", "onnxruntime"]}
 SPARSIFY_EPOCHS = 1  # a method's sparsity training when the config does not say (it counts against the budget)
+RECALIBRATE = 20  # budget 0: calibration batches of the training split that re-estimate BN statistics
 LEARNED = "learned"
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 
@@ -106,9 +107,12 @@ def _entries(cfg: dict) -> list[dict]:
         label = e.get("label") or e["name"]
         if not _LABEL.match(label):
             raise _err(f"{where}.label", f"{label!r} must be letters, digits, '.', '_', '+' or '-' (it names folders)")
-        if label in labels:
-            raise _err(f"{where}.label", f"{label!r} appears twice; give each entry its own label")
-        labels.add(label)
+        budgets = e.get("budgets", _budgets(cfg))
+        _check_budgets(budgets, f"{where}.budgets" if "budgets" in e else "budgets")
+        if any((label, b) in labels for b in budgets):
+            raise _err(f"{where}.label", f"{label!r} appears twice at one budget; give each entry its own label "
+                                         "(or its own budgets)")
+        labels |= {(label, b) for b in budgets}
         targets = e.get("targets", cfg["targets"])
         _check_targets(targets, f"{where}.targets" if "targets" in e else "targets")
         for t in targets:
@@ -124,12 +128,34 @@ def _entries(cfg: dict) -> list[dict]:
         if sparsify is not False and m.regularizer is None and isinstance(sparsify, dict):
             raise _err(f"{where}.sparsify", f"{m.name} declares no sparsity regulariser")
         search = e.get("search_epochs", 0)
-        if not 0 <= search < cfg["budget"]:
+        if search is None or not 0 <= search < max(budgets + [1]):
             raise _err(f"{where}.search_epochs", f"must be in [0, budget) epochs, got {search}")
         out.append({"name": m.name, "label": label, "params": e.get("params") or {}, "targets": targets,
-                    "sparsify": sparsify if m.regularizer is not None else False, "stages": e.get("stages"),
-                    "search_epochs": search})
+                    "budgets": budgets, "sparsify": sparsify if m.regularizer is not None else False,
+                    "stages": e.get("stages"), "search_epochs": search})
     return out
+
+
+def _budgets(cfg: dict) -> list[float]:
+    """The budget axis: ``budgets``, or the one ``budget``."""
+    return cfg.get("budgets") or [cfg["budget"]]
+
+
+def _check_budgets(budgets: Any, where: str) -> None:
+    if not isinstance(budgets, list) or not budgets:
+        raise _err(where, "give a non-empty list of epochs after the base (0: prune and re-estimate BN only; "
+                          "a fraction of an epoch runs that share of its steps)")
+    for b in budgets:
+        if isinstance(b, bool) or not isinstance(b, int | float) or not 0 <= b < math.inf:
+            raise _err(where, f"{str(b)[:40]!r} is not a number of epochs >= 0")
+    if len(set(budgets)) != len(budgets):
+        raise _err(where, "a budget appears twice")
+
+
+def _search_charge(search: int, budget: float) -> int:
+    """Epochs a search (auto-mend's) is charged at a budget: its epochs where a fine-tune epoch is left after
+    them, else none (a leaderboard row shows what each was charged)."""
+    return search if budget - search >= 1 else 0
 
 
 def _check_targets(targets: Any, where: str) -> None:
@@ -156,9 +182,12 @@ def validate(cfg: Any) -> dict:
         raise PrunekitError("compare config error: the file must be a mapping with base, data, methods, targets, "
                             "seeds, budget, out")
     _check_keys(cfg, KEYS, "")
+    if cfg.get("budget") is None and cfg.get("budgets") is not None:  # the axis alone: its largest names cells
+        _check_budgets(cfg["budgets"], "budgets")
+        cfg = {**cfg, "budget": max(cfg["budgets"])}
     for key in ("base", "data", "methods", "targets", "seeds", "budget", "out"):
         if cfg.get(key) is None or cfg.get(key) == "":
-            raise _err(key, "missing (required: base, data, methods, targets, seeds, budget, out)")
+            raise _err(key, "missing (required: base, data, methods, targets, seeds, budget or budgets, out)")
     _check_keys(cfg["base"], BASE_KEYS, "base")
     base = cfg["base"]
     if bool(base.get("checkpoint")) == bool(base.get("model")):
@@ -173,16 +202,20 @@ def validate(cfg: Any) -> dict:
         raise _err("seeds", f"must be a non-empty list of integers in [0, 2^32), got {str(seeds)[:80]}")
     if len(set(seeds)) != len(seeds):
         raise _err("seeds", "a seed appears twice")
-    if cfg["budget"] < 1:
-        raise _err("budget", f"must be >= 1 epoch after the base, got {cfg['budget']}")
+    if not 0 <= cfg["budget"] < math.inf:
+        raise _err("budget", f"must be >= 0 epochs after the base, got {cfg['budget']}")
+    _check_budgets(_budgets(cfg), "budgets")
     _check_targets(cfg["targets"], "targets")
-    lat = {**LATENCY_DEFAULTS, **(cfg.get("latency") or {})}
-    _check_keys(lat, LATENCY_KEYS, "latency")
-    for k in ("batch", "threads", "rounds"):
-        if lat[k] < 1:
-            raise _err(f"latency.{k}", f"must be >= 1, got {lat[k]}")
-    if not lat["runtimes"] or set(lat["runtimes"]) - {"eager", "onnxruntime"}:
-        raise _err("latency.runtimes", "a non-empty list of eager and/or onnxruntime")
+    if cfg.get("latency") is True:
+        raise _err("latency", "a mapping of timing settings, or false to time nothing")
+    lat = False if cfg.get("latency") is False else {**LATENCY_DEFAULTS, **(cfg.get("latency") or {})}
+    if lat is not False:
+        _check_keys(lat, LATENCY_KEYS, "latency")
+        for k in ("batch", "threads", "rounds"):
+            if lat[k] < 1:
+                raise _err(f"latency.{k}", f"must be >= 1, got {lat[k]}")
+        if not lat["runtimes"] or set(lat["runtimes"]) - {"eager", "onnxruntime"}:
+            raise _err("latency.runtimes", "a non-empty list of eager and/or onnxruntime")
     for key in ("finetune", "sparsify"):
         if key in cfg and not isinstance(cfg[key], dict):
             raise _err(key, "must be a mapping of training settings")
@@ -258,35 +291,45 @@ def _base_model_path(cfg: dict, out: Path) -> Path:
 
 
 def _cells(cfg: dict, entries: list[dict], out: Path) -> list[dict]:
-    """Every (seed, target, method) cell as a pipeline config, seed-major so a partial compare has whole seeds."""
+    """Every (budget, seed, method, target) cell as a pipeline config, cheapest budget first and then seed-major,
+    so a partial compare has whole budgets and whole seeds."""
     cells = []
     ft = dict(cfg.get("finetune") or {})
     given = cfg.get("distill") or [None]
     kd = [v for v in given if v is not None]
     variants = [(v, "" if v is None else "+kd" if len(kd) == 1 else f"+kd{kd.index(v) + 1}") for v in given]
     task = _task(cfg)  # once: for a checkpoint base it reads the file
-    for seed, e, (kd_spec, suffix) in ((s, e, v) for s in cfg["seeds"] for e in entries for v in variants):
+    order = ((b, s, e, v) for b in sorted(_budgets(cfg)) for s in cfg["seeds"] for e in entries for v in variants)
+    for b, seed, e, (kd_spec, suffix) in order:
+        if b not in e["budgets"]:
+            continue
         label = e["label"] + suffix
         for t in e["targets"]:
-            cid = f"{label}-{_target_name(t)}-s{seed}"
+            # the compare's own budget names cells as a one-budget compare does, so its finished cells are reused
+            cid = f"{label}-{_target_name(t)}" + ("" if b == cfg["budget"] else f"-ft{b:g}") + f"-s{seed}"
+            search = _search_charge(e["search_epochs"], b)
+            params = dict(e["params"])
             if e["stages"] is not None:
                 stages = copy.deepcopy(e["stages"])
+            elif b == 0 and e["sparsify"] is False:  # no gradient step: the cut, BN statistics re-estimated
+                stages = [{"stage": "prune"}]
+                params.setdefault("bn_recalibrate", RECALIBRATE)
             else:
                 stages = []
                 if e["sparsify"] is not False:
                     sp = {**ft, **(cfg.get("sparsify") or {}), **(e["sparsify"] if isinstance(e["sparsify"], dict)
                                                                    else {})}
                     sp.setdefault("epochs", SPARSIFY_EPOCHS)
-                    if isinstance(sp["epochs"], int) and sp["epochs"] > cfg["budget"] - e["search_epochs"]:
+                    if isinstance(sp["epochs"], int) and sp["epochs"] > b - search:
                         raise _err(f"methods ({e['label']}).sparsify.epochs",
-                                   f"{sp['epochs']} sparsity epochs do not fit the budget of {cfg['budget']}")
+                                   f"{sp['epochs']} sparsity epochs do not fit the budget of {b:g}; give this entry "
+                                   "its own budgets, or sparsify: false at the smaller ones")
                     stages.append({"stage": "sparsify", **sp})
                 stages += [{"stage": "prune"}, {"stage": "finetune", **ft, "epochs": "rest",
                                                 **({"distill": kd_spec} if kd_spec else {})}]
-            budget = cfg["budget"] - e["search_epochs"]  # a search (auto-mend's) is charged as epochs
+            budget = b - search  # a search (auto-mend's) is charged as epochs
             _check_budget(stages, budget, e["label"])
             target = _pipeline_target(t)
-            params = dict(e["params"])
             if "seed" in methods.get(e["name"]).options:  # a method's own randomness follows the cell's seed
                 params.setdefault("seed", seed)
             config = {"name": cid, "model": {"checkpoint": str(_base_model_path(cfg, out))}, "data": _data(cfg),
@@ -296,8 +339,26 @@ def _cells(cfg: dict, entries: list[dict], out: Path) -> list[dict]:
             if task:
                 config["task"] = task
             cells.append({"id": cid, "label": label, "method": e["name"], "target": _target_name(t),
-                          "seed": seed, "config": config, "distill": kd_spec})
+                          "budget": b, "search_charged": search, "seed": seed, "config": config,
+                          "distill": kd_spec})
     return cells
+
+
+def _check_steps(cfg: dict, cells: list[dict], out: Path) -> None:
+    """A budget's fraction of an epoch must be at least one optimiser step; the base's split says how many
+    steps an epoch has, so this is known before any cell runs."""
+    fractions = sorted({c["config"]["budget"] for c in cells if c["config"]["budget"] % 1})
+    if not fractions:
+        return
+    try:
+        train = int(json.loads((out / "base" / "split.json").read_text())["train"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # a task that records no split size: its trainer refuses such a fraction itself
+    task = tasks.get(_task(cfg) or tasks.DEFAULT)
+    steps = max(1, train // cfg["data"].get("batch_size", task.default_batch))
+    for b in fractions:
+        if round(b % 1 * steps) < 1:
+            raise _err("budgets", f"{b:g} epochs: its fraction of an epoch ({steps} steps) rounds to zero steps")
 
 
 def _check_budget(stages: list, budget: int, label: str) -> None:
@@ -407,15 +468,16 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
 
 def _rows(cfg: dict, cells: list[dict], lat: dict[str, dict], base_metrics: dict, metric: str) -> list[dict]:
     rows = []
-    keys = list(dict.fromkeys((c["label"], c["target"]) for c in cells))
-    for label, target in keys:
-        group = [c for c in cells if (c["label"], c["target"]) == (label, target)]
+    keys = list(dict.fromkeys((c["label"], c["target"], c["budget"]) for c in cells))
+    for label, target, budget in keys:
+        group = [c for c in cells if (c["label"], c["target"], c["budget"]) == (label, target, budget)]
         ok = [c for c in group if c.get("metrics")]
         values = [c["metrics"]["after"][metric] for c in ok]
         mean, std = _mean_std(values)
         pruned = [c["metrics"]["pruned"][metric] for c in ok if c["metrics"].get("pruned")]
         macs = [base_metrics["macs"] / max(c["metrics"]["after"]["macs"], 1) for c in ok]
-        row = {"method": label, "method_name": group[0]["method"], "target": target, "distill": group[0]["distill"],
+        row = {"method": label, "method_name": group[0]["method"], "target": target, "budget": budget,
+               "distill": group[0]["distill"],
                "seeds": [c["seed"] for c in ok], "metric_mean": mean, "metric_std": std,
                "metric_per_seed": {str(c["seed"]): c["metrics"]["after"][metric] for c in ok},
                "pruned_metric_mean": _mean_std(pruned)[0],
@@ -424,7 +486,7 @@ def _rows(cfg: dict, cells: list[dict], lat: dict[str, dict], base_metrics: dict
                "latency": {}, "wall_s": statistics.fmean(c["metrics"]["wall_s"] for c in ok) if ok else None,
                "errors": {str(c["seed"]): c["error"] for c in group if c.get("error")},
                "options": group[0]["config"]["method"]["params"],
-               "search_epochs": cfg["budget"] - group[0]["config"]["budget"],
+               "search_epochs": group[0]["search_charged"],
                "stages": [s["stage"] + (f" {s['epochs']}" if "epochs" in s else "")
                           for s in group[0]["config"]["stages"]]}
         if "mAP50" in base_metrics:
@@ -443,12 +505,12 @@ def _rows(cfg: dict, cells: list[dict], lat: dict[str, dict], base_metrics: dict
 
 
 def _mark_best(rows: list[dict]) -> None:
-    """The best row per target, and whether its lead over the runner-up exceeds both rows' seed spread."""
-    for target in dict.fromkeys(r["target"] for r in rows):
-        ranked = sorted((r for r in rows if r["target"] == target and r["metric_mean"] is not None),
+    """The best row per (target, budget), and whether its lead over the runner-up exceeds both rows' seed spread."""
+    for key in dict.fromkeys((r["target"], r.get("budget")) for r in rows):
+        ranked = sorted((r for r in rows if (r["target"], r.get("budget")) == key and r["metric_mean"] is not None),
                         key=lambda r: -r["metric_mean"])
         for r in rows:
-            if r["target"] == target:
+            if (r["target"], r.get("budget")) == key:
                 r["best"], r["lead_beyond_spread"] = False, None
         if ranked:
             ranked[0]["best"] = True
@@ -478,6 +540,7 @@ def run(config: str | Path | dict, *, out: str | Path | None = None, force: bool
         _say(f"base: {out / 'base'}")
         base = _run(_base_config(cfg, out), force)
         base_path = _base_model_path(cfg, out)
+        _check_steps(cfg, cells, out)
         metric = base["metric"]
         for i, cell in enumerate(cells, 1):
             done = _finished(cell["config"]) is not None
@@ -488,10 +551,14 @@ def run(config: str | Path | dict, *, out: str | Path | None = None, force: bool
             else:
                 cell["model_path"] = final_model_path(Path(cell["config"]["out"]))
         finished = [c for c in cells if c.get("metrics")]
-        lat = _latency(cfg, out, base_path, finished)
+        base_sha = io.sha256_file(base_path)
+        for c in finished:
+            _write_result(c, out, base_sha)
+        lat = _latency(cfg, out, base_path, finished) if cfg["latency"] is not False else {}
         board = {"name": cfg["name"], "task": base.get("task"), "metric": metric,
-                 "metric_label": base.get("metric_label"), "budget": cfg["budget"], "seeds": cfg["seeds"],
-                 "base": {"checkpoint": str(base_path), "sha256": io.sha256_file(base_path), **base["after"]},
+                 "metric_label": base.get("metric_label"), "budget": cfg["budget"], "budgets": _budgets(cfg),
+                 "seeds": cfg["seeds"],
+                 "base": {"checkpoint": str(base_path.relative_to(out)), "sha256": base_sha, **base["after"]},
                  "latency_settings": cfg["latency"], "cells": {"done": len(finished), "total": len(cells),
                                                                "failed": [c["id"] for c in cells if c.get("error")]},
                  "rows": _rows(cfg, cells, lat, base["after"], metric),
@@ -505,13 +572,39 @@ def run(config: str | Path | dict, *, out: str | Path | None = None, force: bool
     return board
 
 
+def _portable(value: Any, out: Path) -> Any:
+    """``value`` with the machine's absolute paths made relative (to the compare folder, else the working
+    directory), so a committed result names no path of the machine that ran it."""
+    if isinstance(value, dict):
+        return {k: _portable(v, out) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_portable(v, out) for v in value]
+    if isinstance(value, str) and value.startswith("/"):
+        for root in (out, Path.cwd()):
+            if Path(value).is_relative_to(root):
+                return str(Path(value).relative_to(root))
+    return value
+
+
+def _write_result(cell: dict, out: Path, base_sha: str) -> None:
+    """``OUT/results/<cell>.json``: what a leaderboard row is made of, small enough to commit (the cell's config,
+    its metrics and the hashes of the models they were measured on; no model file, no absolute path)."""
+    m = cell["metrics"]
+    record = {"id": cell["id"], "method": cell["method"], "label": cell["label"], "target": cell["target"],
+              "budget": cell["budget"], "search_charged": cell["search_charged"], "seed": cell["seed"],
+              "config": cell["config"], "metric": m.get("metric"), "after": m.get("after"), "pruned": m.get("pruned"),
+              "wall_s": m.get("wall_s"), "base_sha256": base_sha, "model_sha256": io.sha256_file(cell["model_path"])}
+    io.atomic_write_text(json.dumps(_portable(record, out), indent=1), out / "results" / f"{cell['id']}.json")
+
+
 # ---- presenting ----
 def _fmt(v: float | None, spec: str = ".2f") -> str:
     return "–" if v is None else format(v, spec)
 
 
 def table(board: dict) -> str:
-    """The leaderboard as a Markdown table (what ``prunekit compare`` prints)."""
+    """The leaderboard as Markdown (what ``prunekit compare`` prints): one table per budget, then the
+    recommendation per target and budget."""
     from .timing import label
 
     settings = list(board["latency_base_ms"])
@@ -519,28 +612,59 @@ def table(board: dict) -> str:
     head = ["method", "target", "seeds", f"{board['metric_label'] or board['metric']} mean ± std", "pruned (no FT)",
             *(["mAP50 mean ± std"] if detect else []), "MACs ratio", "params", *settings, "wall s", ""]
     base = board["base"]
+    budgets = board.get("budgets") or [board["budget"]]
     lines = [f"Base: {board['metric_label'] or board['metric']} {_fmt(base.get(board['metric']))}"
              + (f", mAP50 {_fmt(base.get('mAP50'))}" if detect else "")
              + f", {base['macs'] / 1e6:.2f}M MACs, {base['params']:,} params (sha256 {board['base']['sha256'][:12]}); "
-             f"budget {board['budget']} epochs after the base; cells {board['cells']['done']}/{board['cells']['total']}"
-             " done. Latency: base/pruned, median (interquartile range) of interleaved rounds.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in board["rows"]:
-        mark = ""
-        if r.get("best"):
-            mark = "**best**" + ("" if r.get("lead_beyond_spread") is None else
-                                 " (lead beyond spread)" if r["lead_beyond_spread"] else " (lead within spread)")
-        if r["errors"]:
-            mark += (" " if mark else "") + "failed: " + "; ".join(f"s{k}: {v}" for k, v in r["errors"].items())[:200]
-        cells = [r["method"], r["target"], ",".join(map(str, r["seeds"])) or "–",
-                 f"{_fmt(r['metric_mean'])} ± {_fmt(r['metric_std'])}" if r["metric_mean"] is not None else "–",
-                 _fmt(r["pruned_metric_mean"]),
-                 *([f"{_fmt(r.get('mAP50_mean'))} ± {_fmt(r.get('mAP50_std'))}"] if detect else []),
-                 _fmt(r["macs_ratio"]) + ("x" if r["macs_ratio"] else ""),
-                 f"{r['params']:,}" if r["params"] else "–",
-                 *[label(r["latency"].get(s, {})) for s in settings], _fmt(r["wall_s"], ".0f"), mark]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+             f"budget {', '.join(f'{b:g}' for b in budgets)} epochs after the base; cells {board['cells']['done']}/"
+             f"{board['cells']['total']} done. Latency: base/pruned, median (interquartile range) of interleaved "
+             "rounds."]
+    for budget in budgets:
+        rows = [r for r in board["rows"] if r.get("budget", board["budget"]) == budget]
+        if len(budgets) > 1:
+            lines += ["", f"### Budget {budget:g} epochs" + (" (prune, BN statistics re-estimated, no gradient step)"
+                                                             if budget == 0 else "")]
+        lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in rows:
+            mark = ""
+            if r.get("best"):
+                mark = "**best**" + ("" if r.get("lead_beyond_spread") is None else
+                                     " (lead beyond spread)" if r["lead_beyond_spread"] else " (lead within spread)")
+            if r["errors"]:
+                mark += (" " if mark else "") + "failed: " + "; ".join(f"s{k}: {v}"
+                                                                       for k, v in r["errors"].items())[:200]
+            cells = [r["method"], r["target"], ",".join(map(str, r["seeds"])) or "–",
+                     f"{_fmt(r['metric_mean'])} ± {_fmt(r['metric_std'])}" if r["metric_mean"] is not None else "–",
+                     _fmt(r["pruned_metric_mean"]),
+                     *([f"{_fmt(r.get('mAP50_mean'))} ± {_fmt(r.get('mAP50_std'))}"] if detect else []),
+                     _fmt(r["macs_ratio"]) + ("x" if r["macs_ratio"] else ""),
+                     f"{r['params']:,}" if r["params"] else "–",
+                     *[label(r["latency"].get(s, {})) for s in settings], _fmt(r["wall_s"], ".0f"), mark]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines + ["", *recommend(board)])
+
+
+def recommend(board: dict) -> list[str]:
+    """Per target and budget, the method to use: the best row if its lead exceeds the seeds' spread, else the
+    cheapest (least wall time) of the rows within the spread of the best."""
+    out = []
+    for target, budget in dict.fromkeys((r["target"], r.get("budget", board["budget"])) for r in board["rows"]):
+        rows = [r for r in board["rows"] if (r["target"], r.get("budget", board["budget"])) == (target, budget)
+                and r["metric_mean"] is not None]
+        if not rows:
+            continue
+        best = max(rows, key=lambda r: r["metric_mean"])
+        where = f"Recommendation at {target}, budget {budget:g} epochs:"
+        if len(rows) == 1:
+            out.append(f"{where} {best['method']} (the only finished row)")
+        elif best.get("lead_beyond_spread"):
+            out.append(f"{where} use {best['method']}: it leads by {best['lead']:.2f} points, beyond the spread")
+        else:
+            level = [r for r in rows if best["metric_mean"] - r["metric_mean"] <= best["metric_std"] + r["metric_std"]]
+            cheap = min(level, key=lambda r: r["wall_s"] or math.inf)
+            out.append(f"{where} no method leads beyond the spread: use the cheapest, {cheap['method']} "
+                       f"({_fmt(cheap['wall_s'], '.0f')} s per cell; {len(level)} rows level)")
+    return out
 
 
 def _plots(board: dict) -> list[tuple[str, bytes]]:
@@ -551,8 +675,9 @@ def _plots(board: dict) -> list[tuple[str, bytes]]:
 
     from .plots import png
 
-    rows = [r for r in board["rows"] if r["metric_mean"] is not None]
-    if not rows:
+    every = [r for r in board["rows"] if r["metric_mean"] is not None]
+    rows = [r for r in every if r.get("budget", board["budget"]) == board["budget"]]  # the speed plots: one budget
+    if not every:
         return []
     lat_key = next((k for k in ("ort_b1", "eager_b1") if k in board["latency_base_ms"]), None)
     figs = []
@@ -575,20 +700,54 @@ def _plots(board: dict) -> list[tuple[str, bytes]]:
         ax.legend(fontsize=6, ncol=2)
         ax.set_title(f"{board['name']}: mean ± std over seeds")
         figs.append((name, png(fig)))
+    budgets = sorted(board.get("budgets") or [board["budget"]])
+    if len(budgets) > 1:  # where each method wins: the metric against the fine-tune budget, per target
+        targets = list(dict.fromkeys(r["target"] for r in every))
+        fig, axes = plt.subplots(1, len(targets), figsize=(5.5 * len(targets), 3.8), squeeze=False)
+        pos = {b: i for i, b in enumerate(budgets)}  # budgets evenly spaced: 0 and 0.25 stay readable
+        for ax, target in zip(axes[0], targets, strict=True):
+            for method in dict.fromkeys(r["method"] for r in every if r["target"] == target):
+                pts = sorted((r["budget"], r["metric_mean"], r["metric_std"] or 0) for r in every
+                             if (r["target"], r["method"]) == (target, method))
+                ax.errorbar([pos[b] for b, _, _ in pts], [m for _, m, _ in pts], yerr=[e for _, _, e in pts],
+                            fmt="o-", capsize=3, label=method)
+            ax.axhline(board["base"][board["metric"]], color="k", ls="--", lw=1, label="base")
+            ax.set_xticks(range(len(budgets)), [f"{b:g}" for b in budgets])
+            ax.set_xlabel("fine-tune budget (epochs after the base)")
+            ax.set_ylabel(f"test {board['metric_label'] or board['metric']}")
+            ax.set_title(f"{target}: mean ± std over seeds")
+            ax.legend(fontsize=6)
+        figs.append(("metric-vs-budget", png(fig)))
     return figs
 
 
 def _html(board: dict, md: str) -> str:
-    lines = [ln for ln in md.splitlines() if ln.startswith("|")]
-    head, body = lines[0], lines[2:]
     cells = lambda ln: [c.strip() for c in ln.strip("|").split(" | ")]  # noqa: E731
-    rows = "".join("<tr>" + "".join(f"<td>{html.escape(c).replace('**', '')}</td>" for c in cells(ln)) + "</tr>"
-                   for ln in body)
+    parts, table_lines = [], []
+
+    def flush() -> None:
+        if table_lines:
+            head, body = table_lines[0], table_lines[2:]
+            rows = "".join("<tr>" + "".join(f"<td>{html.escape(c).replace('**', '')}</td>" for c in cells(ln))
+                           + "</tr>" for ln in body)
+            parts.append("<table class='leaderboard'><tr>" + "".join(f"<th>{html.escape(c)}</th>"
+                                                                    for c in cells(head)) + f"</tr>{rows}</table>")
+            table_lines.clear()
+
+    for ln in md.splitlines()[1:]:
+        if ln.startswith("|"):
+            table_lines.append(ln)
+            continue
+        flush()
+        if ln.startswith("### "):
+            parts.append(f"<h2>{html.escape(ln[4:])}</h2>")
+        elif ln.strip():
+            parts.append(f"<p>{html.escape(ln)}</p>")
+    flush()
     figs = "".join(f"<figure><img alt='{n}' src='data:image/png;base64,{base64.b64encode(b).decode()}'>"
                    f"<figcaption>{n}</figcaption></figure>" for n, b in _plots(board))
     title = f"prunekit compare — {html.escape(board['name'])}"
     style = ("body{font-family:sans-serif;max-width:1300px;margin:2em auto}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right;font-size:13px}img{max-width:100%}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{style}</style></head>"
-            f"<body><h1>{title}</h1><p>{html.escape(md.splitlines()[0])}</p><table id='leaderboard'><tr>"
-            + "".join(f"<th>{html.escape(c)}</th>" for c in cells(head)) + f"</tr>{rows}</table>{figs}</body></html>")
+            f"<body><h1>{title}</h1><p>{html.escape(md.splitlines()[0])}</p>{''.join(parts)}{figs}</body></html>")

@@ -43,7 +43,7 @@ from .train import dist_info, resolve_device
 
 STAGES = ("train", "sparsify", "prune", "finetune", "cycle")
 TOP_KEYS = {"name": str, "model": dict, "data": dict, "method": dict, "target": dict, "stages": list,
-            "device": str, "seed": int, "out": str, "budget": int, "task": str}
+            "device": str, "seed": int, "out": str, "budget": (int, float), "task": str}
 MODEL_KEYS = {"name": str, "checkpoint": str, "num_classes": int, "kwargs": dict, "trust_pickle": bool}
 DATA_KEYS = {"name": str, "root": str, "limit": int, "image_size": int, "batch_size": int, "download": bool,
              "val_fraction": float, "calibration_batches": int, "split_seed": int}
@@ -252,8 +252,10 @@ def validate(cfg: Any) -> dict:
     if vf is not None and (isinstance(vf, bool) or not isinstance(vf, int | float) or not 0 < vf < 1):
         raise _err("data.val_fraction", f"must be a fraction in (0, 1) of the training data, got {vf!r}")
     budget = cfg.get("budget")
-    if budget is not None and budget < 0:
+    if budget is not None and not 0 <= budget < math.inf:
         raise _err("budget", f"must be >= 0 epochs, got {budget}")
+    if budget is not None and budget != int(budget) and not task.fractional_epochs:
+        raise _err("budget", f"{budget:g} is a fraction of an epoch; the {task.name} task trains whole epochs")
     if not isinstance(cfg["stages"], list) or not cfg["stages"]:
         raise _err("stages", "needs at least one stage")
     method = None

@@ -67,6 +67,7 @@ class Task:
     default_batch: int = 128
     report_rows: tuple[tuple[str, str, str], ...] = ()  # (label, metrics key, format) beside the metric
     metric_format: str = "{:.2f}"
+    fractional_epochs: bool = False  # its trainer can stop inside an epoch (a budget of 0.25 epochs)
     latency_batches: tuple[int, ...] = (1, 64)  # batch sizes the final table times
 
     # ---- models ----

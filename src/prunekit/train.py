@@ -9,6 +9,7 @@ epoch that was running. Under ``torchrun`` the loop runs data-parallel (NCCL on 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -25,6 +26,7 @@ from tqdm import tqdm
 
 from . import io, tasks
 from .errors import PrunekitError
+from .measure import hooked
 from .tasks import Task
 
 CKPT = "last.pt"
@@ -35,7 +37,7 @@ LOG = "log.jsonl"
 class TrainConfig:
     """Optimiser and schedule settings; defaults follow the SPEC's CPU protocol base run."""
 
-    epochs: int = 12
+    epochs: float = 12  # a fraction of an epoch runs that share of its steps (a budget of 0.25 epochs)
     lr: float = 0.2
     optimizer: str = "sgd"
     momentum: float = 0.9
@@ -58,7 +60,7 @@ class TrainConfig:
         checks = {
             "optimizer": (self.optimizer in ("sgd", "adamw"), "sgd, adamw"),
             "schedule": (self.schedule in ("onecycle", "cosine", "constant"), "onecycle, cosine, constant"),
-            "epochs": (self.epochs >= 0, "an integer >= 0"),
+            "epochs": (0 <= self.epochs < math.inf, "a number >= 0 (a fraction runs that share of an epoch's steps)"),
             "lr": (0 < self.lr < math.inf, "a finite number > 0"),
             "batch_size": (self.batch_size > 0, "an integer > 0"),
             "warmup": (0 <= self.warmup < 1, "a fraction in [0, 1)"),
@@ -127,7 +129,7 @@ def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
     """Per-step LR factor. One-cycle: linear warm-up from lr/25, then cosine down to lr/25000."""
-    total = max(1, cfg.epochs * steps_per_epoch)
+    total = max(1, total_steps(cfg.epochs, steps_per_epoch))
     warm = int(cfg.warmup * total)
 
     def onecycle(s: int) -> float:
@@ -214,6 +216,34 @@ def _append_log(path: Path, record: dict) -> None:
         os.fsync(f.fileno())
 
 
+def total_steps(epochs: float, steps_per_epoch: int) -> int:
+    """Optimiser steps of ``epochs`` (a fraction of an epoch is its share of the steps, rounded)."""
+    return round(epochs * steps_per_epoch)
+
+
+@torch.no_grad()
+def adapt_bn(model: nn.Module, batches) -> None:
+    """Reset every BN's statistics and re-estimate them as the plain average over ``batches``.
+
+    Pruning leaves each BN with the statistics of channels that no longer feed it, so the cut model looks
+    far worse than its weights are; re-estimated statistics recover most of that with no gradient step
+    (EagleEye). Only the BNs run in training mode (dropout stays off); momentum None is the cumulative average.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in bns]
+    with hooked(model):  # eval mode and no grad; every module's mode comes back afterwards
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        try:
+            for x, *_ in batches:
+                model(x)
+        finally:
+            for m, momentum in zip(bns, momenta, strict=True):
+                m.momentum = momentum
+
+
 def fit(
     model: nn.Module,
     train_loader,
@@ -263,6 +293,9 @@ def fit(
         net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     opt = _optimizer(model, cfg)
     steps = len(train_loader)
+    limit = total_steps(cfg.epochs, steps)
+    if cfg.epochs > 0 and limit < 1:
+        raise PrunekitError(f"{cfg.epochs:g} epochs of {steps} steps each round to zero optimiser steps: give more")
     sched = _scheduler(opt, cfg, steps)
     if ckpt_state is not None:
         opt.load_state_dict(ckpt_state["optimizer"])
@@ -270,15 +303,16 @@ def fit(
     use_amp = cfg.amp and dev.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     show = rank == 0
-    for epoch in range(start_epoch, cfg.epochs):
+    for epoch in range(start_epoch, math.ceil(cfg.epochs)):
+        epoch_steps = min(steps, limit - epoch * steps)  # the last epoch of a fractional count is cut short
         if hasattr(train_loader, "set_epoch"):
             train_loader.set_epoch(epoch)
         net.train()
         t0 = time.perf_counter()
         seen, loss_sum, correct = 0, 0.0, 0
-        bar = tqdm(train_loader, total=steps, desc=f"{desc} {epoch + 1}/{cfg.epochs}", disable=not show or None,
-                   leave=False, dynamic_ncols=True)
-        for x, y in bar:
+        bar = tqdm(train_loader, total=epoch_steps, desc=f"{desc} {epoch + 1}/{math.ceil(cfg.epochs)}",
+                   disable=not show or None, leave=False, dynamic_ncols=True)
+        for x, y in itertools.islice(bar, epoch_steps):
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)

@@ -35,7 +35,7 @@ from ..graph import flat_tensors, run_checked
 from ..measure import count_macs, count_params, hooked
 from ..tasks import Task
 from ..thresholds import TOLERANCE
-from ..train import BNSparsity
+from ..train import BNSparsity, adapt_bn
 
 
 @dataclass
@@ -126,6 +126,10 @@ STRUCTURED_OPTIONS = (
     Option("round_to", (int, type(None)), None, "round kept channel counts up to a multiple of this (e.g. 8)",
            minimum=1),
 )
+
+# Every channel-removing method takes it; prune() applies it after the cut, so no method implements it.
+BN_RECALIBRATE = Option("bn_recalibrate", int, 0, "re-estimate BN statistics on this many calibration batches of "
+                        "the training split after the cut (0: off); no gradient step", minimum=0)
 
 
 # Sparsity training on BN scale factors (network slimming's L1 on γ), shared by the BN-|γ| methods.
@@ -265,6 +269,8 @@ def register(name: str, summary: str, kind: str = "structured", *, options: Iter
              figures: Callable | None = None, needs_batchnorm: bool = False,
              own_cut: Callable[[dict], str | None] | None = None) -> Callable:
     """Decorator: make ``fn(model, ctx, **options) -> PruneResult`` available by ``name``."""
+
+    options = (*options, BN_RECALIBRATE) if kind != "unstructured" else tuple(options)
 
     def deco(fn: Callable[..., PruneResult]) -> Callable[..., PruneResult]:
         REGISTRY[name] = Method(name, summary, kind, fn, {o.name: o for o in options}, needs_data, regularizer,
@@ -409,10 +415,18 @@ def _all_or_nothing(model: nn.Module, ctx: Context, m: Method, target: dict, opt
     with torch.no_grad():
         shapes = [t.shape for t in outputs(run_checked(model, ctx.example_inputs[:1],
                                                        "running the model on the example input"))]
+    opts = dict(opts)
+    recalibrate = opts.pop(BN_RECALIBRATE.name, 0)
+    calib = ctx.batches(recalibrate, "data", m.name) if recalibrate else None  # checked before the cut
     try:
         if "latency" in target:
-            return _to_latency(model, backup, ctx, m, target, opts, shapes)
-        return _checked(model, backup, ctx, m, target, opts, shapes)
+            result = _to_latency(model, backup, ctx, m, target, opts, shapes)
+        else:
+            result = _checked(model, backup, ctx, m, target, opts, shapes)
+        if calib is not None:
+            adapt_bn(result.model, calib)
+            result.info["bn_recalibrated"] = len(calib)
+        return result
     except BaseException:
         model.__dict__.update(backup.__dict__)  # the caller's model is exactly as it was
         raise

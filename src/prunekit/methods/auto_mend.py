@@ -35,47 +35,21 @@ import random
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm import tqdm
 
 from .. import criteria, thresholds
 from ..errors import PrunekitError
 from ..graph import PruneGraph
-from ..measure import hooked
+from ..train import adapt_bn
 from . import STRUCTURED_OPTIONS, Context, Option, PruneResult, cost, register
 
 NAME = "auto-mend"
 TOLERANCE = 0.01  # a scored candidate's analytic speedup lies within target ± 1 %
 Widths = dict[int, int]  # group index -> channels kept
-
-
-# ---- 4. adaptive BN ----
-@torch.no_grad()
-def adapt_bn(model: nn.Module, batches: Sequence[tuple[torch.Tensor, ...]]) -> None:
-    """Reset every BN's statistics and re-estimate them as the plain average over ``batches``.
-
-    The unpruned network's statistics make every pruned candidate look broken whatever its widths;
-    re-estimated ones rank candidates much as their accuracy after fine-tuning does (EagleEye).
-    Only the BNs run in training mode (dropout stays off); momentum None is the cumulative average.
-    """
-    bns = [m for m in model.modules() if isinstance(m, _BatchNorm)]
-    momenta = [m.momentum for m in bns]
-    with hooked(model):  # eval mode and no grad; every module's mode comes back afterwards
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None
-            m.train()
-        try:
-            for x, *_ in batches:
-                model(x)
-        finally:
-            for m, momentum in zip(bns, momenta, strict=True):
-                m.momentum = momentum
 
 
 # ---- 2. the search space ----
