@@ -313,10 +313,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import run
+    from .compare import load_config, run
 
-    board = run(args.config, out=args.out, force=args.force)
-    out = Path(board["base"]["checkpoint"]).parents[3]
+    run(args.config, out=args.out, force=args.force, board_only=args.board_only)
+    out = Path(args.out or load_config(args.config)["out"])
     print(f"leaderboard: {out / 'leaderboard.json'}, {out / 'leaderboard.html'}")
     return 0
 
@@ -442,6 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="compare folder (overrides the config's out)")
     p.add_argument("--force", action="store_true",
                    help="reuse a folder that holds another compare config (cells whose config changed re-run)")
+    p.add_argument("--board-only", action="store_true",
+                   help="write the leaderboard of the cells finished so far; run nothing (a partial compare)")
     p.set_defaults(fn=cmd_compare)
 
     p = sub.add_parser("report", help="HTML + Markdown report of one or more finished runs")

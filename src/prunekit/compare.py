@@ -521,8 +521,10 @@ def _mark_best(rows: list[dict]) -> None:
                                                        b["metric_std"])
 
 
-def run(config: str | Path | dict, *, out: str | Path | None = None, force: bool = False) -> dict:
-    """Run (or resume) a compare; returns the leaderboard (also written to ``OUT/leaderboard.json``)."""
+def run(config: str | Path | dict, *, out: str | Path | None = None, force: bool = False,
+        board_only: bool = False) -> dict:
+    """Run (or resume) a compare; returns the leaderboard (also written to ``OUT/leaderboard.json``).
+    ``board_only``: run nothing, and rank the cells finished so far (the rest count as not done)."""
     raw = copy.deepcopy(config) if isinstance(config, dict) else _read(config)
     if out is not None:
         if not str(out).strip():
@@ -538,13 +540,20 @@ def run(config: str | Path | dict, *, out: str | Path | None = None, force: bool
         entries = _entries(cfg)
         cells = _cells(cfg, entries, out)
         _say(f"base: {out / 'base'}")
-        base = _run(_base_config(cfg, out), force)
+        base = _finished(_base_config(cfg, out)) if board_only else _run(_base_config(cfg, out), force)
+        if base is None:
+            raise PrunekitError(f"{out} has no finished base: run the compare without --board-only first")
         base_path = _base_model_path(cfg, out)
         _check_steps(cfg, cells, out)
         metric = base["metric"]
         for i, cell in enumerate(cells, 1):
-            done = _finished(cell["config"]) is not None
-            _say(f"cell {i}/{len(cells)} {cell['id']}" + (" (done)" if done else ""))
+            done = _finished(cell["config"])
+            _say(f"cell {i}/{len(cells)} {cell['id']}" + (" (done)" if done else " (not run)" if board_only else ""))
+            if board_only:
+                cell["metrics"] = done
+                if done:
+                    cell["model_path"] = final_model_path(Path(cell["config"]["out"]))
+                continue
             cell["metrics"] = _run_cell(cell, force, out)
             if cell["metrics"] is None:
                 cell["error"] = json.loads((out / "errors" / f"{cell['id']}.json").read_text())["error"]
