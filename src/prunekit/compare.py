@@ -22,6 +22,7 @@ import copy
 import html
 import json
 import math
+import os
 import re
 import statistics
 import sys
@@ -589,9 +590,9 @@ def _portable(value: Any, out: Path) -> Any:
     if isinstance(value, list):
         return [_portable(v, out) for v in value]
     if isinstance(value, str) and value.startswith("/"):
-        for root in (out, Path.cwd()):
+        for root in (out, Path.cwd(), Path.cwd().parent):  # the last: data beside the checkout (../shared)
             if Path(value).is_relative_to(root):
-                return str(Path(value).relative_to(root))
+                return os.path.relpath(value, Path.cwd() if root == Path.cwd().parent else root)
     return value
 
 
