@@ -35,3 +35,25 @@ def cifar_archive() -> Path:
 def cache_dir(tmp_path_factory) -> Path:
     """One decoded-image cache for the whole session, so CIFAR-10 is decoded once."""
     return tmp_path_factory.mktemp("pk-cache")
+
+
+# The fast lane (`pytest -m "not slow"`, for development) leaves out whatever starts a fresh interpreter, trains
+# through a pipeline, a compare or Ultralytics, or reads the real data sets; CI and the README run everything.
+SLOW_MODULES = {"test_yolo", "test_yolo_tools", "test_yolo_layouts", "test_compare", "test_budgets", "test_distill"}
+SLOW_SIGNS = ("run_cli(", "subprocess", "sys.executable", "cifar_archive", "SHARED", "pipeline.run(", "compare.run(",
+              "yolo.train(", "torchrun")
+SLOW_FIXTURES = {"cifar_archive", "board", "bccd", "trained", "yolo_data"}
+
+
+def pytest_collection_modifyitems(config, items):
+    import inspect
+
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        try:
+            source = inspect.getsource(item.function)
+        except (OSError, TypeError):
+            source = ""
+        if (module in SLOW_MODULES or any(s in source for s in SLOW_SIGNS)
+                or SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))):
+            item.add_marker(pytest.mark.slow)

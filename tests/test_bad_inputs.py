@@ -541,3 +541,16 @@ def test_model_file_loading_never_raises_anything_but_a_clear_error(saved, where
         pk.load(path)
     except PrunekitError:
         pass
+
+
+@pytest.mark.parametrize("value", ["no", 1, "yes", [True]])
+def test_trust_pickle_takes_only_true_or_false(value, tmp_path):
+    """Issue 37 item 1b: a truthy value that is not True must not unpickle (the file is never opened)."""
+    from prunekit import yolo
+
+    marker = tmp_path / "payload-ran"
+    path = tmp_path / "best.pt"
+    path.write_bytes(b"not read")
+    with pytest.raises(PrunekitError, match="trust_pickle must be True or False"):
+        yolo.load_weights(torch.nn.Linear(1, 1), path, 3, trust_pickle=value)
+    assert not marker.exists()

@@ -190,8 +190,15 @@ def create(name: str, num_classes: int | None = 80, **kwargs: Any) -> nn.Module:
     return model
 
 
+def check_trust(trust_pickle: object) -> None:
+    """Only ``True`` trusts a pickle: a truthy string such as ``'no'`` must not run a file's code."""
+    if trust_pickle is not True and trust_pickle is not False:
+        raise PrunekitError(f"trust_pickle must be True or False, got {trust_pickle!r}")
+
+
 def _trained(path: Path, num_classes: int | None, *, trust_pickle: bool) -> tuple[str, int, dict, dict]:
     """(``ul:`` name of its architecture, classes, class names, weights) of a detector Ultralytics trained."""
+    check_trust(trust_pickle)
     if not path.is_file():
         raise PrunekitError(f"Ultralytics checkpoint not found: {path}")
     if not trust_pickle:
@@ -249,6 +256,7 @@ def build_detection_model(name: str, num_classes: int) -> nn.Module:
 
 def load_weights(model: nn.Module, path: Path, num_classes: int, *, trust_pickle: bool = False) -> None:
     """Load a state dict, or (``trust_pickle=True``) the model inside a trained Ultralytics ``.pt``."""
+    check_trust(trust_pickle)
     if not path.is_file():
         raise PrunekitError(f"weights file not found: {path}")
     try:
