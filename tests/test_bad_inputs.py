@@ -554,3 +554,44 @@ def test_trust_pickle_takes_only_true_or_false(value, tmp_path):
     with pytest.raises(PrunekitError, match="trust_pickle must be True or False"):
         yolo.load_weights(torch.nn.Linear(1, 1), path, 3, trust_pickle=value)
     assert not marker.exists()
+
+
+def _bad_key(kind: str, path: Path) -> None:
+    if kind == "dev-null-link":
+        path.symlink_to("/dev/null")
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.write_bytes({"empty": b"", "one-byte": b"k", "world-readable": os.urandom(32)}[kind])
+        os.chmod(path, 0o644 if kind == "world-readable" else 0o600)
+
+
+@pytest.mark.parametrize("kind", ["empty", "one-byte", "dev-null-link", "fifo", "world-readable"])
+def test_a_signing_key_that_would_make_signatures_forgeable_is_refused(kind, tmp_path, monkeypatch):
+    """Issue 37 item 1a: the key is checked on every use (regular file, this user's, 0600, 32 bytes); nothing is
+    signed or trusted with a bad one, and a FIFO does not hang."""
+    from prunekit import files
+
+    monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path))
+    _bad_key(kind, tmp_path / "signing.key")
+    target = tmp_path / "model.pt"
+    target.write_bytes(b"payload")
+    with pytest.raises(PrunekitError, match="signing key .* remove it") as err:
+        files.file_signature(target)
+    assert "\n" not in str(err.value)
+    with pytest.raises(PrunekitError):
+        files.signed_by_us(target, "0" * 64)
+
+
+def test_the_signing_key_is_made_whole_and_a_non_ascii_signature_is_a_refusal(tmp_path, monkeypatch):
+    from prunekit import files
+
+    monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path))
+    target = tmp_path / "model.pt"
+    target.write_bytes(b"weights")
+    sig = files.file_signature(target)
+    key = tmp_path / "signing.key"
+    assert key.stat().st_size == 32 and oct(key.stat().st_mode & 0o777) == "0o600"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".signing.key.")]  # no temporary left
+    assert files.signed_by_us(target, sig)
+    assert not files.signed_by_us(target, "é" * 64) and not files.signed_by_us(target, sig[:-1] + "x")

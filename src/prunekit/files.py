@@ -7,6 +7,7 @@ import fcntl
 import hashlib
 import hmac
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -159,23 +160,49 @@ def read_yaml(path: str | Path, what: str = "config file") -> Any:
 
 
 # ---- files prunekit wrote itself ----
+KEY_BYTES = 32
+
+
 def _signing_key() -> bytes:
     """This machine's key for signing files prunekit wrote (``$PRUNEKIT_CACHE/signing.key``, made once, 0600).
 
     A run folder copied from elsewhere carries no signature made with this key, so nothing in it that
-    only a pickle can read (Ultralytics' ``last.pt``) is ever unpickled.
+    only a pickle can read (Ultralytics' ``last.pt``) is ever unpickled. The key is written whole to a
+    temporary file and linked into place (a full disk cannot leave a short key), and checked on every use:
+    an empty, short, linked, shared or special file would make signatures forgeable (or, a FIFO, hang).
     """
     root = Path(os.environ.get("PRUNEKIT_CACHE") or Path.home() / ".cache" / "prunekit").expanduser()
     path = root / "signing.key"
-    if not path.exists():
+    if not os.path.lexists(path):
         root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=root, prefix=".signing.key.")
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(os.urandom(32))
+            with os.fdopen(fd, "wb") as f:  # mkstemp makes it 0600
+                f.write(os.urandom(KEY_BYTES))
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, path)  # fails if another process made the key first: theirs is used
         except FileExistsError:
             pass
-    return path.read_bytes()
+        except OSError as exc:
+            raise PrunekitError(f"cannot create the signing key {path}: {exc.strerror or exc}; free disk space "
+                                "or set PRUNEKIT_CACHE to a writable folder") from exc
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    st = os.lstat(path)
+    problem = ("is not a regular file" if not stat.S_ISREG(st.st_mode) else
+               "is not owned by this user" if st.st_uid != os.getuid() else
+               f"has mode {stat.S_IMODE(st.st_mode):o}, not 600" if stat.S_IMODE(st.st_mode) != 0o600 else
+               f"holds {st.st_size} bytes, not {KEY_BYTES}" if st.st_size != KEY_BYTES else None)
+    if problem is None:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            key = f.read(KEY_BYTES + 1)
+        if len(key) == KEY_BYTES:
+            return key
+        problem = f"holds {len(key)} bytes, not {KEY_BYTES}"
+    raise PrunekitError(f"the signing key {path} {problem}: signatures made with it could be forged; remove it "
+                        "(prunekit makes a new one; files it signed before are then re-done, not trusted)")
 
 
 def _digest(path: str | Path, h: Any) -> str:
@@ -197,5 +224,6 @@ def file_signature(path: str | Path) -> str:
 
 def signed_by_us(path: str | Path, signature: str | None) -> bool:
     """Whether ``path`` is byte for byte a file this machine's prunekit signed."""
-    return isinstance(signature, str) and Path(path).is_file() and hmac.compare_digest(file_signature(path),
-                                                                                         signature)
+    if not isinstance(signature, str) or not Path(path).is_file():
+        return False
+    return hmac.compare_digest(file_signature(path).encode(), signature.encode("utf-8", "surrogateescape"))
