@@ -136,6 +136,17 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("compare-other-config-in-folder", lambda t: ["compare", str(_compare(t, seeds=[1], claimed=True))],
      "holds a compare with another config (differs at: seeds)"),
     ("compare-empty-out", lambda t: ["compare", str(_compare(t)), "--out", ""], "--out is empty"),
+    # issue 37: a key with no value, the same distillation twice, bad budgets: one line before any cell
+    ("compare-name-null", lambda t: ["compare", str(_compare(t, name=None))], "at 'name': has no value"),
+    ("compare-base-seed-null", lambda t: ["compare", str(_compare(
+        t, base={"model": {"name": "digits_cnn"}, "seed": None}))], "at 'base.seed': has no value"),
+    ("compare-latency-batch-null", lambda t: ["compare", str(_compare(t, latency={"batch": None}))],
+     "at 'latency.batch': has no value"),
+    ("compare-search-epochs-null", lambda t: ["compare", str(_compare(
+        t, methods=[{"name": "l1-norm", "search_epochs": None}]))], "search_epochs': has no value"),
+    ("compare-distill-twice", lambda t: ["compare", str(_compare(t, distill=[None, None]))], "appears twice"),
+    ("compare-budgets-negative", lambda t: ["compare", str(_compare(t, budgets=[-1]))], "not a number of epochs"),
+    ("compare-budgets-empty", lambda t: ["compare", str(_compare(t, budgets=[]))], "budgets"),
     # issue 26: trust only from the caller, values beyond their type, nothing silently accepted
     ("recipe-names-weights-path-and-trust", lambda t: ["eval", "--checkpoint", str(_edit(
         _digits_model(t / "m.pt"), lambda o: o["arch"]["kwargs"].update(

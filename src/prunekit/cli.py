@@ -315,9 +315,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import load_config, run
 
-    run(args.config, out=args.out, force=args.force, board_only=args.board_only)
+    board = run(args.config, out=args.out, force=args.force, board_only=args.board_only)
     out = Path(args.out or load_config(args.config)["out"])
     print(f"leaderboard: {out / 'leaderboard.json'}, {out / 'leaderboard.html'}")
+    if board["cells"]["failed"]:  # the leaderboard is written, but a script must not take it for complete
+        print(f"error: {len(board['cells']['failed'])} of {board['cells']['total']} cells failed (see "
+              f"{out / 'errors'})", file=sys.stderr)
+        return 1
     return 0
 
 

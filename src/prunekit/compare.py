@@ -63,7 +63,9 @@ def _check_keys(section: Any, allowed: dict, where: str) -> None:
         raise _err(f"{where}.{unknown[0]}" if where else unknown[0], f"unknown key; allowed: {', '.join(allowed)}")
     for k, v in section.items():
         typ = allowed[k]
-        if v is not None and (not isinstance(v, typ) or (typ is int and isinstance(v, bool))):
+        if v is None:  # a key written with no value: say so here, not inside a cell after the others ran
+            raise _err(f"{where}.{k}" if where else k, "has no value (null); give one or leave the key out")
+        if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
             names = " or ".join(t.__name__ for t in typ) if isinstance(typ, tuple) else typ.__name__
             raise _err(f"{where}.{k}" if where else k, f"must be {names}, got {str(v)[:80]!r}")
 
@@ -139,7 +141,7 @@ def _entries(cfg: dict) -> list[dict]:
 
 def _budgets(cfg: dict) -> list[float]:
     """The budget axis: ``budgets``, or the one ``budget``."""
-    return cfg.get("budgets") or [cfg["budget"]]
+    return cfg["budgets"] if cfg.get("budgets") is not None else [cfg["budget"]]
 
 
 def _check_budgets(budgets: Any, where: str) -> None:
@@ -234,6 +236,8 @@ def validate(cfg: Any) -> dict:
     for i, v in enumerate(variants):
         if v is not None:
             distill.check(v, f"distill[{i}]")
+        if v in variants[:i]:
+            raise _err(f"distill[{i}]", "the same variant appears twice (it would count as two seeds of one run)")
     cfg = {**cfg, "latency": lat, "base": {**base, "seed": seed}, "data": data}
     cfg.setdefault("name", Path(cfg["out"]).name)
     cfg.setdefault("device", "auto")
