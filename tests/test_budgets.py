@@ -124,3 +124,11 @@ def test_bad_budgets_fail_before_any_cell(change, expected, tmp_path):
     with pytest.raises(PrunekitError, match=expected):
         compare.run({**copy.deepcopy(BUDGETS), **change}, out=tmp_path / "out")
     assert not (tmp_path / "out" / "cells").exists()
+
+
+def test_a_single_seed_lead_is_not_called_beyond_the_spread():
+    rows = [{"method": m, "target": "2x", "budget": 1, "metric_mean": v, "metric_std": 0.0, "wall_s": 1,
+             "seeds": [0]} for m, v in (("a", 80.1), ("b", 80.0))]
+    compare._mark_best(rows)
+    assert rows[0]["best"] and rows[0]["lead_beyond_spread"] is None
+    assert "single seed: no spread" in compare.recommend({"rows": rows, "budget": 1})[0]

@@ -522,8 +522,9 @@ def _mark_best(rows: list[dict]) -> None:
             if len(ranked) > 1:
                 a, b = ranked[0], ranked[1]
                 ranked[0]["lead"] = a["metric_mean"] - b["metric_mean"]
-                ranked[0]["lead_beyond_spread"] = bool(a["metric_mean"] - b["metric_mean"] > a["metric_std"] +
-                                                       b["metric_std"])
+                if min(len(a.get("seeds", [0, 1])), len(b.get("seeds", [0, 1]))) > 1:  # one seed has no spread
+                    ranked[0]["lead_beyond_spread"] = bool(a["metric_mean"] - b["metric_mean"] > a["metric_std"] +
+                                                           b["metric_std"])
 
 
 def run(config: str | Path | dict, *, out: str | Path | None = None, force: bool = False,
@@ -671,6 +672,9 @@ def recommend(board: dict) -> list[str]:
         where = f"Recommendation at {target}, budget {budget:g} epochs:"
         if len(rows) == 1:
             out.append(f"{where} {best['method']} (the only finished row)")
+        elif best.get("lead_beyond_spread") is None:
+            out.append(f"{where} {best['method']} is ahead by {best['lead']:.2f} points on a single seed: no spread "
+                       "to judge the lead; run more seeds")
         elif best.get("lead_beyond_spread"):
             out.append(f"{where} use {best['method']}: it leads by {best['lead']:.2f} points, beyond the spread")
         else:
