@@ -439,12 +439,12 @@ def final_model_path(run_dir: Path) -> Path:
     return done[-1].parent / "model.pt"
 
 
-def _latency(cfg: dict, out: Path, base_path: Path, cells: list[dict]) -> dict[str, dict]:
-    """Every finished cell's final model timed side by side with the base; cached until a model changes."""
+def _latency(cfg: dict, out: Path, base_path: Path, cells: list[dict], hashes: dict[str, str]) -> dict[str, dict]:
+    """Every finished cell's final model timed side by side with the base; cached until a model changes
+    (``hashes``: the sha256 of each model file, by cell id and ``base``)."""
     from . import timing
 
     files = {"base": base_path} | {c["id"]: c["model_path"] for c in cells}
-    hashes = {k: io.sha256_file(p) for k, p in files.items()}
     settings = cfg["latency"]
     cache = out / "latency.json"
     if cache.exists():
@@ -566,14 +566,14 @@ def run(config: str | Path | dict, *, out: str | Path | None = None, force: bool
             else:
                 cell["model_path"] = final_model_path(Path(cell["config"]["out"]))
         finished = [c for c in cells if c.get("metrics")]
-        base_sha = io.sha256_file(base_path)
+        hashes = {"base": io.sha256_file(base_path)} | {c["id"]: io.sha256_file(c["model_path"]) for c in finished}
         for c in finished:
-            _write_result(c, out, base_sha)
-        lat = _latency(cfg, out, base_path, finished) if cfg["latency"] is not False else {}
+            _write_result(c, out, hashes)
+        lat = _latency(cfg, out, base_path, finished, hashes) if cfg["latency"] is not False else {}
         board = {"name": cfg["name"], "task": base.get("task"), "metric": metric,
                  "metric_label": base.get("metric_label"), "budget": cfg["budget"], "budgets": _budgets(cfg),
                  "seeds": cfg["seeds"],
-                 "base": {"checkpoint": str(base_path.relative_to(out)), "sha256": base_sha, **base["after"]},
+                 "base": {"checkpoint": str(base_path.relative_to(out)), "sha256": hashes["base"], **base["after"]},
                  "latency_settings": cfg["latency"], "cells": {"done": len(finished), "total": len(cells),
                                                                "failed": [c["id"] for c in cells if c.get("error")]},
                  "rows": _rows(cfg, cells, lat, base["after"], metric),
@@ -601,14 +601,14 @@ def _portable(value: Any, out: Path) -> Any:
     return value
 
 
-def _write_result(cell: dict, out: Path, base_sha: str) -> None:
+def _write_result(cell: dict, out: Path, hashes: dict[str, str]) -> None:
     """``OUT/results/<cell>.json``: what a leaderboard row is made of, small enough to commit (the cell's config,
     its metrics and the hashes of the models they were measured on; no model file, no absolute path)."""
     m = cell["metrics"]
     record = {"id": cell["id"], "method": cell["method"], "label": cell["label"], "target": cell["target"],
               "budget": cell["budget"], "search_charged": cell["search_charged"], "seed": cell["seed"],
               "config": cell["config"], "metric": m.get("metric"), "after": m.get("after"), "pruned": m.get("pruned"),
-              "wall_s": m.get("wall_s"), "base_sha256": base_sha, "model_sha256": io.sha256_file(cell["model_path"])}
+              "wall_s": m.get("wall_s"), "base_sha256": hashes["base"], "model_sha256": hashes[cell["id"]]}
     io.atomic_write_text(json.dumps(_portable(record, out), indent=1), out / "results" / f"{cell['id']}.json")
 
 
