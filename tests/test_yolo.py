@@ -308,12 +308,12 @@ def test_pruned_detector_saves_loads_in_fresh_process_and_exports(tmp_path: Path
     """, tmp_path)
     # ONNX wants one output tensor: the decoded predictions. export_onnx's absolute 1e-4 check is too tight for
     # boxes in pixels (float32 noise reaches 1.2e-4 at |y| ~ 160), so the same export is checked relatively here.
-    from prunekit.export import _session, _to_onnx
+    from prunekit.runtimes.ort import session, to_onnx
 
     with yolo.export_mode(model):
-        _to_onnx(model, X, tmp_path / "pruned.onnx", 17)
+        to_onnx(model, X, tmp_path / "pruned.onnx", 17)
         ref = outputs(model)[0]
-    got = torch.from_numpy(_session(tmp_path / "pruned.onnx").run(None, {"input": X.numpy()})[0])
+    got = torch.from_numpy(session(tmp_path / "pruned.onnx").run(None, {"input": X.numpy()})[0])
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
     assert isinstance(model(X), tuple)  # the flag is restored afterwards
 

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from . import data as pkdata
-from . import distill, io, methods, models, tasks
+from . import distill, io, methods, models, runtimes, tasks
 from .errors import PrunekitError
 from .graph import run_checked
 from .masks import Masks
@@ -289,11 +289,26 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise PrunekitError(f"{out} already exists; use --force to overwrite or choose another --out")
     if args.gzip and args.format != "sparse":
         raise PrunekitError("--gzip compresses the sparse format only; ONNX files are written as they are")
+    if args.int8:
+        from .export import int8_path
+
+        if args.format != "onnx":
+            raise PrunekitError("--int8 quantises an ONNX export: use --format onnx")
+        if not args.data:
+            raise PrunekitError("--int8 calibrates activation ranges on training batches: give --data")
+        if int8_path(out).exists() and not args.force:
+            raise PrunekitError(f"{int8_path(out)} already exists; use --force to overwrite or choose another --out")
+        if out.suffix != ".onnx":
+            raise PrunekitError(f"--out {out} must end in .onnx with --int8 (the int8 model is written beside it)")
+    elif args.data or args.calibration_batches != 16 or args.calibration_method != "minmax":
+        raise PrunekitError("--data and --calibration-* set up int8 calibration: add --int8")
     model = io.load(args.checkpoint)
     if args.format == "sparse":
         from .sparse import export_sparse
 
         info = export_sparse(model, out, values=args.values, compress=args.gzip)
+    elif args.int8:
+        info = _export_int8(args, model, out)
     else:
         from .export import export_onnx
 
@@ -301,6 +316,34 @@ def cmd_export(args: argparse.Namespace) -> int:
             info = export_onnx(model, _example_inputs(model, None)[:1], out, opset=args.opset)
     print(json.dumps(info))
     return 0
+
+
+def _export_int8(args: argparse.Namespace, model: torch.nn.Module, out: Path) -> dict[str, Any]:
+    """fp32 and int8 ONNX, calibrated on training batches of --data; both measured on its test split."""
+    from .export import deploy_table, export_int8, int8_path
+
+    task = tasks.for_model(model)
+    spec = {"name": args.data, "root": args.data_root, "image_size": args.image_size, "limit": args.limit,
+            "download": args.download, "calibration_batches": args.calibration_batches}
+    if task.name == "detect":
+        from .yolo import input_size
+
+        spec = {"name": args.data, "image_size": input_size(model), "calibration_batches": args.calibration_batches}
+    data = task.load_data({k: v for k, v in spec.items() if v is not None}, seed=0, split_seed=0,
+                          device=torch.device("cpu"))
+    task.check_model(model, data, str(args.checkpoint))
+    calibration = [batch[0] for batch in data.calib][: args.calibration_batches]
+    info = export_int8(model, calibration, out, method=args.calibration_method, opset=args.opset)
+    table = deploy_table({"model": (model, out)}, data, task, threads=args.threads, batch_sizes=task.latency_batches)
+    row = table["model"]
+    info["metrics"] = {"pytorch": task.test_metrics(model, data, torch.device("cpu")), "fp32_onnx": row["fp32"],
+                       "int8": row["int8"]}
+    info["speedup_int8_vs_fp32"] = {str(b): table["latency"][f"b{b}"]["model/int8"]["ratio"]
+                                    for b in task.latency_batches}
+    print(f"int8: {int8_path(out)} ({row['int8_bytes'] / 1e6:.2f} MB, fp32 {row['fp32_bytes'] / 1e6:.2f} MB); "
+          f"{task.metric} on the test split: fp32 {row['fp32'][task.metric]:.2f}, int8 {row['int8'][task.metric]:.2f}",
+          file=sys.stderr)
+    return info
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -394,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", type=float, help="fraction of weights to zero (unstructured methods)")
     p.add_argument("--latency", type=float, help="target *measured* speedup on --runtime at --batch with --threads "
                    "on this machine, within 5 %% (structured methods; instead of --speedup)")
-    p.add_argument("--runtime", help="where --latency is timed: eager (default) or onnxruntime")
+    p.add_argument("--runtime", help=f"where --latency is timed: {', '.join(runtimes.names())} (default eager)")
     p.add_argument("--batch", type=_positive, help="batch size --latency is timed at (default 64)")
     p.add_argument("--threads", type=_positive, help="threads --latency is timed with (default 2)")
     p.add_argument("--percentile", type=float, help="the method's option percentile (net-slim: global |γ| "
@@ -431,6 +474,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnx: opset (17 to 20)")
     p.add_argument("--values", default="fp32", choices=["fp32", "fp16"], help="sparse: value precision")
     p.add_argument("--gzip", action="store_true", help="sparse: gzip the file")
+    p.add_argument("--int8", action="store_true", help="onnx: also write OUT's int8 model (OUT with .int8.onnx), "
+                   "static quantisation calibrated on training batches of --data, both measured on its test split")
+    _add_data_args(p)
+    p.add_argument("--calibration-batches", type=_positive, default=16,
+                   help="int8: training batches the activation ranges are calibrated on (default 16)")
+    p.add_argument("--calibration-method", default="minmax", choices=["minmax", "entropy", "percentile"],
+                   help="int8: how activation ranges are chosen (default minmax)")
+    p.add_argument("--threads", type=_positive, default=2, help="int8: threads the models are timed with")
     p.add_argument("--out", required=True)
     p.add_argument("--force", action="store_true")
     p.set_defaults(fn=cmd_export)

@@ -34,17 +34,22 @@ from typing import Any
 import torch
 import yaml
 
-from . import distill, io, methods, models, pipeline, tasks
+from . import distill, io, methods, models, pipeline, runtimes, tasks
 from .errors import PrunekitError
+from .runtimes.ort_int8 import CALIBRATION_METHODS
 
 KEYS = {"name": str, "out": str, "task": str, "device": str, "data": dict, "base": dict, "methods": list,
         "targets": list, "seeds": list, "budget": (int, float), "budgets": list, "finetune": dict, "sparsify": dict,
-        "latency": (dict, bool), "distill": list}
+        "latency": (dict, bool), "distill": list, "int8": (dict, bool)}
+INT8_KEYS = {"calibration_batches": int, "method": str}
+INT8_DEFAULTS = {"calibration_batches": 16, "method": "minmax"}
+INT8_RUNTIME = "onnxruntime-int8"
+_INT8_KEY = runtimes.RUNTIMES[INT8_RUNTIME].key + "_"  # its latency columns: speedup against the fp32 base
 BASE_KEYS = {"checkpoint": str, "model": dict, "train": dict, "seed": int}
 ENTRY_KEYS = {"name": str, "label": str, "params": dict, "targets": list, "budgets": list, "sparsify": (dict, bool),
               "stages": list, "search_epochs": int}
 LATENCY_KEYS = {"batch": int, "threads": int, "rounds": int, "runtimes": list}
-LATENCY_DEFAULTS = {"batch": 64, "threads": 2, "rounds": 15, "runtimes": ["eager", "onnxruntime"]}
+LATENCY_DEFAULTS = {"batch": 64, "threads": 2, "rounds": 15, "runtimes": list(runtimes.DEFAULT)}
 SPARSIFY_EPOCHS = 1  # a method's sparsity training when the config does not say (it counts against the budget)
 RECALIBRATE = 20  # budget 0: calibration batches of the training split that re-estimate BN statistics
 LEARNED = "learned"
@@ -80,7 +85,7 @@ def _pipeline_target(t: float | str | dict) -> dict:
 def _target_name(t: float | str | dict) -> str:
     if isinstance(t, dict):  # a measured speedup: where it is timed is part of its name
         t = _pipeline_target(t)
-        rt = {"onnxruntime": "ort"}.get(t["runtime"], t["runtime"])
+        rt = runtimes.RUNTIMES[t["runtime"]].key if t["runtime"] in runtimes.RUNTIMES else t["runtime"]
         return f"lat{float(t['latency']):g}x-{rt}-b{t['batch']}-t{t['threads']}"
     return LEARNED if t == LEARNED else f"{float(t):g}x"
 
@@ -217,8 +222,18 @@ def validate(cfg: Any) -> dict:
         for k in ("batch", "threads", "rounds"):
             if lat[k] < 1:
                 raise _err(f"latency.{k}", f"must be >= 1, got {lat[k]}")
-        if not lat["runtimes"] or set(lat["runtimes"]) - {"eager", "onnxruntime"}:
-            raise _err("latency.runtimes", "a non-empty list of eager and/or onnxruntime")
+        if not lat["runtimes"] or set(lat["runtimes"]) - set(runtimes.names()):
+            raise _err("latency.runtimes", f"a non-empty list of {', '.join(runtimes.names())}")
+    q: dict | bool = False
+    if cfg.get("int8") not in (None, False):
+        q = {**INT8_DEFAULTS, **(cfg["int8"] if isinstance(cfg["int8"], dict) else {})}
+        _check_keys(q, INT8_KEYS, "int8")
+        if q["calibration_batches"] < 1:
+            raise _err("int8.calibration_batches", f"must be >= 1, got {q['calibration_batches']}")
+        if q["method"] not in CALIBRATION_METHODS:
+            raise _err("int8.method", f"one of {', '.join(CALIBRATION_METHODS)}, got {q['method']!r}")
+        if lat is not False and INT8_RUNTIME not in lat["runtimes"]:  # int8 latency beside the metric
+            lat = {**lat, "runtimes": [*lat["runtimes"], INT8_RUNTIME]}
     for key in ("finetune", "sparsify"):
         if key in cfg and not isinstance(cfg[key], dict):
             raise _err(key, "must be a mapping of training settings")
@@ -238,7 +253,7 @@ def validate(cfg: Any) -> dict:
             distill.check(v, f"distill[{i}]")
         if v in variants[:i]:
             raise _err(f"distill[{i}]", "the same variant appears twice (it would count as two seeds of one run)")
-    cfg = {**cfg, "latency": lat, "base": {**base, "seed": seed}, "data": data}
+    cfg = {**cfg, "latency": lat, "int8": q, "base": {**base, "seed": seed}, "data": data}
     cfg.setdefault("name", Path(cfg["out"]).name)
     cfg.setdefault("device", "auto")
     entries = _entries(cfg)
@@ -458,11 +473,50 @@ def _latency(cfg: dict, out: Path, base_path: Path, cells: list[dict], hashes: d
         raise PrunekitError(f"{base_path} records no input shape; cannot time it")
     _say(f"measuring latency of {len(loaded)} models side by side (this takes a few minutes; keep the machine quiet)")
     batches = sorted({1, settings["batch"]})
-    results = timing.side_by_side(loaded, torch.zeros(1, *shape), batch_sizes=batches, runtimes=settings["runtimes"],
-                                  threads=settings["threads"], rounds=settings["rounds"],
-                                  mode=tasks.for_model(base).export_mode, progress=_say)  # a detector: one output
+    timed = dict(batch_sizes=batches, threads=settings["threads"], rounds=settings["rounds"],
+                 mode=tasks.for_model(base).export_mode, progress=_say)  # a detector: one output
+    x = torch.zeros(1, *shape)
+    plain = [r for r in settings["runtimes"] if r != INT8_RUNTIME]
+    results = timing.side_by_side(loaded, x, runtimes=plain, **timed) if plain else {}
+    if INT8_RUNTIME in settings["runtimes"]:  # each int8 model against the fp32 base, in the same rounds
+        across = timing.side_by_side(loaded, x, runtimes=("onnxruntime", INT8_RUNTIME), across=True, **timed)
+        key = runtimes.RUNTIMES[INT8_RUNTIME].key
+        for b in batches:
+            results[f"{key}_b{b}"] = {n: across[f"b{b}"][f"{n}/{key}"] for n in loaded}
     io.atomic_write_text(json.dumps({"settings": settings, "models": hashes, "results": results}, indent=1), cache)
     return results
+
+
+def _int8(cfg: dict, out: Path, base_path: Path, cells: list[dict], hashes: dict[str, str]) -> dict[str, dict]:
+    """Every finished model and the base exported int8 (calibrated on training batches of the base's split) and
+    its metrics measured by running the int8 file on the test split; cached in ``OUT/int8.json`` until a model
+    or the int8 settings change. The ONNX files stay in ``OUT/int8/``."""
+    from .export import export_int8, int8_path
+    from .runtimes.ort import OnnxModule
+
+    files = {"base": base_path} | {c["id"]: c["model_path"] for c in cells}
+    cache, work = out / "int8.json", out / "int8"
+    old = json.loads(cache.read_text()) if cache.exists() else {}
+    done = old.get("results", {}) if isinstance(old, dict) and old.get("settings") == cfg["int8"] else {}
+    done = {k: v for k, v in done.items() if isinstance(v, dict) and v.get("sha256") == hashes.get(k)}
+    todo = [k for k in files if k not in done]
+    if todo:
+        base_cfg = _base_config(cfg, out)
+        base = io.load(base_path)
+        task = tasks.for_model(base)
+        spec = {**base_cfg["data"], "calibration_batches": cfg["int8"]["calibration_batches"]}
+        data = task.load_data(spec, seed=base_cfg["seed"], split_seed=spec["split_seed"], device=torch.device("cpu"))
+        calib = [b[0] for b in data.calib][: cfg["int8"]["calibration_batches"]]
+        work.mkdir(exist_ok=True)
+        for i, k in enumerate(todo, 1):
+            _say(f"int8 {i}/{len(todo)}: {k}")
+            model = io.load(files[k])
+            info = export_int8(model, calib, work / f"{k}.onnx", method=cfg["int8"]["method"])
+            metrics = task.test_metrics(OnnxModule(int8_path(work / f"{k}.onnx"), model), data, torch.device("cpu"))
+            done[k] = {**metrics, "bytes": info["int8"]["bytes"], "float_nodes": info["int8"]["float_nodes"],
+                       "sha256": hashes[k]}
+            io.atomic_write_text(json.dumps({"settings": cfg["int8"], "results": done}, indent=1), cache)
+    return done
 
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
@@ -471,7 +525,8 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def _rows(cfg: dict, cells: list[dict], lat: dict[str, dict], base_metrics: dict, metric: str) -> list[dict]:
+def _rows(cfg: dict, cells: list[dict], lat: dict[str, dict], base_metrics: dict, metric: str,
+          int8: dict[str, dict]) -> list[dict]:
     rows = []
     keys = list(dict.fromkeys((c["label"], c["target"], c["budget"]) for c in cells))
     for label, target, budget in keys:
@@ -498,6 +553,10 @@ def _rows(cfg: dict, cells: list[dict], lat: dict[str, dict], base_metrics: dict
             m50 = [c["metrics"]["after"]["mAP50"] for c in ok]
             row["mAP50_mean"], row["mAP50_std"] = _mean_std(m50)
             row["mAP50_per_seed"] = {str(c["seed"]): c["metrics"]["after"]["mAP50"] for c in ok}
+        q = [int8[c["id"]][metric] for c in ok if c["id"] in int8]
+        if q:
+            row["int8_metric_mean"], row["int8_metric_std"] = _mean_std(q)
+            row["int8_per_seed"] = {str(c["seed"]): int8[c["id"]][metric] for c in ok if c["id"] in int8}
         for setting, per_model in lat.items():
             stats = [per_model[c["id"]]["ratio"] for c in ok if c["id"] in per_model]
             if stats:  # several seeds: the median of their medians, the widest spread
@@ -569,6 +628,7 @@ def run(config: str | Path | dict, *, out: str | Path | None = None, force: bool
         hashes = {"base": io.sha256_file(base_path)} | {c["id"]: io.sha256_file(c["model_path"]) for c in finished}
         for c in finished:
             _write_result(c, out, hashes)
+        int8 = _int8(cfg, out, base_path, finished, hashes) if cfg.get("int8") else {}
         lat = _latency(cfg, out, base_path, finished, hashes) if cfg["latency"] is not False else {}
         board = {"name": cfg["name"], "task": base.get("task"), "metric": metric,
                  "metric_label": base.get("metric_label"), "budget": cfg["budget"], "budgets": _budgets(cfg),
@@ -576,8 +636,10 @@ def run(config: str | Path | dict, *, out: str | Path | None = None, force: bool
                  "base": {"checkpoint": str(base_path.relative_to(out)), "sha256": hashes["base"], **base["after"]},
                  "latency_settings": cfg["latency"], "cells": {"done": len(finished), "total": len(cells),
                                                                "failed": [c["id"] for c in cells if c.get("error")]},
-                 "rows": _rows(cfg, cells, lat, base["after"], metric),
+                 "rows": _rows(cfg, cells, lat, base["after"], metric, int8),
                  "latency_base_ms": {k: v["base"]["median_ms"] for k, v in lat.items()},
+                 **({"base_int8": {**int8["base"], "latency": {k: v["base"]["ratio"] for k, v in lat.items()
+                                                               if k.startswith(_INT8_KEY)}}} if int8 else {}),
                  "torch": torch.__version__, "wall_s": round(time.perf_counter() - t0, 1)}
         io.atomic_write_text(json.dumps(board, indent=1), out / "leaderboard.json")
         md = table(board)
@@ -624,8 +686,10 @@ def table(board: dict) -> str:
 
     settings = list(board["latency_base_ms"])
     detect = any("mAP50_mean" in r for r in board["rows"])
+    q = board.get("base_int8")
     head = ["method", "target", "seeds", f"{board['metric_label'] or board['metric']} mean ± std", "pruned (no FT)",
-            *(["mAP50 mean ± std"] if detect else []), "MACs ratio", "params", *settings, "wall s", ""]
+            *(["mAP50 mean ± std"] if detect else []), *(["int8 mean ± std"] if q else []), "MACs ratio", "params",
+            *settings, "wall s", ""]
     base = board["base"]
     budgets = board.get("budgets") or [board["budget"]]
     lines = [f"Base: {board['metric_label'] or board['metric']} {_fmt(base.get(board['metric']))}"
@@ -634,6 +698,11 @@ def table(board: dict) -> str:
              f"budget {', '.join(f'{b:g}' for b in budgets)} epochs after the base; cells {board['cells']['done']}/"
              f"{board['cells']['total']} done. Latency: base/pruned, median (interquartile range) of interleaved "
              "rounds."]
+    if q:
+        lines.append(f"int8 (ONNX Runtime static quantisation, metric measured on the int8 file; {_INT8_KEY[:-1]} "
+                     "columns: speedup against the fp32 base on ONNX Runtime). The base quantised alone: "
+                     f"{_fmt(q.get(board['metric']))}, "
+                     + ", ".join(f"{k} {label(v)}" for k, v in q["latency"].items()))
     for budget in budgets:
         rows = [r for r in board["rows"] if r.get("budget", board["budget"]) == budget]
         if len(budgets) > 1:
@@ -652,6 +721,7 @@ def table(board: dict) -> str:
                      f"{_fmt(r['metric_mean'])} ± {_fmt(r['metric_std'])}" if r["metric_mean"] is not None else "–",
                      _fmt(r["pruned_metric_mean"]),
                      *([f"{_fmt(r.get('mAP50_mean'))} ± {_fmt(r.get('mAP50_std'))}"] if detect else []),
+                     *([f"{_fmt(r.get('int8_metric_mean'))} ± {_fmt(r.get('int8_metric_std'))}"] if q else []),
                      _fmt(r["macs_ratio"]) + ("x" if r["macs_ratio"] else ""),
                      f"{r['params']:,}" if r["params"] else "–",
                      *[label(r["latency"].get(s, {})) for s in settings], _fmt(r["wall_s"], ".0f"), mark]

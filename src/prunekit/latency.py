@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.metadata
-import importlib.util
 import json
 import math
 import os
@@ -43,7 +41,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import io, tasks, timing
+from . import io, runtimes, tasks, timing
 from .data._folder import cache_key, default_cache_dir
 from .errors import PrunekitError
 from .graph import _PRODUCTS, COST_MODEL, PruneGraph
@@ -61,10 +59,7 @@ SNAP_WINDOW = 8  # channels a group may grow by to land on a width the table pre
 
 def check_setting(runtime: Any, batch: Any, threads: Any) -> None:
     """One PrunekitError for a runtime that is unknown or not installed, or a batch or thread count < 1."""
-    if runtime not in timing.RUNTIMES:
-        raise PrunekitError(f"unknown runtime {runtime!r}; allowed: {', '.join(timing.RUNTIMES)}")
-    if runtime == "onnxruntime" and importlib.util.find_spec("onnxruntime") is None:
-        raise PrunekitError("runtime onnxruntime is not installed: pip install onnxruntime, or use runtime eager")
+    runtimes.get(runtime)
     for name, value in (("batch", batch), ("threads", threads)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise PrunekitError(f"{name} must be a positive integer, got {value!r}")
@@ -77,9 +72,8 @@ def machine(runtime: str) -> dict[str, Any]:
         names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                  if ln.startswith("model name")]
         cpu = names[0] if names else cpu
-    ort = importlib.metadata.version("onnxruntime") if runtime == "onnxruntime" else None
     return {"cpu": cpu, "machine": platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
-            "onnxruntime": ort}
+            "onnxruntime": runtimes.RUNTIMES[runtime].version()}
 
 
 def _on_cpu(model: nn.Module) -> nn.Module:

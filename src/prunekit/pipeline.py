@@ -41,7 +41,8 @@ from .measure import measure
 from .tasks import Task
 from .train import dist_info, resolve_device
 
-STAGES = ("train", "sparsify", "prune", "finetune", "cycle")
+STAGES = ("train", "sparsify", "prune", "finetune", "cycle", "export")
+EXPORT_KEYS = {"stage": str, "int8": bool, "calibration_batches": int, "calibration_method": str, "opset": int}
 TOP_KEYS = {"name": str, "model": dict, "data": dict, "method": dict, "target": dict, "stages": list,
             "device": str, "seed": int, "out": str, "budget": (int, float), "task": str}
 MODEL_KEYS = {"name": str, "checkpoint": str, "num_classes": int, "kwargs": dict, "trust_pickle": bool}
@@ -95,6 +96,9 @@ def _check_stage(stage: Any, where: str, method: methods.Method | None, budget: 
         if stage.get("max_cycles", 3) < 1:
             raise _err(f"{where}.max_cycles", "must be >= 1")
         return
+    if kind == "export":
+        _check_export(stage, where)
+        return
     reg: dict = {}
     if kind == "sparsify":
         if method is None:
@@ -122,6 +126,22 @@ def _check_stage(stage: Any, where: str, method: methods.Method | None, budget: 
         if stage.get("epochs") == REST and budget is None:
             raise _err(f"{where}.epochs", "'rest' needs a top-level budget (total training epochs of the run)")
         task.check_stage(stage, where)
+
+
+def _check_export(stage: dict, where: str) -> None:
+    """``{stage: export, int8: true, calibration_batches: 16, calibration_method: minmax, opset: 17}``."""
+    from .runtimes.ort_int8 import CALIBRATION_METHODS
+
+    _check_keys(stage, EXPORT_KEYS, where)
+    if stage.get("calibration_batches", 1) < 1:
+        raise _err(f"{where}.calibration_batches", f"must be >= 1, got {stage['calibration_batches']}")
+    if stage.get("calibration_method", "minmax") not in CALIBRATION_METHODS:
+        raise _err(f"{where}.calibration_method", f"one of {', '.join(CALIBRATION_METHODS)}, got "
+                   f"{str(stage['calibration_method'])[:40]!r}")
+    if not 17 <= stage.get("opset", 17) <= 20:
+        raise _err(f"{where}.opset", f"must be 17 to 20, got {stage['opset']}")
+    if not stage.get("int8") and ({"calibration_batches", "calibration_method"} & set(stage)):
+        raise _err(where, "calibration_* set up int8 calibration: add int8: true")
 
 
 def _check_teachers(stages: list) -> None:
@@ -275,6 +295,11 @@ def validate(cfg: Any) -> dict:
             _check_target(method, params, cfg["target"])
     for i, st in enumerate(cfg["stages"]):
         _check_stage(st, f"stages[{i}]", method, budget, task)
+        if isinstance(st, dict) and st.get("stage") == "export" and i != len(cfg["stages"]) - 1:
+            raise _err(f"stages[{i}]", "export writes the final model: it is the last stage")
+        if isinstance(st, dict) and st.get("stage") == "cycle" and \
+                any(isinstance(t, dict) and t.get("stage") == "export" for t in st.get("stages") or []):
+            raise _err(f"stages[{i}].stages", "export writes the final model: it is the last stage, not in a cycle")
     _check_teachers(cfg["stages"])
     if "prune" in kinds and method is None:
         raise _err("method.name", "a prune stage needs a method; see `prunekit methods`")
@@ -527,7 +552,7 @@ class Run:
                 model = self._train(st, model, kind)
             elif kind == "prune":
                 model, _ = self._prune(model, "prune")
-            else:
+            elif kind == "cycle":
                 model = self._cycle(st, model)
         before_model = self.teachers.get("base", model)  # "before": the base, ahead of any sparsity training
         metrics = {"name": self.cfg["name"], "method": self.cfg["method"].get("name"), "run_dir": str(self.dir),
@@ -535,6 +560,9 @@ class Run:
                    "split": self.data.sizes, **self.data.info,
                    "before": self._metrics(before_model), "after": self._metrics(model)}
         self._latency(before_model, model, metrics)
+        export = next((st for st in self.cfg["stages"] if st["stage"] == "export"), None)
+        if export is not None:
+            self._export(export, before_model, model, metrics)
         metrics["wall_s"] = round(time.perf_counter() - t0, 1)
         if self.pruned is not None:  # what pruning alone cost, before any fine-tuning (test split)
             metrics["pruned"] = self._test_metrics(self.pruned)
@@ -601,6 +629,41 @@ class Run:
             metrics["after"][f"latency_b{b}_ms"] = row["pruned"]["median_ms"]
             metrics["after"][f"speedup_b{b}"] = row["pruned"]["ratio"]
         metrics["latency"] = {"runtime": "eager", **LATENCY}
+
+
+    def _export(self, st: dict, before: torch.nn.Module, after: torch.nn.Module, metrics: dict) -> None:
+        """The final model (and the base, for its ratios) as ONNX in ``OUT/export/``; with ``int8``, beside it the
+        int8 model calibrated on training batches, each file's test metric measured by running it, and every file
+        timed on ONNX Runtime against the fp32 base in one set of interleaved rounds."""
+        from .export import deploy_table, export_int8, export_onnx
+
+        folder = self.dir / "export"
+        folder.mkdir(exist_ok=True)
+        files = {"before": (before.cpu(), folder / "base.onnx"), "after": (after.cpu(), folder / "model.onnx")}
+        if not st.get("int8"):
+            for model, path in files.values():
+                with self.task.export_mode(model):
+                    export_onnx(model, self.x[:1].cpu(), path, opset=st.get("opset", 17))
+            metrics["export"] = {"onnx": str(files["after"][1])}
+            return
+        n = st.get("calibration_batches", 16)
+        calib = [b[0] for b in self.data.calib][:n]
+        for model, path in files.values():
+            export_int8(model, calib, path, method=st.get("calibration_method", "minmax"), opset=st.get("opset", 17))
+        table = deploy_table(files, self.data, self.task, batch_sizes=self.task.latency_batches,
+                             threads=LATENCY["threads"], rounds=LATENCY["rounds"])
+        metric = self.task.metric
+        for side in ("before", "after"):
+            row = metrics[side]
+            row[f"int8_{metric}"] = table[side]["int8"][metric]
+            row["int8_size_bytes"] = table[side]["int8_bytes"]
+            for b in self.task.latency_batches:
+                lat = table["latency"][f"b{b}"]
+                row[f"int8_speedup_b{b}"] = lat[f"{side}/int8"]["ratio"]  # against the fp32 base, ONNX Runtime
+                if side == "after":
+                    row[f"ort_speedup_b{b}"] = lat["after/fp32"]["ratio"]
+        metrics["export"] = {"onnx": str(files["after"][1]), "int8": str(folder / "model.int8.onnx"),
+                             "calibration_batches": len(calib), "int8_table": table}
 
 
 def run(config: str | Path | dict, *, force: bool = False, out: str | Path | None = None,

@@ -38,6 +38,11 @@ ROWS = [  # the task's metric comes first (see _rows)
     ("latency b64 (ms, 1 thread)", "latency_b64_ms", "{:.2f}"),
     ("measured speedup b1", "speedup_b1", timing.label),
     ("measured speedup b64", "speedup_b64", timing.label),
+    ("ONNX Runtime fp32 speedup b1", "ort_speedup_b1", timing.label),
+    ("ONNX Runtime fp32 speedup b64", "ort_speedup_b64", timing.label),
+    ("int8 size (bytes)", "int8_size_bytes", "{:,}"),
+    ("int8 speedup b1 (vs fp32 base, ONNX Runtime)", "int8_speedup_b1", timing.label),
+    ("int8 speedup b64 (vs fp32 base, ONNX Runtime)", "int8_speedup_b64", timing.label),
 ]
 
 
@@ -158,7 +163,9 @@ def _table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
     rows = []
     metric, metric_label = _metric(runs[0])
     task = _task(runs[0])
-    for label, key, fmt in [(f"test {metric_label}", metric, task.metric_format), *task.report_rows, *ROWS]:
+    for label, key, fmt in [(f"test {metric_label}", metric, task.metric_format), *task.report_rows,
+                            (f"int8 test {metric_label} (the int8 file run)", f"int8_{metric}", task.metric_format),
+                            *ROWS]:
         values = [runs[0]["metrics"]["before"].get(key), *(r["metrics"]["after"].get(key) for r in runs)]
         if any(v is not None for v in values):
             show = fmt if callable(fmt) else fmt.format

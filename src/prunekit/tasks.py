@@ -91,6 +91,10 @@ class Task:
         """The mode the model is timed and exported in (one output tensor where the eval forward gives more)."""
         yield model
 
+    def int8_float_nodes(self, model: nn.Module, graph: Any) -> dict[str, str]:
+        """Nodes of the model's ONNX ``graph`` that int8 quantisation must leave in float, each with why."""
+        return {}
+
     # ---- data and metric ----
     def load_data(self, spec: dict, *, seed: int, split_seed: int, device: torch.device) -> TaskData:
         raise NotImplementedError

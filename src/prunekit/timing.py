@@ -5,7 +5,8 @@ interleaved rounds (each round times every model once, starting at a rotating po
 burst of load on the machine hits all of them alike. A model's speedup is the median over rounds of
 (reference time / its time) in the same round; its spread is the interquartile range of those
 per-round ratios. A ratio whose spread contains 1.0 is *within noise*: neither a speedup nor a
-slowdown. Runtimes: PyTorch eager and ONNX Runtime (CPU execution provider).
+slowdown. Runtimes are the rows of ``prunekit.runtimes.RUNTIMES``; ``across=True`` times every model on
+every runtime in one set of rounds, so "int8 pruned vs fp32 base" is a ratio measured side by side too.
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from .errors import PrunekitError
 from .measure import hooked, steady_allocator
+from .runtimes import DEFAULT as DEFAULT_RUNTIMES
+from .runtimes import get as get_runtime
 
-RUNTIMES = ("eager", "onnxruntime")
 MIN_TIMED_S = 0.005  # a timed sample repeats a fast call until it lasts about this long
 
 
@@ -47,28 +48,6 @@ def label(stats: dict) -> str:
     return f"within noise {spread}" if stats["within_noise"] else f"{stats['median']:.2f}x {spread}"
 
 
-def _eager(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
-    def call() -> object:
-        with torch.no_grad():
-            return model(x)
-
-    return call
-
-
-def _onnx(model: nn.Module, x: torch.Tensor, threads: int, folder: Path, name: str) -> Callable[[], object]:
-    from .export import _session, _to_onnx
-
-    path = folder / f"{name}.onnx"
-    try:
-        _to_onnx(model, x[:1], path, 17)
-    except Exception as exc:
-        raise PrunekitError(f"{name}: ONNX export for timing failed ({type(exc).__name__}: "
-                            f"{str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''})") from exc
-    sess = _session(path, threads, spinning=False)
-    feed = {"input": x.numpy().astype(np.float32)}
-    return lambda: sess.run(None, feed)
-
-
 @contextlib.contextmanager
 def _threads(n: int) -> Iterator[None]:
     old = torch.get_num_threads()
@@ -79,18 +58,44 @@ def _threads(n: int) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
+def interleaved(calls: dict[str, Callable[[], object]], rounds: int, warmup: int) -> dict[str, dict]:
+    """Time the calls in interleaved rounds; ratios against the first call, round by round."""
+    names = list(calls)
+    inner = {}
+    for n, call in calls.items():  # warm-up, and how many calls make one timed sample
+        for _ in range(warmup):
+            call()
+        t0 = time.perf_counter()
+        call()
+        inner[n] = max(1, int(MIN_TIMED_S / max(time.perf_counter() - t0, 1e-6)))
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for n in names[r % len(names):] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            for _ in range(inner[n]):
+                calls[n]()
+            times[n].append(1e3 * (time.perf_counter() - t0) / inner[n])
+    out = {}
+    for n in names:
+        t = times[n]
+        q = statistics.quantiles(t, n=4, method="inclusive") if len(t) >= 2 else [t[0]] * 3
+        out[n] = {"median_ms": statistics.median(t), "q1_ms": q[0], "q3_ms": q[2],
+                  "ratio": ratio_stats(times[names[0]], t)}
+    return out
+
+
 def side_by_side(models: dict[str, nn.Module], example_input: torch.Tensor, *, batch_sizes: Sequence[int] = (1, 64),
-                 runtimes: Sequence[str] = RUNTIMES, threads: int = 2, rounds: int = 15, warmup: int = 3,
+                 runtimes: Sequence[str] = DEFAULT_RUNTIMES, threads: int = 2, rounds: int = 15, warmup: int = 3,
                  mode: Callable[[nn.Module], AbstractContextManager] | None = None,
-                 progress: Callable[[str], None] | None = None) -> dict[str, dict[str, dict]]:
+                 progress: Callable[[str], None] | None = None, across: bool = False) -> dict[str, dict[str, dict]]:
     """Time every model in every runtime and batch size, interleaved; the first model is the reference.
 
-    Returns ``{"eager_b1": {name: {"median_ms", "q1_ms", "q3_ms", "ratio": ratio_stats}}, ...}``. ``mode(model)``
-    is entered around each model's runs and its export (a detector's single-output export mode).
+    Returns ``{"eager_b1": {name: {"median_ms", "q1_ms", "q3_ms", "ratio": ratio_stats}}, ...}``; with
+    ``across``, ``{"b1": {"name/ort-int8": ...}}``, one table per batch whose reference is the first model on
+    the first runtime. ``mode(model)`` is entered around each model's runs and its export (a detector's
+    single-output export mode).
     """
-    unknown = sorted(set(runtimes) - set(RUNTIMES))
-    if unknown:
-        raise PrunekitError(f"unknown runtime {unknown[0]!r}; allowed: {', '.join(RUNTIMES)}")
+    rts = [get_runtime(r) for r in runtimes]
     if rounds < 1 or threads < 1 or any(b < 1 for b in batch_sizes):
         raise PrunekitError("rounds, threads and batch sizes must be >= 1")
     mode = mode or (lambda m: contextlib.nullcontext())
@@ -102,32 +107,14 @@ def side_by_side(models: dict[str, nn.Module], example_input: torch.Tensor, *, b
         for name in names:
             stack.enter_context(hooked(models[name].cpu()))
             stack.enter_context(mode(models[name]))
-        for runtime in runtimes:
-            for b in batch_sizes:
-                x = one.expand(b, *one.shape[1:]).contiguous()
-                key = f"{'ort' if runtime == 'onnxruntime' else runtime}_b{b}"
-                if progress:
-                    progress(f"timing {key}: {len(names)} models x {rounds} interleaved rounds, {threads} threads")
-                calls = {n: _eager(models[n], x) if runtime == "eager" else _onnx(models[n], x, threads, Path(tmp), n)
-                         for n in names}
-                inner = {}
-                for n, call in calls.items():  # warm-up, and how many calls make one timed sample
-                    for _ in range(warmup):
-                        call()
-                    t0 = time.perf_counter()
-                    call()
-                    inner[n] = max(1, int(MIN_TIMED_S / max(time.perf_counter() - t0, 1e-6)))
-                times: dict[str, list[float]] = {n: [] for n in names}
-                for r in range(rounds):
-                    for n in names[r % len(names):] + names[: r % len(names)]:
-                        t0 = time.perf_counter()
-                        for _ in range(inner[n]):
-                            calls[n]()
-                        times[n].append(1e3 * (time.perf_counter() - t0) / inner[n])
-                results[key] = {}
-                for n in names:
-                    t = times[n]
-                    q = statistics.quantiles(t, n=4, method="inclusive") if len(t) >= 2 else [t[0]] * 3
-                    results[key][n] = {"median_ms": statistics.median(t), "q1_ms": q[0], "q3_ms": q[2],
-                                       "ratio": ratio_stats(times[names[0]], t)}
+        groups = [(f"b{b}", b, rts) for b in batch_sizes] if across else \
+            [(f"{rt.key}_b{b}", b, [rt]) for rt in rts for b in batch_sizes]
+        for key, b, group in groups:
+            x = one.expand(b, *one.shape[1:]).contiguous()
+            if progress:
+                progress(f"timing {key}: {len(names) * len(group)} models x {rounds} interleaved rounds, "
+                         f"{threads} threads")
+            calls = {(f"{n}/{rt.key}" if across else n): rt.prepare(models[n], x, threads, Path(tmp), n)
+                     for rt in group for n in names}
+            results[key] = interleaved(calls, rounds, warmup)
     return results

@@ -338,8 +338,9 @@ def prune(model: nn.Module, method: str, example_inputs: torch.Tensor | None = N
     ``data`` (calibration batches of the training split) and ``val`` (a held-out split of it) are needed
     only by data-driven methods; ``example_inputs`` default to the first batch of ``data``. A pipeline
     passes a ready ``ctx`` instead. ``latency`` replaces ``speedup`` when what matters is speed: the
-    pruned model runs that many times faster, measured on ``runtime`` ("eager" or "onnxruntime") at
-    ``batch`` with ``threads`` threads on this machine, within 5 % (``prunekit.latency``).
+    pruned model runs that many times faster, measured on ``runtime`` (a row of ``runtimes.RUNTIMES``:
+    eager, onnxruntime, onnxruntime-int8) at ``batch`` with ``threads`` threads on this machine, within 5 %
+    (``prunekit.latency``).
     """
     m = get(method)
     opts = m.check_options(options)
@@ -475,12 +476,17 @@ def _bracket(points: list[dict], asked: float) -> tuple[dict, dict] | None:
     predicted speedup between them (timing noise can make measured speedup fall where predicted rises, so the
     bracket is read along the predicted axis, the one the search moves on); None when all lie on one side."""
     ranked = sorted(points, key=lambda t: t["predicted"])
-    pairs = [(a, b) for a, b in zip(ranked, ranked[1:], strict=False)
-             if (a["speedup"] < asked) != (b["speedup"] < asked)]
+    pairs = [(a, b) for a, b in zip(ranked, ranked[1:], strict=False) if _reaches(a, asked) != _reaches(b, asked)]
     if not pairs:
         return None
     a, b = min(pairs, key=lambda ab: ab[1]["predicted"] / ab[0]["predicted"])
-    return (a, b) if a["speedup"] < asked else (b, a)
+    return (b, a) if _reaches(a, asked) else (a, b)
+
+
+def _reaches(t: dict, asked: float) -> bool:
+    """A measurement reaches ``asked`` when its median does and its spread does not hold it (within noise of
+    the target counts as not reaching it: "latency X" means at least X)."""
+    return t["speedup"] >= asked and t["lo"] > asked
 
 
 def _next_ask(points: list[dict], asked: float) -> float:
@@ -491,7 +497,8 @@ def _next_ask(points: list[dict], asked: float) -> float:
     bracket = _bracket(points, asked)
     if bracket:
         lo, hi = bracket
-        f = math.log(asked / lo["speedup"]) / math.log(hi["speedup"] / lo["speedup"])
+        ratio = math.log(hi["speedup"] / lo["speedup"])
+        f = math.log(asked / lo["speedup"]) / ratio if abs(ratio) > 1e-9 else 0.5
         f = min(max(f, 0.1), 0.9)  # strictly inside: a keep map met again there narrows the bracket
         return lo["predicted"] * (hi["predicted"] / lo["predicted"]) ** f
     side = sorted(points, key=lambda t: t["predicted"], reverse=points[0]["speedup"] < asked)  # outermost first
@@ -528,14 +535,17 @@ def _to_latency(model: nn.Module, backup: nn.Module, ctx: Context, m: Method, ta
     median lands (and, timed again, the mean of both timings); the winning copy's modules then become the model's.
 
     Widths are discrete: a keep map met before is not timed again (its measurement is reused), and when the
-    two prunes bracketing the target are neighbours (no keep map between them) the target is refused naming
-    both. Out of reach by the table, the most the method prunes is measured once: the error names it.
+    two prunes bracketing the target are neighbours (no keep map between them) the least-pruned prune measured
+    at least the target (its spread above it) is kept, with a note naming both. Out of reach by the table, the
+    most the method prunes is measured once: the error names it.
     """
     asked = target["latency"]
     setting = {k: target[k] for k in ("runtime", "batch", "threads")}
     where = f"{setting['runtime']} (batch {setting['batch']}, {setting['threads']} threads)"
     table = lat.table(backup, ctx.example_inputs, **setting)
     known: dict[tuple, list[dict]] = {}  # keep map -> its timings
+    reached: dict[tuple, tuple] = {}  # keep map measured above the target -> (ask, pruned copy, result)
+    note = None
     tries: list[dict] = []  # every timing, in order (reported)
     points: list[dict] = []  # every prune: its predicted speedup and its keep map's measurement
     ask, at_most = asked, False
@@ -565,15 +575,22 @@ def _to_latency(model: nn.Module, backup: nn.Module, ctx: Context, m: Method, ta
             raise _latency_error(f"latency {asked:g}x is out of reach on {where}: pruning as far as {m.name!r} goes "
                                  f"measures {got['speedup']:.2f}x ({got['lo']:.2f}-{got['hi']:.2f}); lower the "
                                  "target or min_keep", got)
+        if _reaches(got, asked):
+            reached.setdefault(sig, (ask, trial, result))
         bracket = _bracket(points, asked)
         if bracket and max(bracket[0]["predicted"], bracket[1]["predicted"]) / \
                 min(bracket[0]["predicted"], bracket[1]["predicted"]) < NEIGHBOURS:
-            lo, hi = bracket
-            raise _latency_error(
-                f"latency {asked:g}x falls between two neighbouring prunes of {m.name!r} on {where}: "
-                f"{lo['speedup']:.2f}x ({lo['lo']:.2f}-{lo['hi']:.2f}) and {hi['speedup']:.2f}x "
-                f"({hi['lo']:.2f}-{hi['hi']:.2f}), and no prune of it lies between them; ask for one of those",
-                min(bracket, key=lambda t: abs(t["speedup"] - asked)), between=bracket)
+            lo, hi = bracket  # no prune between them: the least-pruned one that measures at least the target
+            if not reached:
+                raise _latency_error(f"latency {asked:g}x falls between two neighbouring prunes of {m.name!r} on "
+                                     f"{where} and no prune measured above it stays there when timed again", hi)
+            ask, trial, result = min(reached.values(), key=lambda r: r[0])
+            got = _pooled(known[_keep_map(trial)])
+            note = (f"latency {asked:g}x falls between two neighbouring prunes of {m.name!r} on {where}: "
+                    f"{lo['speedup']:.2f}x ({lo['lo']:.2f}-{lo['hi']:.2f}) and {hi['speedup']:.2f}x "
+                    f"({hi['lo']:.2f}-{hi['hi']:.2f}); kept the least-pruned one measured above it, "
+                    f"{got['speedup']:.2f}x ({got['lo']:.2f}-{got['hi']:.2f})")
+            break
         if len(tries) >= LATENCY_TRIES or len(points) >= LATENCY_PRUNES:
             best = min(tries, key=lambda t: abs(t["speedup"] - asked))
             raise _latency_error(f"latency {asked:g}x not reached within {LATENCY_TOLERANCE:.0%} on {where} in "
@@ -582,7 +599,8 @@ def _to_latency(model: nn.Module, backup: nn.Module, ctx: Context, m: Method, ta
                                  best)
         ask, at_most = max(1.0, _next_ask(points, asked)), False
     result.target = {"latency": asked, **setting} | {k: v for k, v in result.target.items() if k != "speedup"}
-    result.measured = {**got, **setting, "predicted": ask, "tries": tries, "table": table.info}
+    result.measured = {**got, **setting, "predicted": ask, "tries": tries, "table": table.info,
+                       **({"note": note} if note else {})}
     model.__dict__.update(trial.__dict__)  # the winning copy's modules, in the caller's model
     result.model = model
     return result

@@ -120,6 +120,18 @@ class Detection(Task):
     def export_mode(self, model: nn.Module):
         return export_mode(model)
 
+    def int8_float_nodes(self, model: nn.Module, graph: Any) -> dict[str, str]:
+        """The detection head's decoding stays float: its last Concat joins box coordinates in pixels (0 to the
+        image size) with class probabilities (0-1), which one int8 scale cannot hold both of, and its DFL softmax
+        over 16 bins loses its resolution (measured: benchmarks/results/deploy-int8-bccd-yolov8n). The head's
+        convolutions (``cv2``, ``cv3``) are quantised like every other layer."""
+        from ultralytics.nn.modules.head import Detect
+
+        heads = [f"/{name}/" for name, m in model.named_modules() if isinstance(m, Detect)]
+        why = "detection head decoding (boxes in pixels and class probabilities share one tensor)"
+        return {n.name: why for n in graph.node
+                if any(n.name.startswith(h) and not n.name.startswith(f"{h}cv") for h in heads)}
+
     # ---- data and metric ----
     def load_data(self, spec: dict, *, seed: int, split_seed: int, device: torch.device) -> TaskData:
         det = ydata.detection_data(spec["name"], split_seed=split_seed)  # a folder without splits: a seeded split
