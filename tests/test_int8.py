@@ -180,3 +180,9 @@ def test_bad_export_stages_fail_before_any_stage(tmp_path, stages, message):
     with pytest.raises(PrunekitError, match=message):
         pipeline.run(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_compare_without_int8_keeps_the_config_older_compare_folders_were_written_with(tmp_path):
+    for off in ({}, {"int8": False}):
+        cfg = compare.validate({**copy.deepcopy(SMALL), "out": str(tmp_path / "o"), **off})
+        assert "int8" not in cfg and compare.validate(cfg) == cfg  # a resumed folder's compare.yaml still matches

@@ -253,7 +253,8 @@ def validate(cfg: Any) -> dict:
             distill.check(v, f"distill[{i}]")
         if v in variants[:i]:
             raise _err(f"distill[{i}]", "the same variant appears twice (it would count as two seeds of one run)")
-    cfg = {**cfg, "latency": lat, "int8": q, "base": {**base, "seed": seed}, "data": data}
+    cfg = {**{k: v for k, v in cfg.items() if k != "int8"}, "latency": lat, "base": {**base, "seed": seed},
+           "data": data, **({"int8": q} if q else {})}  # no int8 key when off: older compare folders still match
     cfg.setdefault("name", Path(cfg["out"]).name)
     cfg.setdefault("device", "auto")
     entries = _entries(cfg)
