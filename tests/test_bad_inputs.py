@@ -212,6 +212,20 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("config-name-and-checkpoint", lambda t: ["run", str(_config(
         t, model={"name": "digits_cnn", "checkpoint": str(_digits_model(t / "m.pt"))}))], "not both"),
     ("report-garbage-metrics", lambda t: ["report", str(_garbage_run(t))], "is damaged"),
+    ("compare-yaml-binary", lambda t: ["compare", str(_damaged_compare(t, b"\x00\xff\xfe binary"))], "is damaged"),
+    ("compare-yaml-a-list", lambda t: ["compare", str(_damaged_compare(t, b"[1, 2]\n"))], "is damaged"),
+    ("compare-into-a-pipeline-run", lambda t: ["compare", str(_compare_into_run(t))], "pipeline run's folder"),
+    ("compare-int8-bad-method", lambda t: ["compare", str(_compare(t, int8={"method": "magic"}))], "int8.method"),
+    ("export-int8-without-data", lambda t: ["export", "--checkpoint", str(_digits_model(t / "m.pt")), "--int8",
+                                            "--out", str(t / "m.onnx")], "give --data"),
+    ("export-int8-out-not-onnx", lambda t: ["export", "--checkpoint", str(_digits_model(t / "m.pt")), "--int8",
+                                            "--data", "digits", "--out", str(t / "m.bin")], "must end in .onnx"),
+    ("latency-batch-a-billion", lambda t: ["prune", "--checkpoint", str(_digits_model(t / "m.pt")), "--method",
+                                           "l1-norm", "--latency", "2", "--batch", "1000000000", "--out",
+                                           str(t / "p.pt")], "batch 1000000000 needs"),
+    ("latency-unknown-runtime", lambda t: ["prune", "--checkpoint", str(_digits_model(t / "m.pt")), "--method",
+                                           "l1-norm", "--latency", "2", "--runtime", "tensorrt", "--out",
+                                           str(t / "p.pt")], "unknown runtime 'tensorrt'"),
 ]
 
 # Detector rows run the CLI in a fresh process: Ultralytics, once imported, stays configured for the process,
@@ -344,6 +358,20 @@ def _compare(tmp: Path, claimed: bool = False, **changes) -> Path:
     path = tmp / "cmp.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def _damaged_compare(tmp: Path, content: bytes) -> Path:
+    """A compare whose folder holds a damaged compare.yaml."""
+    path = _compare(tmp, claimed=True)
+    (tmp / "cmp" / "compare.yaml").write_bytes(content)
+    return path
+
+
+def _compare_into_run(tmp: Path) -> Path:
+    """A compare whose out folder is a pipeline run's."""
+    (tmp / "cmp" / "stages").mkdir(parents=True)
+    (tmp / "cmp" / "config.yaml").write_text("name: run\n")
+    return _compare(tmp)
 
 
 def _touch(path: Path) -> Path:

@@ -93,6 +93,27 @@ def test_a_second_run_retrains_nothing(board):
     assert [r["metric_per_seed"] for r in again["rows"]] == [r["metric_per_seed"] for r in b["rows"]]
 
 
+def test_damaged_latency_cache_and_cell_metrics_are_measured_again_not_shown(board):
+    b, out = board
+    (out / "latency.json").write_text('{"settings": 1, "results": [')  # not JSON
+    cell = next(p for p in (out / "cells").iterdir() if p.name.startswith("l1-norm-2x-s0"))
+    m = json.loads((cell / "metrics.json").read_text())
+    true = m["after"]["top1"]
+    m["after"]["top1"] = "99.9"  # a hand edit of the wrong type
+    (cell / "metrics.json").write_text(json.dumps(m))
+    again = compare.run(copy.deepcopy(SMALL), out=out)
+    row = next(r for r in again["rows"] if r["method"] == "l1-norm")
+    assert row["metric_per_seed"]["0"] == pytest.approx(true, abs=0.01)  # measured again, not the edit
+    assert json.loads((out / "latency.json").read_text())["results"]  # rebuilt
+    tampered = json.loads((out / "latency.json").read_text())
+    for per in tampered["results"].values():
+        per["base"]["median_ms"] = 0.0  # all-zero times: not a measurement
+    (out / "latency.json").write_text(json.dumps(tampered))
+    compare.run(copy.deepcopy(SMALL), out=out)
+    assert all(per["base"]["median_ms"] > 0 for per in json.loads((out / "latency.json").read_text())["results"]
+               .values())
+
+
 def test_another_config_in_the_same_folder_is_refused_with_the_differences(board):
     _, out = board
     with pytest.raises(PrunekitError, match=r"another config \(differs at: budget, seeds\)"):

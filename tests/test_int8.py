@@ -130,8 +130,8 @@ def test_bad_compare_int8_settings_fail_before_any_cell(tmp_path, int8, message)
 
 def test_a_detector_int8_keeps_its_box_decoding_float_and_its_onnx_map_equals_pytorch(tmp_path):
     pytest.importorskip("ultralytics")
-    from prunekit.yolo import validate
     from prunekit.yolo import data as ydata
+    from prunekit.yolo import validate
 
     from .test_yolo import BCCD, base
 

@@ -855,3 +855,23 @@ def test_cli_prunes_my_trained_detector(tmp_path: Path, capsys) -> None:
     assert main(["prune", "--model", "ul:yolov8n", "--method", "l1-norm", "--speedup", "1.5", "--out",
                  str(tmp_path / "x.pt")]) == 2
     assert "--model takes ul:path/to/best.pt" in capsys.readouterr().err
+
+
+def test_a_detector_run_folder_is_its_own_and_links_in_it_are_never_written_through(bccd, tmp_path: Path,
+                                                                                     monkeypatch) -> None:
+    from ultralytics.models.yolo.detect import DetectionTrainer
+
+    seen = {}
+    monkeypatch.setattr(DetectionTrainer, "train", lambda self: seen.update(save_dir=self.save_dir, last=self.last))
+    model = base("yolov8n")
+    yolo.train(model, bccd.yaml, epochs=1, imgsz=160, project=tmp_path / "copy", name="ultralytics")
+    assert seen["save_dir"] == (tmp_path / "copy" / "ultralytics").resolve()  # never the folder a checkpoint names
+    victim = tmp_path / "victim.pt"
+    victim.write_bytes(b"precious")
+    weights = tmp_path / "linked" / "ultralytics" / "weights"
+    weights.mkdir(parents=True)
+    (weights / "last.pt").symlink_to(victim)
+    with pytest.raises(PrunekitError, match="last.pt is a symbolic link: prunekit never writes through a link"):
+        yolo.train(model, bccd.yaml, epochs=1, imgsz=160, project=tmp_path / "linked", name="ultralytics",
+                   resume=True)
+    assert victim.read_bytes() == b"precious"

@@ -404,8 +404,18 @@ def _check_budget(stages: list, budget: int, label: str) -> None:
 def _claim(cfg: dict, out: Path, force: bool) -> None:
     """Bind the out folder to this config; another compare's folder is refused, listing what differs."""
     path = out / "compare.yaml"
+    if not path.exists() and (out / "config.yaml").exists() and (out / "stages").is_dir():
+        raise PrunekitError(f"{out} is a pipeline run's folder (config.yaml, stages/): a compare writes its own "
+                            "folder; choose another out")
     if path.exists():
-        old = yaml.safe_load(path.read_text())
+        try:
+            old = yaml.safe_load(path.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError, ValueError):
+            old = None
+        if not isinstance(old, dict) and not force:
+            raise PrunekitError(f"{path} is damaged (not a compare config); use --force to rewrite it (finished "
+                                "cells whose config matches are kept), or another --out")
+        old = old if isinstance(old, dict) else {}
         if old != cfg and not force:
             diff = sorted(k for k in set(old or {}) | set(cfg) if (old or {}).get(k) != cfg.get(k))
             raise PrunekitError(f"{out} holds a compare with another config (differs at: {', '.join(diff)}); use "
@@ -463,10 +473,11 @@ def _latency(cfg: dict, out: Path, base_path: Path, cells: list[dict], hashes: d
     files = {"base": base_path} | {c["id"]: c["model_path"] for c in cells}
     settings = cfg["latency"]
     cache = out / "latency.json"
+    old = _json(cache)
+    if old.get("settings") == settings and old.get("models") == hashes and _latency_shape(old.get("results"), files):
+        return old["results"]
     if cache.exists():
-        old = json.loads(cache.read_text())
-        if old.get("settings") == settings and old.get("models") == hashes:
-            return old["results"]
+        _say(f"{cache} is stale, damaged or for other models: measuring again")
     loaded = {k: io.load(p) for k, p in files.items()}
     base = loaded["base"]
     shape = (getattr(base, "prunekit_arch", None) or {}).get("input_shape")
@@ -488,6 +499,27 @@ def _latency(cfg: dict, out: Path, base_path: Path, cells: list[dict], hashes: d
     return results
 
 
+def _json(path: Path) -> dict:
+    """A cache file's mapping; {} when it is missing, not JSON or not a mapping (the cache is then rebuilt)."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _latency_shape(results: Any, files: dict) -> bool:
+    """Whether cached latency results hold, per setting, a positive time and a ratio for every model."""
+    def ok(v: Any) -> bool:
+        r = v.get("ratio") if isinstance(v, dict) else None
+        return (isinstance(v.get("median_ms"), int | float) and v["median_ms"] > 0 and isinstance(r, dict)
+                and all(isinstance(r.get(k), int | float) and math.isfinite(r[k]) and r[k] > 0
+                        for k in ("median", "lo", "hi")))
+
+    return isinstance(results, dict) and bool(results) and all(
+        isinstance(per, dict) and set(files) <= set(per) and all(ok(per[k]) for k in files) for per in results.values())
+
+
 def _int8(cfg: dict, out: Path, base_path: Path, cells: list[dict], hashes: dict[str, str]) -> dict[str, dict]:
     """Every finished model and the base exported int8 (calibrated on training batches of the base's split) and
     its metrics measured by running the int8 file on the test split; cached in ``OUT/int8.json`` until a model
@@ -497,8 +529,9 @@ def _int8(cfg: dict, out: Path, base_path: Path, cells: list[dict], hashes: dict
 
     files = {"base": base_path} | {c["id"]: c["model_path"] for c in cells}
     cache, work = out / "int8.json", out / "int8"
-    old = json.loads(cache.read_text()) if cache.exists() else {}
-    done = old.get("results", {}) if isinstance(old, dict) and old.get("settings") == cfg["int8"] else {}
+    old = _json(cache)
+    done = old.get("results", {}) if old.get("settings") == cfg["int8"] else {}
+    done = done if isinstance(done, dict) else {}
     done = {k: v for k, v in done.items() if isinstance(v, dict) and v.get("sha256") == hashes.get(k)}
     todo = [k for k in files if k not in done]
     if todo:

@@ -696,4 +696,9 @@ def finished_metrics(run_dir: Path, cfg: dict) -> dict | None:
         metrics = json.loads((run_dir / "metrics.json").read_text())
     except (OSError, ValueError, yaml.YAMLError):
         return None
-    return metrics if isinstance(metrics, dict) and "after" in metrics else None
+    if not isinstance(metrics, dict):
+        return None
+    key = metrics.get("metric")
+    number = lambda side: isinstance(side, dict) and isinstance(side.get(key), int | float) \
+        and not isinstance(side.get(key), bool) and math.isfinite(side[key])  # noqa: E731
+    return metrics if isinstance(key, str) and number(metrics.get("after")) and number(metrics.get("before")) else None

@@ -12,6 +12,7 @@ every runtime in one set of rounds, so "int8 pruned vs fp32 base" is a ratio mea
 from __future__ import annotations
 
 import contextlib
+import os
 import statistics
 import tempfile
 import time
@@ -58,6 +59,19 @@ def _threads(n: int) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
+def _check_fits(one: torch.Tensor, batch: int) -> None:
+    """Refuse a batch whose input alone would take more than an eighth of this machine's memory (before any
+    allocation: a batch of a billion would otherwise die in the allocator with torch's internal message)."""
+    need = batch * one.numel() * 4
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > total / 8:
+        raise PrunekitError(f"batch {batch} needs {need / 2 ** 30:.1f} GiB for its input alone, more than this "
+                            f"machine's memory allows ({total / 2 ** 30:.0f} GiB in all); time a smaller batch")
+
+
 def interleaved(calls: dict[str, Callable[[], object]], rounds: int, warmup: int) -> dict[str, dict]:
     """Time the calls in interleaved rounds; ratios against the first call, round by round."""
     names = list(calls)
@@ -99,9 +113,10 @@ def side_by_side(models: dict[str, nn.Module], example_input: torch.Tensor, *, b
     if rounds < 1 or threads < 1 or any(b < 1 for b in batch_sizes):
         raise PrunekitError("rounds, threads and batch sizes must be >= 1")
     mode = mode or (lambda m: contextlib.nullcontext())
+    one = example_input[:1].detach().cpu().float()
+    _check_fits(one, max(batch_sizes))
     steady_allocator()
     names = list(models)
-    one = example_input[:1].detach().cpu().float()
     results: dict[str, dict[str, dict]] = {}
     with contextlib.ExitStack() as stack, _threads(threads), tempfile.TemporaryDirectory() as tmp:
         for name in names:

@@ -443,6 +443,7 @@ def export_mode(model: nn.Module) -> Iterator[nn.Module]:
 OWN_SETTINGS = {"epochs": "the stage's epochs", "batch": "the stage's batch_size", "seed": "the stage's seed",
                 "imgsz": "data.image_size", "device": "the config's device", "data": "data.name",
                 "model": "model", "project": "the run's out", "name": "the run's out", "exist_ok": "the run's out",
+                "save_dir": "the run's out",
                 "resume": "re-running the config", "pretrained": "model.checkpoint"}
 
 
@@ -534,6 +535,10 @@ def train(model: nn.Module, dataset: str | Path, *, epochs: int = 1, imgsz: int 
     args = {"model": f"{model.yaml.get('yaml_file', 'prunekit')}", "data": str(ds.yaml), "epochs": epochs,
             "imgsz": imgsz or input_size(model), "batch": batch, "device": device, "name": name, "exist_ok": True,
             "project": str(project), "pretrained": False, "plots": False} | overrides
+    # Resuming, Ultralytics takes the run folder from the checkpoint: a copied or moved run would write into
+    # the original's. The folder is this run's, every time.
+    args["save_dir"] = str(project / name)
+    _refuse_links(project / name)
 
     resumed = None
     last = project / name / "weights" / "last.pt"
@@ -628,6 +633,16 @@ def train(model: nn.Module, dataset: str | Path, *, epochs: int = 1, imgsz: int 
     if keep == "last" and epochs_seen:  # the metrics of the epoch kept, not of best.pt's final evaluation
         return epochs_seen[-1]
     return {k: float(v) for k, v in (trainer.metrics or {}).items()}
+
+
+def _refuse_links(run: Path) -> None:
+    """Ultralytics writes its checkpoints, results and args with plain writes that follow a symbolic link to
+    wherever it points: refuse a run folder holding one where it writes (one line, before training)."""
+    for p in (run, run / "weights", run / "weights" / "last.pt", run / "weights" / "best.pt", run / "results.csv",
+              run / "args.yaml", run / "prunekit-signatures.json"):
+        if p.is_symlink():
+            raise PrunekitError(f"{p} is a symbolic link: prunekit never writes through a link (it would change "
+                                "the file it points to); remove the link and run again")
 
 
 def _signed(path: Path, signatures: Path) -> bool:
