@@ -220,6 +220,13 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
                                             "--out", str(t / "m.onnx")], "give --data"),
     ("export-int8-out-not-onnx", lambda t: ["export", "--checkpoint", str(_digits_model(t / "m.pt")), "--int8",
                                             "--data", "digits", "--out", str(t / "m.bin")], "must end in .onnx"),
+    ("config-latency-nan", lambda t: ["run", str(_text(t / "c.yaml", yaml.safe_dump(
+        {"model": {"name": "digits_cnn"}, "data": {"name": "digits"}, "out": str(t / "run"),
+         "method": {"name": "l1-norm"}, "stages": [{"stage": "train", "epochs": 1}, {"stage": "prune"}]})
+        + "target: {latency: .nan}\n"))], "target.latency"),
+    ("config-distill-teacher-pickle", lambda t: ["run", str(_config(t, stages=[
+        {"stage": "train", "epochs": 1}, {"stage": "prune"},
+        {"stage": "finetune", "epochs": 1, "distill": {"teacher": str(_marker_pickle(t))}}]))], "distill.teacher"),
     ("latency-batch-a-billion", lambda t: ["prune", "--checkpoint", str(_digits_model(t / "m.pt")), "--method",
                                            "l1-norm", "--latency", "2", "--batch", "1000000000", "--out",
                                            str(t / "p.pt")], "batch 1000000000 needs"),
@@ -241,6 +248,8 @@ DETECT_CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
      "is not valid YAML"),
     ("detect-labels-in-pixels", lambda t: ["run", str(_detect_config(t, {}, data=_yolo_folder(t, "0 120 80 30 20")))],
      "not pixels"),
+    ("detect-label-nan", lambda t: ["run", str(_detect_config(t, {}, data=_yolo_folder(t, "0 nan 0.5 0.1 0.1")))],
+     "nan or inf"),
     ("detect-label-bad-class", lambda t: ["run", str(_detect_config(t, {}, data=_yolo_folder(t, "7 0.5 0.5 0.1 0.1")))],
      "class id 7"),
     ("detect-voc-image-is-text", lambda t: ["run", str(_detect_config(t, {}, data=_voc(t, text_image=True)))],

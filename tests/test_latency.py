@@ -122,7 +122,7 @@ def _fake_timing(monkeypatch, speedup_of) -> list[tuple]:
     """Latency as ``speedup_of(MACs ratio)`` instead of timing (a MACs-proportional table predicts it); returns
     the keep maps timed, in order, so a test can see what the search measured."""
     from prunekit.measure import count_macs
-    from prunekit.methods import _keep_map
+    from prunekit.targets.latency import _keep_map
 
     timed = []
     monkeypatch.setattr(latency, "table", lambda model, x, **kw: _fake_table(PruneGraph(model, x),
@@ -162,7 +162,7 @@ def test_a_target_between_two_neighbouring_widths_keeps_the_least_pruned_one_abo
 
 
 def test_a_prune_within_noise_of_the_target_does_not_count_as_reaching_it():
-    from prunekit.methods import _reaches
+    from prunekit.targets.latency import _reaches
 
     assert _reaches({"speedup": 1.6, "lo": 1.55, "hi": 1.7}, 1.5)
     assert not _reaches({"speedup": 1.52, "lo": 1.45, "hi": 1.6}, 1.5)  # its spread holds the target
@@ -207,8 +207,10 @@ class _NoOnnx(nn.Module):
 
 
 @pytest.mark.parametrize("method, kwargs, message", [
-    ("l1-norm", {"latency": 1.0}, "latency must be > 1"),
-    ("l1-norm", {"latency": 0.5}, "latency must be > 1"),
+    ("l1-norm", {"latency": 1.0}, "latency must be a finite number > 1"),
+    ("l1-norm", {"latency": 0.5}, "latency must be a finite number > 1"),
+    ("l1-norm", {"latency": float("nan")}, "latency must be a finite number"),
+    ("l1-norm", {"latency": float("inf")}, "latency must be a finite number"),
     ("l1-norm", {"latency": float("nan")}, "latency must be a finite number"),
     ("l1-norm", {"latency": 2.0, "speedup": 2.0}, "not both"),
     ("l1-norm", {"latency": 2.0, "runtime": "tensorrt"}, "unknown runtime 'tensorrt'"),

@@ -859,13 +859,17 @@ def test_cli_prunes_my_trained_detector(tmp_path: Path, capsys) -> None:
 
 def test_a_detector_run_folder_is_its_own_and_links_in_it_are_never_written_through(bccd, tmp_path: Path,
                                                                                      monkeypatch) -> None:
+    yolo.ultralytics()  # prunekit's offline set-up first: importing Ultralytics itself checks connectivity
+    from ultralytics.engine import trainer as ul_trainer
     from ultralytics.models.yolo.detect import DetectionTrainer
 
-    seen = {}
-    monkeypatch.setattr(DetectionTrainer, "train", lambda self: seen.update(save_dir=self.save_dir, last=self.last))
+    seen, original = {}, ul_trainer.check_amp
+    monkeypatch.setattr(DetectionTrainer, "train", lambda self: seen.update(save_dir=self.save_dir,
+                                                                            amp=ul_trainer.check_amp))
     model = base("yolov8n")
     yolo.train(model, bccd.yaml, epochs=1, imgsz=160, project=tmp_path / "copy", name="ultralytics")
     assert seen["save_dir"] == (tmp_path / "copy" / "ultralytics").resolve()  # never the folder a checkpoint names
+    assert seen["amp"] is not original and ul_trainer.check_amp is original  # patched for the training only
     victim = tmp_path / "victim.pt"
     victim.write_bytes(b"precious")
     weights = tmp_path / "linked" / "ultralytics" / "weights"

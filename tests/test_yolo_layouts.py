@@ -251,3 +251,28 @@ def test_bad_input_is_one_error_naming_the_folder_and_writes_nothing_there(case,
 def test_bad_options_are_refused(kwargs, tmp_path: Path) -> None:
     with pytest.raises(PrunekitError, match="split must be three fractions|split_seed must be|distinct"):
         detection_data(_labelimg(tmp_path / "src", _ids(4)), cache_dir=tmp_path / "cache", **kwargs)
+
+
+def _txt_folder(root: Path, images: list[str], classes: str | None, yaml_names: dict | None) -> Path:
+    import yaml
+
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    for name in images:
+        Image.new("RGB", (64, 48), (90, 30, 10)).save(root / "images" / name)
+        (root / "labels" / f"{Path(name).stem}.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    if classes is not None:
+        (root / "classes.txt").write_text(classes)
+    if yaml_names is not None:
+        (root / "data.yaml").write_text(yaml.safe_dump({"names": yaml_names}))
+    return root
+
+
+@pytest.mark.parametrize("images, classes, yaml_names, message", [
+    (["a.jpg", "b.jpg"], "cell\n", {0: "rbc"}, "name different classes"),
+    (["a.jpg", "a.png"], "cell\n", None, "share one label file"),
+])
+def test_a_yolo_folder_that_contradicts_itself_is_one_error(tmp_path, images, classes, yaml_names, message):
+    root = _txt_folder(tmp_path / "d", images, classes, yaml_names)
+    with pytest.raises(PrunekitError, match=message):
+        detection_data(root, cache_dir=tmp_path / "cache")

@@ -652,6 +652,8 @@ def run(config: str | Path | dict, *, out: str | Path | None = None, force: bool
                 cell["metrics"] = done
                 if done:
                     cell["model_path"] = final_model_path(Path(cell["config"]["out"]))
+                elif (out / "errors" / f"{cell['id']}.json").is_file():  # a failure recorded by an earlier run
+                    cell["error"] = _json(out / "errors" / f"{cell['id']}.json").get("error", "failed")
                 continue
             cell["metrics"] = _run_cell(cell, force, out)
             if cell["metrics"] is None:

@@ -118,6 +118,11 @@ def _check_stage(stage: Any, where: str, method: methods.Method | None, budget: 
             raise _err(f"{where}.distill", str(exc)) from exc
         if spec["teacher"] not in distill.TEACHERS and not Path(spec["teacher"]).is_file():
             raise _err(f"{where}.distill.teacher", f"{spec['teacher'][:80]!r} is neither base, before nor a model file")
+        if spec["teacher"] not in distill.TEACHERS:
+            try:  # a teacher file that cannot be loaded is refused now, not after the stages before it ran
+                io.safe_load(spec["teacher"])
+            except PrunekitError as exc:
+                raise _err(f"{where}.distill.teacher", str(exc)) from exc
     extra = sorted(set(stage) - {"stage"} - train_keys - set(reg)) if kind != "prune" else []
     if extra and task.train_keys_hint:
         raise _err(f"{where}.{extra[0]}", f"unknown key; {task.train_keys_hint}")
@@ -196,8 +201,9 @@ def _check_latency_target(tgt: dict) -> None:
         return
     if "speedup" in tgt:
         raise _err("target", "give latency (a measured speedup) or speedup (a MACs ratio), not both")
-    if tgt["latency"] <= 1:
-        raise _err("target.latency", f"must be > 1 (base time / pruned time, measured), got {tgt['latency']}")
+    if not math.isfinite(tgt["latency"]) or tgt["latency"] <= 1:
+        raise _err("target.latency", f"must be a finite number > 1 (base time / pruned time, measured), got "
+                   f"{tgt['latency']}")
     for key in ("batch", "threads"):
         if key in tgt and tgt[key] < 1:
             raise _err(f"target.{key}", f"must be >= 1, got {tgt[key]}")

@@ -527,8 +527,6 @@ def train(model: nn.Module, dataset: str | Path, *, epochs: int = 1, imgsz: int 
     if not head or head[-1].nc != len(ds.names):
         raise PrunekitError(f"the model predicts {head[-1].nc if head else 0} classes but {ds.yaml} has "
                             f"{len(ds.names)} ({', '.join(ds.names)}); build it with num_classes={len(ds.names)}")
-    # Its AMP self-test downloads yolo26n.pt; prunekit never downloads, so AMP is used on CUDA untested.
-    ul_trainer.check_amp = lambda m: next(m.parameters()).device.type == "cuda"
     # An absolute project: Ultralytics puts a relative one under its own runs folder, where two runs that
     # name the same relative folder from two places would share (and overwrite) one another's weights.
     project = Path(project or config_dir() / "runs").expanduser().absolute()
@@ -621,9 +619,14 @@ def train(model: nn.Module, dataset: str | Path, *, epochs: int = 1, imgsz: int 
                 f.write(json.dumps(row) + "\n")
 
     trainer.add_callback("on_fit_epoch_end", epoch_end)
+    # Its AMP self-test downloads yolo26n.pt; prunekit never downloads, so AMP is used on CUDA untested. Patched
+    # for this training only: Ultralytics' own function is back afterwards, whatever happens.
+    check_amp = ul_trainer.check_amp
+    ul_trainer.check_amp = lambda m: next(m.parameters()).device.type == "cuda"
     try:
         trainer.train()
     finally:
+        ul_trainer.check_amp = check_amp
         model.criterion = None  # never keep the teacher inside the model
 
     chosen = trainer.best if keep == "best" else trainer.last

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -181,6 +182,8 @@ def _parse_label(line: str) -> tuple[int, list[float]] | str:
         values = [float(v) for v in fields]
     except ValueError:
         return "a non-numeric value"
+    if not all(math.isfinite(v) for v in values):
+        return "a value that is not a finite number (nan or inf)"
     if not values[0].is_integer() or values[0] < 0:
         return f"class id {fields[0]} is not a class index"
     if any(v < 0 for v in values[1:]):
@@ -322,6 +325,7 @@ def _scan_yolo(root: Path, img: Path, labels: Path, names: list[str] | None) -> 
         raise PrunekitError(f"{img} has {', '.join(d.name for d in where.values())}/ but no train/ folder")
     splits: dict[str, list[str]] = {s: [] for s in where}
     images, dest, lbl, outside = {}, {}, {}, []
+    owner: dict[Path, str] = {}  # label file -> the image it belongs to
     for p in pics:
         rel = p.relative_to(img)
         split = next((s for s, d in where.items() if p.is_relative_to(d)), None)
@@ -332,6 +336,10 @@ def _scan_yolo(root: Path, img: Path, labels: Path, names: list[str] | None) -> 
         images[key], dest[key] = p, (p.relative_to(where[split]) if split else rel).as_posix()
         if (labels / rel).with_suffix(".txt").is_file():
             lbl[key] = (labels / rel).with_suffix(".txt")
+            other = owner.setdefault(lbl[key], key)
+            if other != key:  # Ultralytics would give both images the boxes of one of them
+                raise PrunekitError(f"{images[other]} and {p} share one label file, {lbl[key]}: rename one of the "
+                                    "images (and give it its own labels)")
         if split:
             splits[split].append(key)
     return _Folder(root, "yolo", images, dest, lbl, splits, where, names, [names_file] if names_file else [],
@@ -342,15 +350,22 @@ def _yolo_names(root: Path, labels: Path, names: list[str] | None) -> tuple[list
     """Class names in class id order: given, or a ``classes.txt`` (LabelImg writes one) or ``data.yaml``'s."""
     if names is not None:
         return names, None
-    for f in (root / "classes.txt", labels / "classes.txt"):
-        if f.is_file():
-            found = [ln.strip() for ln in f.read_text().splitlines() if ln.strip()]
-            _check_names(found, str(f))
-            return found, f
-    for f in (root / "data.yaml", root / "data.yml"):
-        if f.is_file():
-            cfg = read_yaml(f, "YOLO data yaml")
-            return _yaml_names(cfg if isinstance(cfg, dict) else {}, f), f
+    txt = next((f for f in (root / "classes.txt", labels / "classes.txt") if f.is_file()), None)
+    yml = next((f for f in (root / "data.yaml", root / "data.yml") if f.is_file()), None)
+    from_txt = from_yml = None
+    if txt is not None:
+        from_txt = [ln.strip() for ln in txt.read_text().splitlines() if ln.strip()]
+        _check_names(from_txt, str(txt))
+    if yml is not None:
+        cfg = read_yaml(yml, "YOLO data yaml")
+        from_yml = _yaml_names(cfg if isinstance(cfg, dict) else {}, yml)
+    if from_txt is not None and from_yml is not None and from_txt != from_yml:
+        raise PrunekitError(f"{txt} and {yml} name different classes ({', '.join(from_txt)[:120]} vs "
+                            f"{', '.join(from_yml)[:120]}): make them agree, or give names=[...]")
+    if from_txt is not None:
+        return from_txt, txt
+    if from_yml is not None:
+        return from_yml, yml
     raise PrunekitError(f"{root} is a YOLO txt folder without class names: add {root / 'classes.txt'} (one name a "
                         "line, in class id order, as LabelImg writes it) or give names=[...]")
 
