@@ -280,3 +280,11 @@ def test_cli_timing_flags_need_a_latency_target(tmp_path, capsys):
     code = main(["prune", "--checkpoint", str(tmp_path / "m.pt"), "--method", "l1-norm", "--speedup", "2",
                  "--runtime", "onnxruntime", "--out", str(tmp_path / "p.pt")])
     assert code == 2 and "add --latency" in capsys.readouterr().err and not (tmp_path / "p.pt").exists()
+
+
+def test_a_latency_target_on_the_int8_runtime_searches_like_any_runtime(monkeypatch):
+    timed = _fake_timing(monkeypatch, lambda macs: macs ** 0.6)
+    model, x = _net(24), torch.randn(4, 3, 16, 16)
+    result = pk.prune(model, "l1-norm", x, latency=1.5, runtime="onnxruntime-int8", batch=8, threads=1)
+    assert result.measured["runtime"] == "onnxruntime-int8" and result.target["runtime"] == "onnxruntime-int8"
+    assert abs(result.measured["speedup"] / 1.5 - 1) <= 0.05 and timed

@@ -7,6 +7,7 @@ import fcntl
 import hashlib
 import hmac
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Callable, Iterator
@@ -56,7 +57,8 @@ def _atomic(path: str | Path, write: Callable[[Any], Any]) -> None:
             Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError | RuntimeError):  # torch's zip writer reports a full disk as a RuntimeError
             text = str(exc).strip().splitlines()
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else (text[0][:120] if text else exc)
+            first = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", text[0]) if text else ""  # torch's C++ site
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else (first[:120] or exc)
             raise PrunekitError(f"cannot write {path}: {reason}; check the path, free space and permissions") from exc
         raise
 
