@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import Runtime
+from .base import Runtime
 
 
 class Eager(Runtime):

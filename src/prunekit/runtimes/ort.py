@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import PrunekitError
 from ..measure import hooked
-from . import Runtime
+from .base import Runtime
 
 
 def to_onnx(model: nn.Module, x: torch.Tensor, path: Path, opset: int = 17) -> None:

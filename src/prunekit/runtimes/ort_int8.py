@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import PrunekitError
-from . import Runtime
+from .base import Runtime
 from .ort import export_for_timing, session
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
