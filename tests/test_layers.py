@@ -76,3 +76,19 @@ def test_no_import_goes_up_the_layers():
             if theirs is not None and theirs > mine:
                 up.append(f"{n} -> {m}")
     assert not up, f"imports up the layers: {sorted(up)}"
+
+
+def test_every_relative_import_names_a_module_that_exists():
+    """A module moved into a package keeps lazy imports like ``from .export import ...`` that now point inside
+    the package: caught here, not by the first user who reaches that code path."""
+    mods = _modules()
+    broken = []
+    for n, p in mods.items():
+        pkg = n if p.name == "__init__.py" else n.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+                if mod not in mods:
+                    broken.append(f"{n}:{node.lineno} from {'.' * node.level}{node.module or ''}")
+    assert not broken, f"relative imports of modules that do not exist: {broken}"

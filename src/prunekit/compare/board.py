@@ -84,7 +84,7 @@ def _fmt(v: float | None, spec: str = ".2f") -> str:
 def table(board: dict) -> str:
     """The leaderboard as Markdown (what ``prunekit compare`` prints): one table per budget, then the
     recommendation per target and budget."""
-    from .timing import label
+    from ..timing import label
 
     settings = list(board["latency_base_ms"])
     detect = any("mAP50_mean" in r for r in board["rows"])
@@ -163,7 +163,7 @@ def _plots(board: dict) -> list[tuple[str, bytes]]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .plots import png
+    from ..plots import png
 
     every = [r for r in board["rows"] if r["metric_mean"] is not None]
     rows = [r for r in every if r.get("budget", board["budget"]) == board["budget"]]  # the speed plots: one budget

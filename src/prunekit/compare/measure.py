@@ -17,7 +17,7 @@ from .config import INT8_RUNTIME, _base_config, _say
 def _latency(cfg: dict, out: Path, base_path: Path, cells: list[dict], hashes: dict[str, str]) -> dict[str, dict]:
     """Every finished cell's final model timed side by side with the base; cached until a model changes
     (``hashes``: the sha256 of each model file, by cell id and ``base``)."""
-    from . import timing
+    from .. import timing
 
     files = {"base": base_path} | {c["id"]: c["model_path"] for c in cells}
     settings = cfg["latency"]
@@ -73,8 +73,8 @@ def _int8(cfg: dict, out: Path, base_path: Path, cells: list[dict], hashes: dict
     """Every finished model and the base exported int8 (calibrated on training batches of the base's split) and
     its metrics measured by running the int8 file on the test split; cached in ``OUT/int8.json`` until a model
     or the int8 settings change. The ONNX files stay in ``OUT/int8/``."""
-    from .export import export_int8, int8_path
-    from .runtimes.ort import OnnxModule
+    from ..export import export_int8, int8_path
+    from ..runtimes.ort import OnnxModule
 
     files = {"base": base_path} | {c["id"]: c["model_path"] for c in cells}
     cache, work = out / "int8.json", out / "int8"
