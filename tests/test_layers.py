@@ -23,16 +23,26 @@ def _modules() -> dict[str, Path]:
     return mods
 
 
+def _package(name: str, path: Path) -> str:
+    """The package a module's relative imports start from."""
+    return name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+
+
+def _from(node: ast.ImportFrom, pkg: str) -> str:
+    """The absolute module a ``from ... import`` names (relative ones resolved against ``pkg``)."""
+    base = pkg.split(".")[: len(pkg.split(".")) - node.level + 1] if node.level else []
+    return ".".join(base + ([node.module] if node.module else []))
+
+
 def _imports(name: str, path: Path, mods: dict[str, Path], top_only: bool) -> set[str]:
     """prunekit modules ``name`` imports (a package's own module counts only where a name is not a submodule)."""
-    pkg = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    pkg = _package(name, path)
     tree = ast.parse(path.read_text())
     nodes = tree.body if top_only else list(ast.walk(tree))
     out = set()
     for node in nodes:
         if isinstance(node, ast.ImportFrom):
-            base = pkg.split(".")[: len(pkg.split(".")) - node.level + 1] if node.level else []
-            mod = ".".join(base + ([node.module] if node.module else []))
+            mod = _from(node, pkg)
             subs = {f"{mod}.{a.name}" for a in node.names if f"{mod}.{a.name}" in mods}
             out |= subs if len(subs) == len(node.names) else {mod} | subs
         elif isinstance(node, ast.Import):
@@ -84,11 +94,8 @@ def test_every_relative_import_names_a_module_that_exists():
     mods = _modules()
     broken = []
     for n, p in mods.items():
-        pkg = n if p.name == "__init__.py" else n.rsplit(".", 1)[0]
         for node in ast.walk(ast.parse(p.read_text())):
             if isinstance(node, ast.ImportFrom) and node.level:
-                base = pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
-                mod = ".".join(base + ([node.module] if node.module else []))
-                if mod not in mods:
+                if _from(node, _package(n, p)) not in mods:
                     broken.append(f"{n}:{node.lineno} from {'.' * node.level}{node.module or ''}")
     assert not broken, f"relative imports of modules that do not exist: {broken}"
