@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -499,6 +500,48 @@ def test_interrupted_training_resumes_from_its_next_epoch(bccd, tmp_path: Path, 
     yolo.train(resumed, tmp_path / "data.yaml", resume=True, **run)
     assert starts == [1]  # epoch index 1: the second of two
     assert {k: tuple(v.shape) for k, v in resumed.state_dict().items()} == shapes
+
+
+def test_a_kill_between_ultralytics_write_and_signature_loses_only_that_epoch(bccd, tmp_path: Path,
+                                                                             monkeypatch) -> None:
+    """Killed after Ultralytics wrote epoch 2's last.pt but before prunekit signed it: the run resumes at epoch 2
+    from epoch 1's signed checkpoint, with no "not written on this machine" restart."""
+    yolo.ultralytics()
+    from ultralytics.models.yolo.detect import DetectionTrainer
+
+    subset_yaml(bccd, tmp_path, {"train": 8, "val": 4})
+    run = {"epochs": 3, "imgsz": 64, "batch": 8, "workers": 0, "project": tmp_path / "runs", "name": "r", "seed": 0,
+           "plots": False}
+    write, lasts = Path.write_bytes, []
+
+    def die_after_second_last(self, data):  # the kill lands right after the bytes of epoch 2's last.pt
+        out = write(self, data)
+        if "last" in self.name:
+            lasts.append(self.name)
+            if len(lasts) == 2:
+                raise KeyboardInterrupt
+        return out
+
+    model = base("yolov3-tinyu")
+    monkeypatch.setattr(Path, "write_bytes", die_after_second_last)
+    with pytest.raises(KeyboardInterrupt):
+        yolo.train(model, tmp_path / "data.yaml", **run)
+    monkeypatch.setattr(Path, "write_bytes", write)
+    starts, train_loop = [], DetectionTrainer._do_train
+
+    def record_start(self):
+        out = train_loop(self)
+        starts.append(self.start_epoch)
+        return out
+
+    monkeypatch.setattr(DetectionTrainer, "_do_train", record_start)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "not written by prunekit" restart
+        yolo.train(base("yolov3-tinyu"), tmp_path / "data.yaml", resume=True, **run)
+    assert starts == [1]
+    weights = tmp_path / "runs" / "r" / "weights"
+    assert sorted(p.name for p in weights.iterdir()) == ["best.pt", "last.pt"]  # no pending file left behind
+    assert yolo._signed(weights / "last.pt", weights.parent / "prunekit-signatures.json")
 
 
 def subset_yaml(bccd, tmp_path: Path, sizes: dict[str, int]) -> Path:

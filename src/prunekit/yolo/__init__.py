@@ -572,20 +572,43 @@ def train(model: nn.Module, dataset: str | Path, *, epochs: int = 1, imgsz: int 
             ``resume_training`` (epoch, optimiser, EMA)."""
             return resumed
 
-        def _sign(self) -> None:
-            signed = {p.name: files.file_signature(p) for p in (self.last, self.best) if Path(p).is_file()}
-            files.atomic_write_text(json.dumps(signed), signatures)
+        @contextmanager
+        def _signed_writes(self, copy_first: bool) -> Iterator[None]:
+            """Ultralytics writes its checkpoints to pending files; they are signed, then moved into place. A kill
+            at any point leaves each checkpoint either as it was or as written, signed either way, so an
+            interrupted epoch costs that epoch only (never the run: an unsigned last.pt restarts it)."""
+            final = (Path(self.last), Path(self.best))
+            pending = tuple(p.with_name(f".{p.stem}.pending{p.suffix}") for p in final)
+            for f, p in zip(final, pending, strict=True):
+                p.unlink(missing_ok=True)  # a kill's leftover (or a planted link): never written through
+                if copy_first and f.is_file():
+                    shutil.copyfile(f, p)
+            self.last, self.best = pending
+            try:
+                yield
+            except BaseException:
+                for p in pending:
+                    p.unlink(missing_ok=True)
+                raise
+            finally:
+                self.last, self.best = final
+            old = _signatures(signatures)
+            new = {f.name: files.file_signature(p) for f, p in zip(final, pending, strict=True) if p.is_file()}
+            files.atomic_write_text(json.dumps(old | {k: [old.get(k), v] for k, v in new.items()}), signatures)
+            for f, p in zip(final, pending, strict=True):
+                if p.is_file():
+                    os.replace(p, f)
+            files.atomic_write_text(json.dumps(old | new), signatures)
 
         def save_model(self) -> bool:
             """Ultralytics' checkpoints, signed as this machine's prunekit's own (the only pickles it reopens)."""
-            saved = super().save_model()
-            self._sign()
-            return saved
+            with self._signed_writes(copy_first=False):
+                return super().save_model()
 
         def final_eval(self) -> None:
-            """Ultralytics strips the optimiser from both checkpoints here: sign what it leaves."""
-            super().final_eval()
-            self._sign()
+            """Ultralytics strips the optimiser from both checkpoints here, in place: sign what it leaves."""
+            with self._signed_writes(copy_first=True):
+                super().final_eval()
 
         def optimizer_step(self) -> None:
             """Ultralytics' own step (unscale, clip, step, EMA), the regulariser added to the unscaled gradients
@@ -648,13 +671,20 @@ def _refuse_links(run: Path) -> None:
                                 "the file it points to); remove the link and run again")
 
 
-def _signed(path: Path, signatures: Path) -> bool:
-    """Whether this machine's prunekit wrote ``path`` (its signature in ``signatures`` matches its bytes)."""
+def _signatures(signatures: Path) -> dict:
+    """The run's signatures file (name → signature), empty when missing or damaged."""
     try:
         signed = json.loads(signatures.read_text()) if signatures.is_file() else {}
     except (OSError, ValueError):
         signed = {}
-    return files.signed_by_us(path, signed.get(path.name) if isinstance(signed, dict) else None)
+    return signed if isinstance(signed, dict) else {}
+
+
+def _signed(path: Path, signatures: Path) -> bool:
+    """Whether this machine's prunekit wrote ``path`` (its signature in ``signatures`` matches its bytes; while a
+    checkpoint is being replaced, both the old and the new file's signatures are listed)."""
+    entry = _signatures(signatures).get(path.name)
+    return any(files.signed_by_us(path, s) for s in (entry if isinstance(entry, list) else [entry]))
 
 
 def _load_signed(path: Path, signatures: Path) -> dict:
