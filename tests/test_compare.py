@@ -112,6 +112,13 @@ def test_damaged_latency_cache_and_cell_metrics_are_measured_again_not_shown(boa
     compare.run(copy.deepcopy(SMALL), out=out)
     assert all(per["base"]["median_ms"] > 0 for per in json.loads((out / "latency.json").read_text())["results"]
                .values())
+    plausible = json.loads((out / "latency.json").read_text())
+    for per in plausible["results"].values():
+        per["base"]["median_ms"] = 12345.0  # well-formed, the model hashes intact: still an edit
+    (out / "latency.json").write_text(json.dumps(plausible))
+    compare.run(copy.deepcopy(SMALL), out=out)
+    assert all(per["base"]["median_ms"] != 12345.0
+               for per in json.loads((out / "latency.json").read_text())["results"].values())
 
 
 def test_another_config_in_the_same_folder_is_refused_with_the_differences(board):
