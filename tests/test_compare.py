@@ -104,6 +104,11 @@ def test_damaged_latency_cache_and_cell_metrics_are_measured_again_not_shown(boa
     again = compare.run(copy.deepcopy(SMALL), out=out)
     row = next(r for r in again["rows"] if r["method"] == "l1-norm")
     assert row["metric_per_seed"]["0"] == pytest.approx(true, abs=0.01)  # measured again, not the edit
+    m = json.loads((cell / "metrics.json").read_text())
+    m["after"]["top1"] = 99.9  # a plausible hand edit, the right type: the signature no longer matches
+    (cell / "metrics.json").write_text(json.dumps(m))
+    row = next(r for r in compare.run(copy.deepcopy(SMALL), out=out)["rows"] if r["method"] == "l1-norm")
+    assert row["metric_per_seed"]["0"] == pytest.approx(true, abs=0.01)
     assert json.loads((out / "latency.json").read_text())["results"]  # rebuilt
     tampered = json.loads((out / "latency.json").read_text())
     for per in tampered["results"].values():

@@ -20,7 +20,6 @@ splits, creating and checking models, training stages, the metric); the task is 
 from __future__ import annotations
 
 import copy
-import json
 import math
 import sys
 from pathlib import Path
@@ -73,13 +72,14 @@ def run(config: str | Path | dict, *, force: bool = False, out: str | Path | Non
 
 
 def finished_metrics(run_dir: Path, cfg: dict) -> dict | None:
-    """The metrics of a run that finished with this config, else None."""
+    """The metrics of a run that finished with this config, else None (also when metrics.json was changed since
+    this machine's prunekit signed it: a hand-edited number is measured again, never shown as measured)."""
     try:
         if yaml.safe_load((run_dir / "config.yaml").read_text()) != cfg:
             return None
-        metrics = json.loads((run_dir / "metrics.json").read_text())
     except (OSError, ValueError, yaml.YAMLError):
         return None
+    metrics = io.read_signed_json(run_dir / "metrics.json")
     if not isinstance(metrics, dict):
         return None
     key = metrics.get("metric")

@@ -281,7 +281,7 @@ class Run:
             io.save(before_model, self.dir / "before.pt")
             io.save(model, self.dir / "after.pt")
             io.atomic_save(metrics, self.dir / "metrics.pt")
-            (self.dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+            io.write_signed_json(metrics, self.dir / "metrics.json")  # a compare reads it back as measured
             from ..report import write_report
 
             write_report([self.dir])
