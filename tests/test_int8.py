@@ -142,7 +142,8 @@ def test_a_detector_int8_keeps_its_box_decoding_float_and_its_onnx_map_equals_py
     from prunekit.yolo import data as ydata
     from prunekit.yolo import validate
 
-    from .test_yolo import BCCD, base
+    from .conftest import BCCD
+    from .yolo_helpers import base
 
     if not BCCD.is_dir():
         pytest.skip(f"shared BCCD copy not found at {BCCD}")
