@@ -126,6 +126,23 @@ def test_damaged_latency_cache_and_cell_metrics_are_measured_again_not_shown(boa
                for per in json.loads((out / "latency.json").read_text())["results"].values())
 
 
+def test_an_unsigned_base_metrics_file_is_measured_again_and_board_only_says_why(board):
+    b, out = board
+    path = out / "base" / "metrics.json"
+    m = json.loads(path.read_text())
+    m.pop("prunekit_signature")  # as an older prunekit wrote it
+    path.write_text(json.dumps(m))
+    with pytest.raises(PrunekitError, match="signed its measurements"):
+        compare.run(copy.deepcopy(SMALL), out=out, board_only=True)
+    models = sorted(out.rglob("model.pt"))
+    stamps = {p: p.stat().st_mtime_ns for p in models}
+    again = compare.run(copy.deepcopy(SMALL), out=out)  # measures the base again; retrains nothing
+    assert {p: p.stat().st_mtime_ns for p in models} == stamps
+    assert again["base"][b["metric"]] == pytest.approx(b["base"][b["metric"]], abs=0.01)
+    assert "prunekit_signature" in json.loads(path.read_text())
+    assert compare.run(copy.deepcopy(SMALL), out=out, board_only=True)["rows"]
+
+
 def test_another_config_in_the_same_folder_is_refused_with_the_differences(board):
     _, out = board
     with pytest.raises(PrunekitError, match=r"another config \(differs at: budget, seeds\)"):

@@ -247,13 +247,20 @@ def write_signed_json(value: dict, path: str | Path) -> None:
     atomic_write_text(json.dumps({**value, SIGNATURE: _json_signature(value)}, indent=1), path)
 
 
-def read_signed_json(path: str | Path) -> dict:
-    """What ``write_signed_json`` wrote; {} when the file is missing, damaged, unsigned or changed since."""
+def read_json_mapping(path: str | Path) -> dict:
+    """A cache or marker file's mapping; {} when it is missing, not JSON or not a mapping, so a damaged file
+    is rebuilt or measured again rather than a traceback."""
     try:
         value = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return {}
-    signature = value.pop(SIGNATURE, None) if isinstance(value, dict) else None
+    return value if isinstance(value, dict) else {}
+
+
+def read_signed_json(path: str | Path) -> dict:
+    """What ``write_signed_json`` wrote; {} when the file is missing, damaged, unsigned or changed since."""
+    value = read_json_mapping(path)
+    signature = value.pop(SIGNATURE, None)
     if not isinstance(signature, str):
         return {}
     ok = hmac.compare_digest(_json_signature(value).encode(), signature.encode("utf-8", "surrogateescape"))

@@ -24,6 +24,7 @@ from .files import (  # noqa: F401  (prunekit.io is where callers have always fo
     atomic_save,
     atomic_write_text,
     file_signature,
+    read_json_mapping,
     read_signed_json,
     read_yaml,
     run_lock,

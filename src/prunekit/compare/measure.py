@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -46,15 +45,6 @@ def _latency(cfg: dict, out: Path, base_path: Path, cells: list[dict], hashes: d
             results[f"{key}_b{b}"] = {n: across[f"b{b}"][f"{n}/{key}"] for n in loaded}
     io.write_signed_json({"settings": settings, "models": hashes, "results": results}, cache)
     return results
-
-
-def _json(path: Path) -> dict:
-    """A cache file's mapping; {} when it is missing, not JSON or not a mapping (the cache is then rebuilt)."""
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def _latency_shape(results: Any, files: dict) -> bool:
