@@ -13,6 +13,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 CIFAR_ARCHIVE = SHARED / "cifar10" / "cifar10-jpeg.tar.gz"
+BCCD = SHARED / "bccd"
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -37,9 +38,23 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("pk-cache")
 
 
+@pytest.fixture(scope="module")
+def bccd(tmp_path_factory):
+    """The shared BCCD copy converted to the YOLO layout, once per test module."""
+    from prunekit.yolo.data import voc_to_yolo
+
+    if not BCCD.is_dir():
+        pytest.skip(f"shared BCCD copy not found at {BCCD}")
+    with pytest.warns(UserWarning, match="bccd: .*boxes") as record:
+        data = voc_to_yolo(BCCD, cache_dir=tmp_path_factory.mktemp("bccd"))
+    assert len(record) == 1
+    return data
+
+
 # The fast lane (`pytest -m "not slow"`, for development) leaves out whatever starts a fresh interpreter, trains
 # through a pipeline, a compare or Ultralytics, or reads the real data sets; CI and the README run everything.
-SLOW_MODULES = {"test_yolo", "test_yolo_tools", "test_yolo_layouts", "test_compare", "test_budgets", "test_distill"}
+SLOW_MODULES = {"test_yolo", "test_yolo_prune", "test_yolo_train", "test_yolo_pipeline", "test_yolo_tools",
+                "test_yolo_layouts", "test_compare", "test_budgets", "test_distill"}
 SLOW_SIGNS = ("run_cli(", "subprocess", "sys.executable", "cifar_archive", "SHARED", "pipeline.run(", "compare.run(",
               "yolo.train(", "torchrun")
 SLOW_FIXTURES = {"cifar_archive", "board", "bccd", "trained", "yolo_data"}

@@ -104,6 +104,11 @@ def test_damaged_latency_cache_and_cell_metrics_are_measured_again_not_shown(boa
     again = compare.run(copy.deepcopy(SMALL), out=out)
     row = next(r for r in again["rows"] if r["method"] == "l1-norm")
     assert row["metric_per_seed"]["0"] == pytest.approx(true, abs=0.01)  # measured again, not the edit
+    m = json.loads((cell / "metrics.json").read_text())
+    m["after"]["top1"] = 99.9  # a plausible hand edit, the right type: the signature no longer matches
+    (cell / "metrics.json").write_text(json.dumps(m))
+    row = next(r for r in compare.run(copy.deepcopy(SMALL), out=out)["rows"] if r["method"] == "l1-norm")
+    assert row["metric_per_seed"]["0"] == pytest.approx(true, abs=0.01)
     assert json.loads((out / "latency.json").read_text())["results"]  # rebuilt
     tampered = json.loads((out / "latency.json").read_text())
     for per in tampered["results"].values():
@@ -112,6 +117,30 @@ def test_damaged_latency_cache_and_cell_metrics_are_measured_again_not_shown(boa
     compare.run(copy.deepcopy(SMALL), out=out)
     assert all(per["base"]["median_ms"] > 0 for per in json.loads((out / "latency.json").read_text())["results"]
                .values())
+    plausible = json.loads((out / "latency.json").read_text())
+    for per in plausible["results"].values():
+        per["base"]["median_ms"] = 12345.0  # well-formed, the model hashes intact: still an edit
+    (out / "latency.json").write_text(json.dumps(plausible))
+    compare.run(copy.deepcopy(SMALL), out=out)
+    assert all(per["base"]["median_ms"] != 12345.0
+               for per in json.loads((out / "latency.json").read_text())["results"].values())
+
+
+def test_an_unsigned_base_metrics_file_is_measured_again_and_board_only_says_why(board):
+    b, out = board
+    path = out / "base" / "metrics.json"
+    m = json.loads(path.read_text())
+    m.pop("prunekit_signature")  # as an older prunekit wrote it
+    path.write_text(json.dumps(m))
+    with pytest.raises(PrunekitError, match="signed its measurements"):
+        compare.run(copy.deepcopy(SMALL), out=out, board_only=True)
+    models = sorted(out.rglob("model.pt"))
+    stamps = {p: p.stat().st_mtime_ns for p in models}
+    again = compare.run(copy.deepcopy(SMALL), out=out)  # measures the base again; retrains nothing
+    assert {p: p.stat().st_mtime_ns for p in models} == stamps
+    assert again["base"][b["metric"]] == pytest.approx(b["base"][b["metric"]], abs=0.01)
+    assert "prunekit_signature" in json.loads(path.read_text())
+    assert compare.run(copy.deepcopy(SMALL), out=out, board_only=True)["rows"]
 
 
 def test_another_config_in_the_same_folder_is_refused_with_the_differences(board):

@@ -115,6 +115,11 @@ def test_compare_int8_adds_the_int8_metric_per_row_and_the_base_quantised_alone(
     before = (tmp_path / "out" / "int8.json").stat().st_mtime_ns
     compare.run(cfg, out=tmp_path / "out")  # nothing changed: nothing quantised again
     assert (tmp_path / "out" / "int8.json").stat().st_mtime_ns == before
+    true = cache["results"]["l1-norm-2x-s0"]["top1"]
+    cache["results"]["l1-norm-2x-s0"]["top1"] = 99.9  # a plausible hand edit, the hashes left intact
+    (tmp_path / "out" / "int8.json").write_text(json.dumps(cache))
+    again = compare.run(cfg, out=tmp_path / "out")
+    assert again["rows"][0]["int8_metric_mean"] == pytest.approx(true, abs=0.01)  # measured again, not the edit
 
 
 @pytest.mark.parametrize("int8, message", [
@@ -137,7 +142,8 @@ def test_a_detector_int8_keeps_its_box_decoding_float_and_its_onnx_map_equals_py
     from prunekit.yolo import data as ydata
     from prunekit.yolo import validate
 
-    from .test_yolo import BCCD, base
+    from .conftest import BCCD
+    from .yolo_helpers import base
 
     if not BCCD.is_dir():
         pytest.skip(f"shared BCCD copy not found at {BCCD}")

@@ -1,6 +1,6 @@
 """Detector tools: Ultralytics-loadable export, `prunekit eval --task detect`, report images with boxes.
 
-Small and fast: yolov3-tinyu at imgsz 160 on a few BCCD images, sockets guarded as in test_yolo.py.
+Small and fast: yolov3-tinyu at imgsz 160 on a few BCCD images, sockets guarded as in yolo_helpers.py.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from prunekit import yolo  # noqa: E402  (does not import ultralytics by itself)
 from prunekit.yolo import tools  # noqa: E402
 
 from .conftest import SHARED  # noqa: E402
-from .test_yolo import net_attempts, offline, randomise_bn  # noqa: E402, F401  (the socket guard, one per module)
+from .yolo_helpers import net_attempts, offline, randomise_bn  # noqa: E402, F401  (the socket guard, one per module)
 
 BCCD = SHARED / "bccd"
 pytestmark = pytest.mark.filterwarnings("ignore:bccd-subset")  # its counted box fixes: test_yolo.py checks them

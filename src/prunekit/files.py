@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import hmac
+import json
 import os
 import re
 import stat
@@ -229,3 +230,38 @@ def signed_by_us(path: str | Path, signature: str | None) -> bool:
     if not isinstance(signature, str) or not Path(path).is_file():
         return False
     return hmac.compare_digest(file_signature(path).encode(), signature.encode("utf-8", "surrogateescape"))
+
+
+SIGNATURE = "prunekit_signature"
+
+
+def _json_signature(value: dict) -> str:
+    """HMAC of a mapping's canonical JSON (as read back: keys are strings after a round trip)."""
+    body = json.dumps(json.loads(json.dumps(value)), sort_keys=True)
+    return hmac.new(_signing_key(), body.encode(), hashlib.sha256).hexdigest()
+
+
+def write_signed_json(value: dict, path: str | Path) -> None:
+    """A measurement prunekit reads back as its own (a leaderboard's input), signed under this machine's key:
+    a hand edit, however plausible, is then measured again rather than shown as measured."""
+    atomic_write_text(json.dumps({**value, SIGNATURE: _json_signature(value)}, indent=1), path)
+
+
+def read_json_mapping(path: str | Path) -> dict:
+    """A cache or marker file's mapping; {} when it is missing, not JSON or not a mapping, so a damaged file
+    is rebuilt or measured again rather than a traceback."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def read_signed_json(path: str | Path) -> dict:
+    """What ``write_signed_json`` wrote; {} when the file is missing, damaged, unsigned or changed since."""
+    value = read_json_mapping(path)
+    signature = value.pop(SIGNATURE, None)
+    if not isinstance(signature, str):
+        return {}
+    ok = hmac.compare_digest(_json_signature(value).encode(), signature.encode("utf-8", "surrogateescape"))
+    return value if ok else {}

@@ -24,11 +24,14 @@ from .files import (  # noqa: F401  (prunekit.io is where callers have always fo
     atomic_save,
     atomic_write_text,
     file_signature,
+    read_json_mapping,
+    read_signed_json,
     read_yaml,
     run_lock,
     safe_load,
     sha256_file,
     signed_by_us,
+    write_signed_json,
 )
 from .graph import set_module
 

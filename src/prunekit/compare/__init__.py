@@ -37,7 +37,7 @@ from .config import RECALIBRATE as RECALIBRATE
 from .config import _base_config as _base_config
 from .config import _cells as _cells
 from .config import _entries as _entries
-from .measure import _int8, _json, _latency
+from .measure import _int8, _latency
 
 __all__ = ["RECALIBRATE", "final_model_path", "load_config", "recommend", "run", "table", "validate"]
 
@@ -123,7 +123,9 @@ def run(config: str | Path | dict, *, out: str | Path | None = None, force: bool
         _say(f"base: {out / 'base'}")
         base = _finished(_base_config(cfg, out)) if board_only else _run(_base_config(cfg, out), force)
         if base is None:
-            raise PrunekitError(f"{out} has no finished base: run the compare without --board-only first")
+            raise PrunekitError(f"{out} has no finished base (a metrics.json written before prunekit signed its "
+                                  "measurements, or edited since, counts as unfinished): run the compare without "
+                                  "--board-only to measure it")
         base_path = _base_model_path(cfg, out)
         _check_steps(cfg, cells, out)
         metric = base["metric"]
@@ -135,7 +137,7 @@ def run(config: str | Path | dict, *, out: str | Path | None = None, force: bool
                 if done:
                     cell["model_path"] = final_model_path(Path(cell["config"]["out"]))
                 elif (out / "errors" / f"{cell['id']}.json").is_file():  # a failure recorded by an earlier run
-                    cell["error"] = _json(out / "errors" / f"{cell['id']}.json").get("error", "failed")
+                    cell["error"] = io.read_json_mapping(out / "errors" / f"{cell['id']}.json").get("error", "failed")
                 continue
             cell["metrics"] = _run_cell(cell, force, out)
             if cell["metrics"] is None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -22,11 +21,11 @@ def _latency(cfg: dict, out: Path, base_path: Path, cells: list[dict], hashes: d
     files = {"base": base_path} | {c["id"]: c["model_path"] for c in cells}
     settings = cfg["latency"]
     cache = out / "latency.json"
-    old = _json(cache)
+    old = io.read_signed_json(cache)  # signed: a hand-edited time is measured again, never shown
     if old.get("settings") == settings and old.get("models") == hashes and _latency_shape(old.get("results"), files):
         return old["results"]
     if cache.exists():
-        _say(f"{cache} is stale, damaged or for other models: measuring again")
+        _say(f"{cache} is stale, damaged, edited or for other models: measuring again")
     loaded = {k: io.load(p) for k, p in files.items()}
     base = loaded["base"]
     shape = (getattr(base, "prunekit_arch", None) or {}).get("input_shape")
@@ -44,17 +43,8 @@ def _latency(cfg: dict, out: Path, base_path: Path, cells: list[dict], hashes: d
         key = runtimes.RUNTIMES[INT8_RUNTIME].key
         for b in batches:
             results[f"{key}_b{b}"] = {n: across[f"b{b}"][f"{n}/{key}"] for n in loaded}
-    io.atomic_write_text(json.dumps({"settings": settings, "models": hashes, "results": results}, indent=1), cache)
+    io.write_signed_json({"settings": settings, "models": hashes, "results": results}, cache)
     return results
-
-
-def _json(path: Path) -> dict:
-    """A cache file's mapping; {} when it is missing, not JSON or not a mapping (the cache is then rebuilt)."""
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def _latency_shape(results: Any, files: dict) -> bool:
@@ -78,7 +68,7 @@ def _int8(cfg: dict, out: Path, base_path: Path, cells: list[dict], hashes: dict
 
     files = {"base": base_path} | {c["id"]: c["model_path"] for c in cells}
     cache, work = out / "int8.json", out / "int8"
-    old = _json(cache)
+    old = io.read_signed_json(cache)
     done = old.get("results", {}) if old.get("settings") == cfg["int8"] else {}
     done = done if isinstance(done, dict) else {}
     done = {k: v for k, v in done.items() if isinstance(v, dict) and v.get("sha256") == hashes.get(k)}
@@ -98,5 +88,5 @@ def _int8(cfg: dict, out: Path, base_path: Path, cells: list[dict], hashes: dict
             metrics = task.test_metrics(OnnxModule(int8_path(work / f"{k}.onnx"), model), data, torch.device("cpu"))
             done[k] = {**metrics, "bytes": info["int8"]["bytes"], "float_nodes": info["int8"]["float_nodes"],
                        "sha256": hashes[k]}
-            io.atomic_write_text(json.dumps({"settings": cfg["int8"], "results": done}, indent=1), cache)
+            io.write_signed_json({"settings": cfg["int8"], "results": done}, cache)
     return done

@@ -1,31 +1,13 @@
-"""Staged, resumable pruning runs: ``prunekit run CONFIG.yaml``.
-
-Every paper here is a pipeline (train → sparsify → prune → fine-tune, the middle repeated for
-recurrent methods), so a run is a list of stages in a YAML file. Each stage writes its model
-and a ``done.json`` marker into ``RUN_DIR/stages/<n>-<name>/``; re-running the same command
-skips finished stages and resumes an interrupted training stage from its last epoch. A run
-directory belongs to one config: a changed config is refused unless ``force``.
-
-Data: a seeded, class-stratified share of the *training* split (``data.val_fraction``) is held out
-as the validation split (recorded in ``split.json``). Training stages select on it, methods score
-their decisions on it, cycles stop on it; the test split is touched only for the final
-before/after metrics. The pipeline knows methods only by what they declare (``methods.Method``):
-their options, their sparsity regulariser, whether zeros must stay zero.
-
-Everything that depends on the kind of model is the run's task's (``prunekit.tasks``: the data and its
-splits, creating and checking models, training stages, the metric); the task is the one that owns
-``model.name`` (``ul:<yaml>``: detection) or the name a checkpoint records, unless ``task:`` says.
-"""
+"""One run directory executed: the stages it has not finished yet, resumed stage by stage, then the final
+table (test-split metrics, side-by-side latency, the export) and the report."""
 
 from __future__ import annotations
 
 import copy
 import hashlib
 import json
-import math
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -33,292 +15,14 @@ from typing import Any
 import torch
 import yaml
 
-from . import distill, io, methods, models, tasks, timing
-from .errors import PrunekitError
-from .errors import config_error as _err
-from .graph import run_checked
-from .measure import measure
-from .tasks import Task
-from .train import dist_info, resolve_device
+from .. import distill, io, methods, tasks, timing
+from ..errors import PrunekitError
+from ..graph import run_checked
+from ..measure import measure
+from ..train import dist_info, resolve_device
+from .config import LATENCY_KEYS, REST, validate
 
-STAGES = ("train", "sparsify", "prune", "finetune", "cycle", "export")
-EXPORT_KEYS = {"stage": str, "int8": bool, "calibration_batches": int, "calibration_method": str, "opset": int}
-TOP_KEYS = {"name": str, "model": dict, "data": dict, "method": dict, "target": dict, "stages": list,
-            "device": str, "seed": int, "out": str, "budget": (int, float), "task": str}
-MODEL_KEYS = {"name": str, "checkpoint": str, "num_classes": int, "kwargs": dict, "trust_pickle": bool}
-DATA_KEYS = {"name": str, "root": str, "limit": int, "image_size": int, "batch_size": int, "download": bool,
-             "val_fraction": float, "calibration_batches": int, "split_seed": int}
-METHOD_KEYS = {"name": str, "params": dict}
-TARGET_KEYS = {"speedup": (int, float), "sparsity": (int, float), "learned": bool, "schedule": list,
-               "latency": (int, float), "runtime": str, "batch": int, "threads": int}
-LATENCY_KEYS = ("latency", "runtime", "batch", "threads")  # a measured-speedup target and where it is timed
-CYCLE_KEYS = {"stage", "stages", "max_cycles", "stop_below", "tolerance"}
-REST = "rest"  # `epochs: rest` = what the run's `budget` has left
 LATENCY = {"threads": 1, "rounds": 10}  # the final table's side-by-side timing (eager PyTorch)
-
-
-def _check_keys(section: dict, allowed: dict | set, where: str) -> None:
-    unknown = sorted(set(section) - set(allowed))
-    if unknown:
-        raise _err(f"{where}.{unknown[0]}" if where else unknown[0],
-                   f"unknown key; allowed: {', '.join(sorted(allowed))}")
-    if isinstance(allowed, dict):
-        for k, v in section.items():
-            typ = allowed[k]
-            if v is not None and (not isinstance(v, typ) or (typ is int and isinstance(v, bool))):
-                names = " or ".join(t.__name__ for t in typ) if isinstance(typ, tuple) else typ.__name__
-                raise _err(f"{where}.{k}" if where else k, f"must be {names}, got {v!r}")
-
-
-def _check_stage(stage: Any, where: str, method: methods.Method | None, budget: int | None, task: Task) -> None:
-    if not isinstance(stage, dict) or "stage" not in stage:
-        raise _err(where, f"each stage is a mapping with 'stage: <one of {', '.join(STAGES)}>'")
-    kind = stage["stage"]
-    if kind not in STAGES:
-        raise _err(f"{where}.stage", f"unknown stage {kind!r}; allowed: {', '.join(STAGES)}")
-    if kind == "cycle":
-        _check_keys(stage, CYCLE_KEYS, where)
-        inner = stage.get("stages")
-        if not isinstance(inner, list) or not inner:
-            raise _err(f"{where}.stages", "a cycle needs a non-empty list of stages")
-        for i, s in enumerate(inner):
-            _check_stage(s, f"{where}.stages[{i}]", method, budget, task)
-            if s["stage"] == "cycle":
-                raise _err(f"{where}.stages[{i}]", "cycles cannot be nested")
-            if s.get("epochs") == REST:
-                raise _err(f"{where}.stages[{i}].epochs", "'rest' is for a stage after the cycles")
-        for key, typ in (("max_cycles", int), ("stop_below", (int, float)), ("tolerance", (int, float))):
-            v = stage.get(key)
-            if v is not None and (not isinstance(v, typ) or isinstance(v, bool) or not 0 <= v < math.inf):
-                raise _err(f"{where}.{key}", f"must be a finite number >= 0, got {str(v)[:40]!r}")
-        if not stage.get("stop_below", 0) <= 1:
-            raise _err(f"{where}.stop_below", f"is a fraction of the MACs in [0, 1], got {stage['stop_below']}")
-        if stage.get("max_cycles", 3) < 1:
-            raise _err(f"{where}.max_cycles", "must be >= 1")
-        return
-    if kind == "export":
-        _check_export(stage, where)
-        return
-    reg: dict = {}
-    if kind == "sparsify":
-        if method is None:
-            raise _err(f"{where}.stage", "a sparsify stage needs a method with a sparsity regulariser")
-        reg = method.regularizer_options
-        try:
-            method.check_regularizer_options(stage)
-        except PrunekitError as exc:
-            raise _err(where, str(exc)) from exc
-    train_keys = task.train_keys | {"distill"}
-    if "distill" in stage:
-        if kind == "prune":
-            raise _err(f"{where}.distill", "a prune stage does not train; give distill to a training stage")
-        try:
-            spec = distill.check(stage["distill"], f"{where}.distill")
-        except PrunekitError as exc:
-            raise _err(f"{where}.distill", str(exc)) from exc
-        if spec["teacher"] not in distill.TEACHERS and not Path(spec["teacher"]).is_file():
-            raise _err(f"{where}.distill.teacher", f"{spec['teacher'][:80]!r} is neither base, before nor a model file")
-        if spec["teacher"] not in distill.TEACHERS:
-            try:  # a teacher file that cannot be loaded is refused now, not after the stages before it ran
-                io.safe_load(spec["teacher"])
-            except PrunekitError as exc:
-                raise _err(f"{where}.distill.teacher", str(exc)) from exc
-    extra = sorted(set(stage) - {"stage"} - train_keys - set(reg)) if kind != "prune" else []
-    if extra and task.train_keys_hint:
-        raise _err(f"{where}.{extra[0]}", f"unknown key; {task.train_keys_hint}")
-    _check_keys(stage, {"stage"} | (set() if kind == "prune" else train_keys) | set(reg), where)
-    if kind != "prune":
-        if stage.get("epochs") == REST and budget is None:
-            raise _err(f"{where}.epochs", "'rest' needs a top-level budget (total training epochs of the run)")
-        task.check_stage(stage, where)
-
-
-def _check_export(stage: dict, where: str) -> None:
-    """``{stage: export, int8: true, calibration_batches: 16, calibration_method: minmax, opset: 17}``."""
-    from .runtimes.ort_int8 import CALIBRATION_METHODS
-
-    _check_keys(stage, EXPORT_KEYS, where)
-    if stage.get("calibration_batches", 1) < 1:
-        raise _err(f"{where}.calibration_batches", f"must be >= 1, got {stage['calibration_batches']}")
-    if stage.get("calibration_method", "minmax") not in CALIBRATION_METHODS:
-        raise _err(f"{where}.calibration_method", f"one of {', '.join(CALIBRATION_METHODS)}, got "
-                   f"{str(stage['calibration_method'])[:40]!r}")
-    if not 17 <= stage.get("opset", 17) <= 20:
-        raise _err(f"{where}.opset", f"must be 17 to 20, got {stage['opset']}")
-    if not stage.get("int8") and ({"calibration_batches", "calibration_method"} & set(stage)):
-        raise _err(where, "calibration_* set up int8 calibration: add int8: true")
-
-
-def _check_teachers(stages: list) -> None:
-    """``teacher: base`` needs the model after the leading train stages, ``before`` a prune earlier in the run."""
-    started = pruned = False
-
-    def visit(st: dict, where: str) -> None:
-        nonlocal started, pruned
-        teacher = (st.get("distill") or {}).get("teacher") if isinstance(st.get("distill"), dict) else None
-        kind = st.get("stage")
-        if teacher == "base" and kind == "train" and not started:
-            raise _err(f"{where}.distill.teacher", "base is the model after the train stages; a train stage before "
-                                                   "any sparsify or prune cannot distil from it (give a model file)")
-        if teacher == "before" and not pruned:
-            raise _err(f"{where}.distill.teacher", "before is the model just before the last prune; no prune stage "
-                                                   "comes earlier")
-        started |= kind != "train"
-        pruned |= kind == "prune"
-
-    for i, st in enumerate(stages):
-        if st.get("stage") == "cycle":
-            started = True
-            for j, inner in enumerate(st["stages"]):
-                visit(inner, f"stages[{i}].stages[{j}]")
-        else:
-            visit(st, f"stages[{i}]")
-
-
-def _check_target(method: methods.Method, params: dict, tgt: dict) -> None:
-    """The target a prune stage gives must be the kind the method takes."""
-    if "latency" in tgt and method.kind != "structured":
-        raise _err("target.latency", f"method {method.name} is {method.kind}: a latency target needs a method "
-                                     "that removes channels to a target")
-    if method.kind == "unstructured":
-        if "speedup" in tgt:
-            raise _err("target.speedup", f"method {method.name} is unstructured: give target.sparsity or schedule")
-    elif "sparsity" in tgt or "schedule" in tgt:
-        raise _err("target", f"method {method.name} removes channels: give target.speedup, not sparsity")
-    try:
-        method.check_target(params, set(tgt))
-    except PrunekitError as exc:
-        raise _err("target", str(exc)) from exc
-
-
-def _check_latency_target(tgt: dict) -> None:
-    """``target: {latency: 2.0, runtime: onnxruntime, batch: 64, threads: 2}``: a speedup measured on a runtime."""
-    from .latency import check_setting
-
-    if tgt.get("latency") is None:
-        if set(LATENCY_KEYS[1:]) & set(tgt):
-            raise _err("target", "runtime, batch and threads say where a latency target is timed: add target.latency")
-        return
-    if "speedup" in tgt:
-        raise _err("target", "give latency (a measured speedup) or speedup (a MACs ratio), not both")
-    if not math.isfinite(tgt["latency"]) or tgt["latency"] <= 1:
-        raise _err("target.latency", f"must be a finite number > 1 (base time / pruned time, measured), got "
-                   f"{tgt['latency']}")
-    for key in ("batch", "threads"):
-        if key in tgt and tgt[key] < 1:
-            raise _err(f"target.{key}", f"must be >= 1, got {tgt[key]}")
-    try:
-        check_setting(tgt.get("runtime", "eager"), 1, 1)
-    except PrunekitError as exc:
-        raise _err("target.runtime", str(exc)) from exc
-
-
-def load_config(path: str | Path) -> dict:
-    """Read and validate a run config; every problem names its key and the allowed values."""
-    return validate(io.read_yaml(path))
-
-
-def validate(cfg: Any) -> dict:
-    if not isinstance(cfg, dict):
-        raise PrunekitError("config error: the file must be a mapping with model, data, method, stages, out")
-    _check_keys(cfg, TOP_KEYS, "")
-    for key in ("model", "data", "stages", "out"):
-        if cfg.get(key) is None or cfg.get(key) == "":
-            raise _err(key, "missing (required keys: model, data, stages, out)")
-    for key in ("method", "target"):
-        if key in cfg and cfg[key] is None:
-            del cfg[key]
-    if cfg.get("device") is not None:
-        try:
-            resolve_device(cfg["device"])
-        except PrunekitError as exc:
-            raise _err("device", str(exc)) from exc
-    _check_keys(cfg["model"], MODEL_KEYS, "model")
-    if not cfg["model"].get("name") and not cfg["model"].get("checkpoint"):
-        raise _err("model", "give name (zoo, tv:<name> or ul:<name>) or checkpoint")
-    if cfg["model"].get("name") and cfg["model"].get("checkpoint"):
-        raise _err("model", "give name (a new model) or checkpoint (a model file), not both")
-    if cfg["model"].get("num_classes") is not None and cfg["model"]["num_classes"] < 1:
-        raise _err("model.num_classes", f"must be >= 1, got {cfg['model']['num_classes']}")
-    if cfg["model"].get("name") and not cfg["model"].get("checkpoint"):
-        name = cfg["model"]["name"]
-        if not (models.is_zoo(name) or name.startswith(("tv:", models.UL_PREFIX))):
-            raise _err("model.name", f"unknown model {name!r}; allowed: {', '.join(models.names())}, tv:<name> "
-                                     "or ul:<name> (Ultralytics detectors)")
-    name = cfg["model"].get("name") or (io.recorded_name(cfg["model"]["checkpoint"])
-                                        if "task" not in cfg and cfg["model"].get("checkpoint") else None)
-    owner = tasks.for_name(name) if name else None
-    cfg.setdefault("task", owner.name if owner is not None else tasks.DEFAULT)
-    if cfg["task"] not in tasks.names():
-        raise _err("task", f"unknown task {cfg['task']!r}; allowed: {', '.join(tasks.names())}")
-    if owner is not None and owner.name != cfg["task"]:
-        raise _err("task", f"{cfg['model']['name']} is a model of task {owner.name}: task must be {owner.name}")
-    task = tasks.get(cfg["task"])
-    _check_keys(cfg["data"], DATA_KEYS, "data")
-    for key in ("image_size", "batch_size", "calibration_batches", "limit"):
-        if cfg["data"].get(key) is not None and cfg["data"][key] < 1:
-            raise _err(f"data.{key}", f"must be >= 1, got {cfg['data'][key]}")
-    if "name" not in cfg["data"]:
-        raise _err("data.name", f"missing: {task.data_hint}")
-    cfg.setdefault("method", {})
-    _check_keys(cfg["method"], METHOD_KEYS, "method")
-    cfg.setdefault("target", {})
-    _check_keys(cfg["target"], TARGET_KEYS, "target")
-    if sum(k in cfg["target"] for k in ("speedup", "sparsity")) > 1:
-        raise _err("target", "give one of speedup or sparsity")
-    if "speedup" in cfg["target"] and cfg["target"]["speedup"] < 1:
-        raise _err("target.speedup", f"must be >= 1, got {cfg['target']['speedup']}")
-    _check_latency_target(cfg["target"])
-    if "sparsity" in cfg["target"] and not 0 <= cfg["target"]["sparsity"] < 1:
-        raise _err("target.sparsity", f"must be in [0, 1), got {cfg['target']['sparsity']}")
-    sched = cfg["target"].get("schedule", [])
-    if any(not isinstance(v, int | float) or not 0 <= v < 1 for v in sched) or sched != sorted(sched):
-        raise _err("target.schedule", f"must be increasing sparsities in [0, 1) (one per cycle), got {sched!r}")
-    vf = cfg["data"].get("val_fraction")
-    if vf is not None and (isinstance(vf, bool) or not isinstance(vf, int | float) or not 0 < vf < 1):
-        raise _err("data.val_fraction", f"must be a fraction in (0, 1) of the training data, got {vf!r}")
-    budget = cfg.get("budget")
-    if budget is not None and not 0 <= budget < math.inf:
-        raise _err("budget", f"must be >= 0 epochs, got {budget}")
-    if budget is not None and budget != int(budget) and not task.fractional_epochs:
-        raise _err("budget", f"{budget:g} is a fraction of an epoch; the {task.name} task trains whole epochs")
-    if not isinstance(cfg["stages"], list) or not cfg["stages"]:
-        raise _err("stages", "needs at least one stage")
-    method = None
-    kinds = [s.get("stage") for s in cfg["stages"] if isinstance(s, dict)]
-    kinds += [t.get("stage") for s in cfg["stages"] if isinstance(s, dict) and isinstance(s.get("stages"), list)
-              for t in s["stages"] if isinstance(t, dict)]
-    if cfg["method"].get("name") is not None:
-        names = [m.name for m in methods.available()]
-        if cfg["method"]["name"] not in names:
-            raise _err("method.name", f"unknown method {cfg['method']['name']!r}; allowed: {', '.join(names)}")
-        method = methods.get(cfg["method"]["name"])
-        try:
-            params = method.check_options(cfg["method"].get("params") or {})
-        except PrunekitError as exc:
-            raise _err("method.params", str(exc)) from exc
-        if "prune" in kinds:
-            _check_target(method, params, cfg["target"])
-    for i, st in enumerate(cfg["stages"]):
-        _check_stage(st, f"stages[{i}]", method, budget, task)
-        if isinstance(st, dict) and st.get("stage") == "export" and i != len(cfg["stages"]) - 1:
-            raise _err(f"stages[{i}]", "export writes the final model: it is the last stage")
-        if isinstance(st, dict) and st.get("stage") == "cycle" and \
-                any(isinstance(t, dict) and t.get("stage") == "export" for t in st.get("stages") or []):
-            raise _err(f"stages[{i}].stages", "export writes the final model: it is the last stage, not in a cycle")
-    _check_teachers(cfg["stages"])
-    if "prune" in kinds and method is None:
-        raise _err("method.name", "a prune stage needs a method; see `prunekit methods`")
-    cfg.setdefault("device", "auto")
-    if cfg.get("seed") is None:
-        cfg["seed"] = 0
-    if not 0 <= cfg["seed"] < 2 ** 32:
-        raise _err("seed", f"must be an integer in [0, 2^32), got {str(cfg['seed'])[:40]}")
-    split_seed = cfg["data"].get("split_seed") or 0
-    if not 0 <= split_seed < 2 ** 32:
-        raise _err("data.split_seed", f"must be an integer in [0, 2^32), got {str(split_seed)[:40]}")
-    cfg.setdefault("name", Path(cfg["out"]).name)
-    return cfg
 
 
 def _write_record(sdir: Path, record: dict) -> None:
@@ -577,8 +281,8 @@ class Run:
             io.save(before_model, self.dir / "before.pt")
             io.save(model, self.dir / "after.pt")
             io.atomic_save(metrics, self.dir / "metrics.pt")
-            (self.dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-            from .report import write_report
+            io.write_signed_json(metrics, self.dir / "metrics.json")  # a compare reads it back as measured
+            from ..report import write_report
 
             write_report([self.dir])
         return metrics
@@ -641,7 +345,7 @@ class Run:
         """The final model (and the base, for its ratios) as ONNX in ``OUT/export/``; with ``int8``, beside it the
         int8 model calibrated on training batches, each file's test metric measured by running it, and every file
         timed on ONNX Runtime against the fp32 base in one set of interleaved rounds."""
-        from .export import deploy_table, export_int8, export_onnx
+        from ..export import deploy_table, export_int8, export_onnx
 
         folder = self.dir / "export"
         folder.mkdir(exist_ok=True)
@@ -670,41 +374,3 @@ class Run:
                     row[f"ort_speedup_b{b}"] = lat["after/fp32"]["ratio"]
         metrics["export"] = {"onnx": str(files["after"][1]), "int8": str(folder / "model.int8.onnx"),
                              "calibration_batches": len(calib), "int8_table": table}
-
-
-def run(config: str | Path | dict, *, force: bool = False, out: str | Path | None = None,
-        shared: str | Path | None = None) -> dict:
-    """Run (or resume) the pipeline a config describes; returns the final metrics.
-
-    The run directory has one writer at a time (``io.run_lock``); under torchrun, rank 0 holds it.
-    ``shared``: a folder where a leading sparsity stage is looked up and published (``compare`` passes one).
-    """
-    shared = Path(shared).absolute() if shared is not None else None
-    cfg = load_config(config) if not isinstance(config, dict) else validate(copy.deepcopy(config))
-    if out is not None and not str(out).strip():
-        raise PrunekitError("--out is empty: give a folder for the run (or leave it out to use the config's out)")
-    if dist_info()[0] != 0:
-        return Run(cfg, force=force, out=out, shared=shared).execute()
-    with io.run_lock(Path(out or cfg["out"])):
-        finished = finished_metrics(Path(out or cfg["out"]), cfg)
-        if finished is not None and not force:
-            print(f"prunekit: {out or cfg['out']} is a finished run of this config; nothing to do (its metrics.json "
-                  "is kept; --force measures it again)", file=sys.stderr)
-            return finished
-        return Run(cfg, force=force, out=out, shared=shared).execute()
-
-
-def finished_metrics(run_dir: Path, cfg: dict) -> dict | None:
-    """The metrics of a run that finished with this config, else None."""
-    try:
-        if yaml.safe_load((run_dir / "config.yaml").read_text()) != cfg:
-            return None
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-    except (OSError, ValueError, yaml.YAMLError):
-        return None
-    if not isinstance(metrics, dict):
-        return None
-    key = metrics.get("metric")
-    number = lambda side: isinstance(side, dict) and isinstance(side.get(key), int | float) \
-        and not isinstance(side.get(key), bool) and math.isfinite(side[key])  # noqa: E731
-    return metrics if isinstance(key, str) and number(metrics.get("after")) and number(metrics.get("before")) else None
