@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import prunekit as pk
-from prunekit import latency, pipeline, thresholds, timing
+from prunekit import latency, methods, pipeline, thresholds, timing
 from prunekit.cli import main
 from prunekit.errors import PrunekitError
 from prunekit.graph import PruneGraph
@@ -90,18 +90,19 @@ def test_widths_snap_up_to_what_the_table_shows_costs_no_more():
     assert table.snap(pg, {g.index: 8})[g.index] == 8  # 9 would cost more
 
 
-def test_an_active_table_is_every_methods_budget_without_the_method_knowing():
+def test_a_priced_context_is_every_methods_budget_without_the_method_knowing():
     model, x = _net(), torch.randn(2, 3, 16, 16)
     pg = PruneGraph(model, x)
     table = _fake_table(pg, _blocky)
     keep = {g.index: g.size // 2 for g in pg.groups}
-    analytic = pg.macs(keep)
-    with latency.active(table):
-        predicted = pg.macs(keep)
-        assert pg.macs() == pg.base_macs  # the unpruned model costs its MACs either way
-        result = pk.prune(model, "l1-norm", x, speedup=2.0)
-    assert pg.macs(keep) == analytic  # outside the block: analytic MACs again
+    priced = PruneGraph(model, x, cost_model=table)
+    predicted = priced.macs(keep)
+    assert priced.macs() == pg.base_macs  # the unpruned model costs its MACs either way
+    assert pg.macs(keep) != predicted  # a graph without the table: analytic MACs
     assert predicted == round(pg.base_macs * table.predict_ms(pg.widths(keep)) / table.full_ms)
+    m = methods.get("l1-norm")
+    opts = {k: v for k, v in m.check_options({}).items() if k != methods.BN_RECALIBRATE.name}
+    result = m.fn(model, methods.Context(x, cost_model=table), speedup=2.0, **opts)
     kept = [k for _, k in result.channels.values()]
     assert all(k % 8 == 0 for k in kept), f"widths the blocky table makes slow were kept: {result.channels}"
 
@@ -110,9 +111,10 @@ def test_auto_mend_searches_under_the_latency_budget():
     model, x = _net(), torch.randn(2, 3, 16, 16)
     pg = PruneGraph(model, x)
     table = _fake_table(pg, lambda name, o, i: o * i * (3e-3 if name == "3" else 1e-3))  # not MACs-proportional
-    with latency.active(table):
-        space = Space(pg, thresholds.local_keep_for_speedup(pg, 2.0), 2.0, 0.1, 2)
-        assert space.within(space.w0)
+    pg.cost_model = table
+    space = Space(pg, thresholds.local_keep_for_speedup(pg, 2.0), 2.0, 0.1, 2)
+    assert space.within(space.w0)
+    pg.cost_model = None
     assert table.full_ms / table.predict_ms(pg.widths(space.w0)) == pytest.approx(2.0, rel=0.01)
     assert pg.base_macs / pg.macs(space.w0) != pytest.approx(2.0, rel=0.01)  # a MACs budget would differ
 

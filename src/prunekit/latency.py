@@ -32,7 +32,6 @@ import math
 import os
 import platform
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,7 @@ from tqdm import tqdm
 from . import io, runtimes, tasks, timing
 from .data._folder import cache_key, default_cache_dir
 from .errors import PrunekitError
-from .graph import _PRODUCTS, COST_MODEL, PruneGraph
+from .graph import _PRODUCTS, PruneGraph
 from .measure import LAYERS, hooked
 
 SCHEMA = 2  # 2: ONNX Runtime timed without spinning thread pools
@@ -188,22 +187,6 @@ class LatencyTable:
             if fits:
                 keep[gi] = fits[-1]
         return keep
-
-
-@contextlib.contextmanager
-def active(table: LatencyTable) -> Iterator[LatencyTable]:
-    """Inside the block every PruneGraph counts keep decisions in ``table``'s predicted latency."""
-    token = COST_MODEL.set(table)
-    try:
-        yield table
-    finally:
-        COST_MODEL.reset(token)
-
-
-def current() -> LatencyTable | None:
-    """The active table, if a latency target is being pruned to."""
-    model = COST_MODEL.get()
-    return model if isinstance(model, LatencyTable) else None
 
 
 def table(model: nn.Module, example_inputs: torch.Tensor, *, runtime: str = "eager", batch: int = 64,

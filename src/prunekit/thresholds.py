@@ -24,7 +24,6 @@ from scipy.optimize import brentq
 
 from .errors import PrunekitError
 from .graph import PruneGraph
-from .latency import current
 
 TOLERANCE = 0.03
 
@@ -33,11 +32,11 @@ def _bisect(pg: PruneGraph, speedup: float, keep_at: Callable[[float], dict[int,
             hi: float = 1.0, iters: int = 50) -> dict[int, int]:
     """Search x in [lo, hi] (speedup non-decreasing in x) for the keep map closest to ``speedup``.
 
-    With a latency table active the ratio is the predicted one, every keep map is snapped to fast widths,
-    and landing is left to the end-to-end measurement. An out-of-reach error carries the most that
+    With a latency table as the graph's cost model the ratio is the predicted one, every keep map is snapped
+    to fast widths, and landing is left to the end-to-end measurement. An out-of-reach error carries the most that
     pruning reaches as ``reachable``.
     """
-    table = current()
+    table = pg.cost_model
     if table is not None:
         keep_at = (lambda raw: lambda x: table.snap(pg, raw(x)))(keep_at)
     base = pg.macs()

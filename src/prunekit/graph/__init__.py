@@ -31,9 +31,8 @@ from __future__ import annotations
 
 from .common import CONV_LINEAR, IN_CHANNEL_FNS, OUT_CHANNEL_FNS, Group, flat_tensors, run_checked
 from .cost import _PRODUCTS as _PRODUCTS  # re-exported: latency tells attention products apart
-from .cost import COST_MODEL
 from .groups import PruneGraph, output_layers
 from .surgery import ROUTING_ATTRS, set_module, sync_widths
 
-__all__ = ["CONV_LINEAR", "COST_MODEL", "IN_CHANNEL_FNS", "OUT_CHANNEL_FNS", "ROUTING_ATTRS", "Group", "PruneGraph",
+__all__ = ["CONV_LINEAR", "IN_CHANNEL_FNS", "OUT_CHANNEL_FNS", "ROUTING_ATTRS", "Group", "PruneGraph",
            "flat_tensors", "output_layers", "run_checked", "set_module", "sync_widths"]

@@ -1,13 +1,12 @@
 """The analytic cost of a keep decision: conv/linear MACs are out·in/groups·k²·H·W with H·W fixed by the trace,
 ``nn.MultiheadAttention`` adds its projections and attention products, and everything else is a constant
-(``other``) measured by PyTorch's FLOP counter. While a latency target is pruned to, ``COST_MODEL`` prices a
-decision in predicted latency instead."""
+(``other``) measured by PyTorch's FLOP counter. A graph built with a ``cost_model`` (a latency target's table)
+prices a decision in predicted latency instead."""
 
 from __future__ import annotations
 
 import inspect
 import math
-from contextvars import ContextVar
 
 import torch
 from torch import nn
@@ -16,9 +15,6 @@ from ..measure import count_macs, hooked, layer_macs
 from .common import Group, run_checked
 
 _PRODUCTS = "#attention"  # suffix of an MHA's attention-product term in the MACs model
-# The currency budgets are counted in: None for analytic MACs; while a latency target is pruned to,
-# prunekit.latency sets a table whose ``macs(graph, widths)`` predicts latency in MACs of the unpruned model.
-COST_MODEL: ContextVar = ContextVar("prunekit_cost_model", default=None)
 
 
 class Costs:
@@ -83,13 +79,12 @@ class Costs:
     def macs(self, keep: dict[int, int] | None = None) -> int:
         """MACs of the model if group i kept ``keep[i]`` channels (others untouched).
 
-        While a cost model is set (``COST_MODEL``: a latency target) a keep decision costs what the model
+        With a cost model (``cost_model``: a latency target's table) a keep decision costs what the model
         predicts instead, so every budget a method computes from MACs becomes that budget unchanged.
         """
         shape = self.widths(keep)
-        cost_model = COST_MODEL.get()
-        if keep is not None and cost_model is not None:
-            return cost_model.macs(self, shape)
+        if keep is not None and self.cost_model is not None:
+            return self.cost_model.macs(self, shape)
         return self.other + int(sum(self.unit[n] * o * (i // max(gr, 1)) for n, (o, i, gr) in shape.items()))
 
     def widths(self, keep: dict[int, int] | None = None) -> dict[str, list[int]]:

@@ -9,6 +9,7 @@ other two parts.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch_pruning as tp
@@ -58,7 +59,9 @@ class PruneGraph(Costs, Surgery):
     """Coupled channel groups of ``model`` and the analytic MACs of any keep decision."""
 
     def __init__(self, model: nn.Module, example_inputs: torch.Tensor, *, ignored_layers: list | None = None,
-                 min_keep: int = 1, round_to: int | None = None):
+                 min_keep: int = 1, round_to: int | None = None, cost_model: Any = None):
+        """``cost_model``: what a keep decision costs instead of analytic MACs (a latency target's table, whose
+        ``macs(graph, widths)`` predicts latency in MACs of the unpruned model); None: MACs."""
         if min_keep < 1:
             raise PrunekitError(f"min_keep must be >= 1, got {min_keep}")
         if round_to is not None and round_to < 1:
@@ -67,6 +70,7 @@ class PruneGraph(Costs, Surgery):
         self.example_inputs = example_inputs
         self.min_keep = min_keep
         self.round_to = round_to
+        self.cost_model = cost_model
         self.names = {m: n for n, m in model.named_modules()}
         self.ignored = [self._resolve(x) for x in (ignored_layers or [])]
         self.protected: dict[str, str] = {}  # layer name -> why its widths stay (beyond the output heads)

@@ -231,7 +231,7 @@ def auto_mend(model: nn.Module, ctx: Context, *, speedup: float | None, ignored_
     calib = ctx.batches(calibration_batches, "data", NAME)
     val = ctx.batches(val_batches or sys.maxsize, "val", NAME)
     metric = ctx.task.metric  # candidates are scored by the task's metric (top-1, mAP50-95)
-    pg = PruneGraph(model, ctx.example_inputs, ignored_layers=ignored_layers, min_keep=min_keep, round_to=round_to)
+    pg = ctx.graph(model, ignored_layers=ignored_layers, min_keep=min_keep, round_to=round_to)
     before = cost(model, pg.base_macs)
     speedup = speedup or 1.0
 

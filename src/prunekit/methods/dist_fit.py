@@ -19,7 +19,6 @@ from __future__ import annotations
 from torch import nn
 
 from .. import criteria, thresholds
-from ..graph import PruneGraph
 from . import STRUCTURED_OPTIONS, Context, Option, PruneResult, cost, register
 
 
@@ -44,7 +43,7 @@ def _figures(info: dict) -> list[tuple[str, bytes]]:
                           minimum=0)))
 def dist_fit(model: nn.Module, ctx: Context, *, speedup: float | None, ignored_layers: list | None,
              min_keep: int, round_to: int | None, tol: float) -> PruneResult:
-    pg = PruneGraph(model, ctx.example_inputs, ignored_layers=ignored_layers, min_keep=min_keep, round_to=round_to)
+    pg = ctx.graph(model, ignored_layers=ignored_layers, min_keep=min_keep, round_to=round_to)
     before = cost(model, pg.base_macs)
     keep = thresholds.local_keep_for_speedup(pg, speedup or 1.0)
     remove: dict[int, list[int]] = {}

@@ -169,7 +169,7 @@ def _checked(model: nn.Module, backup: nn.Module, ctx: Context, m: Method, targe
     if after != shapes:
         raise PrunekitError(f"method {m.name!r} changed the model's output shapes ({_shapes(shapes)} -> "
                             f"{_shapes(after)}); pass the layers producing them in ignored_layers")
-    if m.kind == "structured" and target.get("speedup") and m.own_cut(opts) is None and lat.current() is None:
+    if m.kind == "structured" and target.get("speedup") and m.own_cut(opts) is None and ctx.cost_model is None:
         achieved = count_macs(backup, x) / max(count_macs(result.model, x), 1)
         if abs(achieved - target["speedup"]) > TOLERANCE * target["speedup"]:
             raise PrunekitError(

@@ -305,7 +305,7 @@ def imp_sim(model: nn.Module, ctx: Context, *, speedup: float | None, ignored_la
     if round_to is not None and stage1_share != 1:
         raise PrunekitError("imp-sim: stage 2 merges single channels, so round_to works only with stage1_share=1")
     speedup = speedup or 1.0
-    pg = PruneGraph(model, ctx.example_inputs, ignored_layers=ignored_layers, min_keep=min_keep, round_to=round_to)
+    pg = ctx.graph(model, ignored_layers=ignored_layers, min_keep=min_keep, round_to=round_to)
     before = cost(model, pg.base_macs)
     gamma = {g.index: s for g in pg.groups if (s := criteria.scores(g, "net-slim")) is not None}
     if stage1_share == "auto":

@@ -128,7 +128,8 @@ class Context:
     ``data`` yields ``(inputs, targets)`` batches of the training split (calibration, statistics);
     ``val`` is a held-out split of the *training* data for scoring decisions; ``evaluate(model, batches)``
     returns the task's metrics (``task.metric`` among them, e.g. ``top1``). Any of them may be missing
-    for methods that need no data; ``require`` turns that into one clear error.
+    for methods that need no data; ``require`` turns that into one clear error. ``cost_model``: what a keep
+    decision costs in place of MACs (a latency target's table); methods see it only through ``graph``.
     """
 
     example_inputs: torch.Tensor
@@ -136,6 +137,13 @@ class Context:
     val: Batches | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     task: Task = field(default_factory=lambda: tasks.get(tasks.DEFAULT))
+    cost_model: Any = None
+
+    def graph(self, model: nn.Module, **options: Any) -> Any:
+        """``model``'s PruneGraph on the example inputs, its budgets counted in this context's currency."""
+        from ..graph import PruneGraph
+
+        return PruneGraph(model, self.example_inputs, cost_model=self.cost_model, **options)
 
     def evaluate(self, model: nn.Module, batches: Batches | None = None) -> dict[str, float]:
         """The task's metrics of ``model`` on ``batches`` (default: the validation split)."""

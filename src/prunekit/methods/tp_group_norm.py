@@ -24,7 +24,7 @@ from torch import nn
 from ..graph import PruneGraph
 from ..measure import hooked
 from . import STRUCTURED_OPTIONS, Context, Option, PruneResult, register
-from .baselines import RANKING, structured_prune
+from .structured import RANKING, structured_prune
 
 REGULARIZER_OPTIONS = (
     Option("reg", (int, float), 5e-4, "group-sparsity strength (Torch-Pruning's reg)", minimum=0),
@@ -55,5 +55,5 @@ def group_sparsity(model: nn.Module, settings: dict, total_steps: int, example_i
           options=(*STRUCTURED_OPTIONS, replace(RANKING, default="global")),
           regularizer=group_sparsity, regularizer_options=REGULARIZER_OPTIONS)
 def tp_group_norm(model: nn.Module, ctx: Context, *, speedup: float | None, **opts: Any) -> PruneResult:
-    return structured_prune(model, ctx.example_inputs, method="tp-group-norm", criterion="group-norm",
+    return structured_prune(model, ctx, method="tp-group-norm", criterion="group-norm",
                             speedup=speedup or 1.0, **opts)

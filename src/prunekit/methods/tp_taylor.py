@@ -19,7 +19,7 @@ from torch import nn
 
 from ..measure import hooked
 from . import STRUCTURED_OPTIONS, Context, Option, PruneResult, register
-from .baselines import RANKING, structured_prune
+from .structured import RANKING, structured_prune
 
 BATCHES = Option("batches", int, 10, "calibration batches whose loss gradients the Taylor scores accumulate",
                  minimum=1)
@@ -39,7 +39,7 @@ def tp_taylor(model: nn.Module, ctx: Context, *, speedup: float | None, batches:
         for p in model.parameters():  # a parameter the loss does not reach (e.g. a pad shortcut's) scores 0
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        result = structured_prune(model, ctx.example_inputs, method="tp-taylor", criterion="taylor",
+        result = structured_prune(model, ctx, method="tp-taylor", criterion="taylor",
                                   speedup=speedup or 1.0, **opts)
     finally:
         for p in model.parameters():

@@ -10,6 +10,7 @@ only when pruning as far as the method goes is still too slow, or after eight ti
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -103,6 +104,7 @@ def search(model: nn.Module, backup: nn.Module, ctx: Any, m: Any, target: dict, 
     setting = {k: target[k] for k in ("runtime", "batch", "threads")}
     where = f"{setting['runtime']} (batch {setting['batch']}, {setting['threads']} threads)"
     table = lat.table(backup, ctx.example_inputs, **setting)
+    priced = dataclasses.replace(ctx, cost_model=table)  # every keep decision costs its predicted latency
     known: dict[tuple, list[dict]] = {}  # keep map -> its timings
     reached: dict[tuple, tuple] = {}  # keep map measured above the target -> (ask, pruned copy, result)
     note = None
@@ -112,8 +114,7 @@ def search(model: nn.Module, backup: nn.Module, ctx: Any, m: Any, target: dict, 
     while True:
         trial = copy.deepcopy(backup)
         try:
-            with lat.active(table):
-                result = checked(trial, backup, ctx, m, {"speedup": ask}, opts, shapes)
+            result = checked(trial, backup, priced, m, {"speedup": ask}, opts, shapes)
         except PrunekitError as exc:
             reachable = getattr(exc, "reachable", None)
             if reachable is None or at_most:
