@@ -232,7 +232,7 @@ def test_a_first_prune_that_removes_nothing_stops_the_run_with_the_reason(tmp_pa
 def test_a_run_whose_folder_is_removed_mid_run_stops_instead_of_recreating_it(tmp_path, monkeypatch):
     import shutil
 
-    from prunekit import classify
+    from prunekit.tasks import classify
 
     cfg = _cfg(tmp_path, stages=[{"stage": "train", "epochs": 1, "lr": 0.05}])
     real_fit = classify.fit
@@ -251,7 +251,7 @@ def test_a_run_whose_folder_is_removed_mid_run_stops_instead_of_recreating_it(tm
 def test_a_run_resumed_after_its_prune_reports_the_pruned_model_before_fine_tuning(tmp_path, monkeypatch):
     """'pruned' is the test metric straight after pruning, also when the prune stage was finished by an earlier
     process (the fine-tune must not train the model that 'pruned' is measured on)."""
-    from prunekit import classify
+    from prunekit.tasks import classify
     from prunekit.train import evaluate
 
     cfg = _cfg(tmp_path)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import distill, io, methods, models, pipeline, runtimes, tasks
+from .. import targets as T
 from ..errors import PrunekitError
 from ..runtimes.ort_int8 import CALIBRATION_METHODS
 
@@ -59,11 +60,7 @@ def _pipeline_target(t: float | str | dict) -> dict:
 
 
 def _target_name(t: float | str | dict) -> str:
-    if isinstance(t, dict):  # a measured speedup: where it is timed is part of its name
-        t = _pipeline_target(t)
-        rt = runtimes.RUNTIMES[t["runtime"]].key if t["runtime"] in runtimes.RUNTIMES else t["runtime"]
-        return f"lat{float(t['latency']):g}x-{rt}-b{t['batch']}-t{t['threads']}"
-    return LEARNED if t == LEARNED else f"{float(t):g}x"
+    return T.name(_pipeline_target(t))
 
 
 def _entries(cfg: dict) -> list[dict]:
@@ -100,14 +97,11 @@ def _entries(cfg: dict) -> list[dict]:
         targets = e.get("targets", cfg["targets"])
         _check_targets(targets, f"{where}.targets" if "targets" in e else "targets")
         for t in targets:
-            if t == LEARNED and m.kind != "adaptive":
+            try:
+                T.check_kind(m, _pipeline_target(t))  # its value is checked with the cell's pipeline config
+            except T.TargetError as exc:
                 raise _err(f"{where}.targets" if "targets" in e else "targets",
-                           f"'learned' is for methods that choose their own cut (adaptive-slim); {m.name} needs a "
-                           "speedup: give this entry its own targets")
-            if isinstance(t, dict) and m.kind != "structured":
-                raise _err(f"{where}.targets" if "targets" in e else "targets",
-                           f"a latency target needs a method that removes channels to a target; {m.name} is "
-                           f"{m.kind}: give this entry its own targets")
+                           f"{exc.reason}: give this entry its own targets") from exc
         sparsify = e.get("sparsify", True)
         if sparsify is not False and m.regularizer is None and isinstance(sparsify, dict):
             raise _err(f"{where}.sparsify", f"{m.name} declares no sparsity regulariser")

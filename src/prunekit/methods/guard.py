@@ -12,8 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import latency as lat
-from .. import tasks
+from .. import targets, tasks
 from ..errors import PrunekitError
 from ..graph import flat_tensors, run_checked
 from ..measure import count_macs, hooked
@@ -21,14 +20,6 @@ from ..targets import latency as latency_target
 from ..thresholds import TOLERANCE
 from ..train import adapt_bn
 from .registry import BN_RECALIBRATE, Batches, Context, Method, PruneResult, get
-
-
-def _number(name: str, value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise PrunekitError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
 
 
 def _as_batches(data: Any) -> Batches | None:
@@ -62,20 +53,10 @@ def prune(model: nn.Module, method: str, example_inputs: torch.Tensor | None = N
     """
     m = get(method)
     opts = m.check_options(options)
-    speedup, sparsity = _number("speedup", speedup), _number("sparsity", sparsity)
-    latency = _number("latency", latency)
-    if latency is not None:
-        _check_latency(m, opts, latency, speedup, runtime, batch, threads)
-    m.check_target(opts, {k for k, v in (("speedup", speedup), ("sparsity", sparsity), ("latency", latency))
-                          if v is not None})
-    if speedup is not None and m.kind == "unstructured":
-        raise PrunekitError(f"method {method!r} is unstructured: give sparsity, not speedup")
-    if sparsity is not None and m.kind != "unstructured":
-        raise PrunekitError(f"method {method!r} removes channels: give speedup, not sparsity")
-    if speedup is not None and speedup < 1.0:
-        raise PrunekitError(f"speedup must be >= 1.0 (base MACs / pruned MACs), got {speedup:g}")
-    if sparsity is not None and not 0.0 <= sparsity < 1.0:
-        raise PrunekitError(f"sparsity must be in [0, 1), got {sparsity:g}")
+    given = {k: v for k, v in (("speedup", speedup), ("sparsity", sparsity), ("latency", latency)) if v is not None}
+    targets.check(m, given | ({"runtime": runtime, "batch": batch, "threads": threads} if latency is not None else {}))
+    m.check_target(opts, set(given))
+    speedup, sparsity, latency = (None if v is None else float(v) for v in (speedup, sparsity, latency))
     params = list(model.parameters()) if isinstance(model, nn.Module) else []
     if not params:
         raise PrunekitError("model must be an nn.Module with parameters")
@@ -110,20 +91,6 @@ def prune(model: nn.Module, method: str, example_inputs: torch.Tensor | None = N
     if latency is not None:
         target = {"latency": latency, "runtime": runtime, "batch": batch, "threads": threads}
     return _all_or_nothing(model, ctx, m, target, opts)
-
-
-def _check_latency(m: Method, opts: dict, latency: float, speedup: float | None, runtime: Any, batch: Any,
-                   threads: Any) -> None:
-    """One PrunekitError for a latency target that cannot be pruned to, before anything runs."""
-    if speedup is not None:
-        raise PrunekitError("give latency (a measured speedup) or speedup (a MACs ratio), not both")
-    if m.kind != "structured":
-        raise PrunekitError(f"method {m.name!r} is {m.kind}: a latency target needs a method that removes channels "
-                            "to a target (see `prunekit methods`)")
-    if not math.isfinite(latency) or latency <= 1.0:
-        raise PrunekitError(f"latency must be a finite number > 1 (base time / pruned time, measured), got "
-                            f"{latency:g}")
-    lat.check_setting(runtime, batch, threads)
 
 
 def _all_or_nothing(model: nn.Module, ctx: Context, m: Method, target: dict, opts: dict) -> PruneResult:

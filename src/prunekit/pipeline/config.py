@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .. import distill, io, methods, models, tasks
+from .. import distill, io, methods, models, targets, tasks
 from ..errors import PrunekitError
 from ..errors import config_error as _err
 from ..tasks import Task
@@ -24,9 +24,8 @@ MODEL_KEYS = {"name": str, "checkpoint": str, "num_classes": int, "kwargs": dict
 DATA_KEYS = {"name": str, "root": str, "limit": int, "image_size": int, "batch_size": int, "download": bool,
              "val_fraction": float, "calibration_batches": int, "split_seed": int}
 METHOD_KEYS = {"name": str, "params": dict}
-TARGET_KEYS = {"speedup": (int, float), "sparsity": (int, float), "learned": bool, "schedule": list,
-               "latency": (int, float), "runtime": str, "batch": int, "threads": int}
-LATENCY_KEYS = ("latency", "runtime", "batch", "threads")  # a measured-speedup target and where it is timed
+TARGET_KEYS = {k: typ for t in targets.TARGETS.values() for k, typ in t.types.items()}
+LATENCY_KEYS = ("latency", *targets.TARGETS["latency"].settings)  # a measured speedup and where it is timed
 CYCLE_KEYS = {"stage", "stages", "max_cycles", "stop_below", "tolerance"}
 REST = "rest"  # `epochs: rest` = what the run's `budget` has left
 
@@ -149,42 +148,20 @@ def _check_teachers(stages: list) -> None:
             visit(st, f"stages[{i}]")
 
 
+def _target_error(exc: targets.TargetError) -> PrunekitError:
+    return _err(f"target.{exc.key}" if exc.key else "target", exc.reason)
+
+
 def _check_target(method: methods.Method, params: dict, tgt: dict) -> None:
-    """The target a prune stage gives must be the kind the method takes."""
-    if "latency" in tgt and method.kind != "structured":
-        raise _err("target.latency", f"method {method.name} is {method.kind}: a latency target needs a method "
-                                     "that removes channels to a target")
-    if method.kind == "unstructured":
-        if "speedup" in tgt:
-            raise _err("target.speedup", f"method {method.name} is unstructured: give target.sparsity or schedule")
-    elif "sparsity" in tgt or "schedule" in tgt:
-        raise _err("target", f"method {method.name} removes channels: give target.speedup, not sparsity")
+    """The target a prune stage gives must be the kind the method takes (``prunekit.targets``)."""
+    try:
+        targets.check(method, tgt)
+    except targets.TargetError as exc:
+        raise _target_error(exc) from exc
     try:
         method.check_target(params, set(tgt))
     except PrunekitError as exc:
         raise _err("target", str(exc)) from exc
-
-
-def _check_latency_target(tgt: dict) -> None:
-    """``target: {latency: 2.0, runtime: onnxruntime, batch: 64, threads: 2}``: a speedup measured on a runtime."""
-    from ..latency import check_setting
-
-    if tgt.get("latency") is None:
-        if set(LATENCY_KEYS[1:]) & set(tgt):
-            raise _err("target", "runtime, batch and threads say where a latency target is timed: add target.latency")
-        return
-    if "speedup" in tgt:
-        raise _err("target", "give latency (a measured speedup) or speedup (a MACs ratio), not both")
-    if not math.isfinite(tgt["latency"]) or tgt["latency"] <= 1:
-        raise _err("target.latency", f"must be a finite number > 1 (base time / pruned time, measured), got "
-                   f"{tgt['latency']}")
-    for key in ("batch", "threads"):
-        if key in tgt and tgt[key] < 1:
-            raise _err(f"target.{key}", f"must be >= 1, got {tgt[key]}")
-    try:
-        check_setting(tgt.get("runtime", "eager"), 1, 1)
-    except PrunekitError as exc:
-        raise _err("target.runtime", str(exc)) from exc
 
 
 def load_config(path: str | Path) -> dict:
@@ -238,16 +215,10 @@ def validate(cfg: Any) -> dict:
     _check_keys(cfg["method"], METHOD_KEYS, "method")
     cfg.setdefault("target", {})
     _check_keys(cfg["target"], TARGET_KEYS, "target")
-    if sum(k in cfg["target"] for k in ("speedup", "sparsity")) > 1:
-        raise _err("target", "give one of speedup or sparsity")
-    if "speedup" in cfg["target"] and cfg["target"]["speedup"] < 1:
-        raise _err("target.speedup", f"must be >= 1, got {cfg['target']['speedup']}")
-    _check_latency_target(cfg["target"])
-    if "sparsity" in cfg["target"] and not 0 <= cfg["target"]["sparsity"] < 1:
-        raise _err("target.sparsity", f"must be in [0, 1), got {cfg['target']['sparsity']}")
-    sched = cfg["target"].get("schedule", [])
-    if any(not isinstance(v, int | float) or not 0 <= v < 1 for v in sched) or sched != sorted(sched):
-        raise _err("target.schedule", f"must be increasing sparsities in [0, 1) (one per cycle), got {sched!r}")
+    try:
+        targets.check_values(cfg["target"])
+    except targets.TargetError as exc:
+        raise _target_error(exc) from exc
     vf = cfg["data"].get("val_fraction")
     if vf is not None and (isinstance(vf, bool) or not isinstance(vf, int | float) or not 0 < vf < 1):
         raise _err("data.val_fraction", f"must be a fraction in (0, 1) of the training data, got {vf!r}")

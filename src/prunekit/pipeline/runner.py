@@ -161,10 +161,10 @@ class Run:
                 self._finish(sdir, model, {**record, "shared": key})
                 return model
         model, metric = self.task.train_stage(
-            model, stage, self.data, kind=stage["stage"], epochs=epochs, sdir=sdir, regularizer=regularizer,
-            keep_zeros=self.method is not None and self.method.keeps_zeros,
-            teacher=self._teacher(stage) if "distill" in stage else None, seed=self.cfg["seed"], device=self.dev,
-            log=self.log, desc=name)
+            model, stage, self.data, kind=stage["stage"], epochs=epochs, sdir=sdir,
+            aids=tasks.Aids(regularizer, self.method is not None and self.method.keeps_zeros,
+                            self._teacher(stage) if "distill" in stage else None),
+            seed=self.cfg["seed"], device=self.dev, log=self.log, desc=name)
         if stage["stage"] != "train":
             self.spent += epochs
         record = {"stage": name, "metric": metric, "epochs": epochs}

@@ -1,2 +1,57 @@
-"""Targets: what a prune aims at, one module per kind that needs more than a number (``latency``: a measured
-speedup, found by a search over prunes)."""
+"""Targets: what a prune aims at. Each kind is one module declaring a ``Target``: the config key, the method
+kinds that take it, the check of its value and the name of its compare cell. ``methods.prune``, the pipeline
+and compare check a target only through ``check`` here, so a new kind is one module and its row below."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import latency, learned, sparsity, speedup
+from .base import Target, TargetError
+
+TARGETS: dict[str, Target] = {t.key: t for t in (speedup.TARGET, sparsity.TARGET, sparsity.SCHEDULE, learned.TARGET,
+                                                 latency.TARGET)}
+SETTINGS = {s: t for t in TARGETS.values() for s in t.settings}  # keys that say where a target is measured
+
+__all__ = ["SETTINGS", "TARGETS", "Target", "TargetError", "check", "check_kind", "check_values", "given",
+           "name"]
+
+
+def given(target: dict) -> list[Target]:
+    """The kinds a target mapping gives (a key set to null or false gives none)."""
+    return [t for k, t in TARGETS.items() if target.get(k) is not None and target.get(k) is not False]
+
+
+def check_values(target: dict) -> None:
+    """Each given target's value and settings, and that no two exclude each other; one ``TargetError``."""
+    given_ = given(target)
+    for s, t in SETTINGS.items():
+        if s in target and t not in given_:
+            raise TargetError(None, f"{', '.join(t.settings[:-1])} and {t.settings[-1]} say where a {t.key} target "
+                                    f"is timed: add target.{t.key}")
+    for t in given_:
+        for other, why in t.excludes.items():
+            if target.get(other) is not None:
+                raise TargetError(None, why)
+        problem = t.check(target[t.key])
+        if problem:
+            raise TargetError(t.key, problem)
+        t.check_settings(target)
+
+
+def check(method: Any, target: dict) -> None:
+    """``check_values``, then ``check_kind``: one ``TargetError`` for any target ``method`` cannot prune to."""
+    check_values(target)
+    check_kind(method, target)
+
+
+def check_kind(method: Any, target: dict) -> None:
+    """That ``method`` (a ``methods.Method``) is of a kind each given target takes."""
+    for t in given(target):
+        if method.kind not in t.kinds:
+            raise TargetError(t.key, f"method {method.name!r} is {method.kind}: {t.refusal}")
+
+
+def name(target: dict) -> str:
+    """The compare cell name of a (checked) target: the first given kind names it."""
+    return given(target)[0].name(target)

@@ -19,7 +19,9 @@ import torch
 from torch import nn
 
 from .. import latency as lat
+from .. import runtimes
 from ..errors import PrunekitError
+from .base import Target, TargetError, number
 
 LATENCY_TOLERANCE = 0.05  # a latency target is met when the measured median lies within 5 % of it
 LATENCY_TRIES = 8  # timings (a landing one and its second count two) before the search gives up
@@ -165,3 +167,34 @@ def search(model: nn.Module, backup: nn.Module, ctx: Any, m: Any, target: dict, 
     model.__dict__.update(trial.__dict__)  # the winning copy's modules, in the caller's model
     result.model = model
     return result
+
+
+def _check(value: Any) -> str | None:
+    if not number(value) or not math.isfinite(value) or value <= 1:
+        return f"must be a finite number > 1 (base time / pruned time, measured), got {value!r}"
+    return None
+
+
+def _check_settings(target: dict) -> None:
+    """Where it is timed: a runtime installed here, a batch and a thread count >= 1."""
+    for key in ("batch", "threads"):
+        value = target.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise TargetError(key, f"must be a positive integer, got {value!r}")
+    try:
+        lat.check_setting(target.get("runtime", "eager"), 1, 1)
+    except PrunekitError as exc:
+        raise TargetError("runtime", str(exc)) from exc
+
+
+def _name(target: dict) -> str:
+    """Where it is timed is part of its name: ``lat2x-ort-b1-t2``."""
+    rt = target.get("runtime", "eager")
+    rt = runtimes.RUNTIMES[rt].key if rt in runtimes.RUNTIMES else rt
+    return f"lat{float(target['latency']):g}x-{rt}-b{target.get('batch', 64)}-t{target.get('threads', 2)}"
+
+
+TARGET = Target("latency", {"latency": (int, float), "runtime": str, "batch": int, "threads": int}, ("structured",),
+                "a latency target needs a method that removes channels to a target", _check, _name,
+                check_settings=_check_settings,
+                excludes={"speedup": "give latency (a measured speedup) or speedup (a MACs ratio), not both"})

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +22,8 @@ from torch import nn
 
 from .. import distill, io, models
 from ..errors import PrunekitError, config_error
-from ..masks import Masks
 from ..measure import hooked
-from ..tasks import Task, TaskData
+from ..tasks import Aids, Task, TaskData
 from . import data as ydata
 from . import export_mode, input_size, quiet, ultralytics
 
@@ -214,8 +213,7 @@ class Detection(Task):
         return stage.get("epochs", DEFAULT_EPOCHS)
 
     def train_stage(self, model: nn.Module, stage: dict, data: TaskData, *, kind: str, epochs: int, sdir: Path,
-                    regularizer: Callable[[nn.Module, int], Any] | None, keep_zeros: bool,
-                    teacher: tuple[nn.Module, dict] | None, seed: int, device: torch.device, log: Path,
+                    aids: Aids, seed: int, device: torch.device, log: Path,
                     desc: str) -> tuple[nn.Module, float | None]:
         """Ultralytics' trainer; a sparsify stage keeps its last epoch (its best is its least sparse), others
         their best on val."""
@@ -225,23 +223,17 @@ class Detection(Task):
             return model, None
         batch = stage.get("batch_size", data.batch_size)
         steps = max(1, epochs * -(-data.sizes["train"] // batch))
-        hook = regularizer(model, steps) if regularizer is not None else None
         kd = None
-        if teacher is not None:
-            net, spec = teacher
+        if aids.teacher is not None:
+            net, spec = aids.teacher
             check_teacher(net, model, data.x, f"{desc}.distill")
             kd = (net, spec["alpha"], spec["temperature"])
-        masks = Masks.from_zeros(model) if keep_zeros else None  # unstructured: zeros stay zero in training
-        if masks is not None:
-            masks.attach(model)  # no gradient reaches a zero, so no optimiser step or EMA update revives it
-        try:
+        with aids.zeros_kept(model) as masks:
             metrics = train(model, data.train, epochs=epochs, imgsz=data.x.shape[-1], batch=batch,
-                            device=_ul_device(device), project=sdir, name="ultralytics", after_backward=hook,
-                            resume=True, distill=kd, keep="last" if kind == "sparsify" else "best",
-                            seed=stage.get("seed", seed), log_path=log, **stage.get("ultralytics", {}))
-        finally:
-            if masks is not None:
-                masks.detach()
+                            device=_ul_device(device), project=sdir, name="ultralytics",
+                            after_backward=aids.hook(model, steps), resume=True, distill=kd,
+                            keep="last" if kind == "sparsify" else "best", seed=stage.get("seed", seed),
+                            log_path=log, **stage.get("ultralytics", {}))
         if masks is not None:
             masks.apply(model)  # and the weights kept (best or last epoch's EMA) hold exactly those zeros
         metric = metrics.get("metrics/mAP50-95(B)")

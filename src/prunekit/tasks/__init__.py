@@ -14,7 +14,7 @@ Ultralytics' task map gives each task its model, trainer and validator). A task 
   the report adds (rows, figures);
 - its CLI commands on a model file (``cli_*``).
 
-Classification (``prunekit.classify``) and detection (``prunekit.yolo.task``) are the two entries of
+Classification (``prunekit.tasks.classify``) and detection (``prunekit.yolo.task``) are the two entries of
 ``TASKS``; a task is imported when first asked for, so an optional extra's task costs nothing until
 used. Adding a task is one module with a ``TASK`` object and one line in ``TASKS``.
 """
@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import PrunekitError
+from ..errors import PrunekitError
 
-TASKS = {"classify": "prunekit.classify", "detect": "prunekit.yolo.task"}  # name -> module holding TASK
+TASKS = {"classify": "prunekit.tasks.classify", "detect": "prunekit.yolo.task"}  # name -> module holding TASK
 DEFAULT = "classify"  # the task of any model no other task claims
 
 
@@ -52,6 +52,36 @@ class TaskData:
     source: Any = None  # the task's own handle on the data set
     info: dict = field(default_factory=dict)  # extra metrics.json keys (e.g. the data yaml a report reads)
     files: dict[str, Path] = field(default_factory=dict)  # files the run folder keeps a copy of (made split lists)
+
+
+@dataclass
+class Aids:
+    """What a pipeline wraps around any task's trainer, written once: the method's sparsity regulariser (a hook
+    after each backward pass), the masks that keep an unstructured prune's zeros at zero, and the teacher of
+    a distilled stage (``(model, distill settings)``; each task builds its own loss from it)."""
+
+    regularizer: Callable[[nn.Module, int], Any] | None = None
+    keep_zeros: bool = False
+    teacher: tuple[nn.Module, dict] | None = None
+
+    def hook(self, model: nn.Module, steps: int) -> Any:
+        """The regulariser's hook for a stage of ``steps`` optimiser steps, or None."""
+        return self.regularizer(model, max(1, steps)) if self.regularizer is not None else None
+
+    @contextlib.contextmanager
+    def zeros_kept(self, model: nn.Module) -> Iterator[Any]:
+        """Inside, no gradient reaches a zero of ``model`` (so no optimiser step or EMA revives it); yields the
+        masks (None when zeros need not stay), detached on the way out."""
+        from ..masks import Masks
+
+        masks = Masks.from_zeros(model) if self.keep_zeros else None
+        if masks is not None:
+            masks.attach(model)
+        try:
+            yield masks
+        finally:
+            if masks is not None:
+                masks.detach()
 
 
 class Task:
@@ -126,14 +156,10 @@ class Task:
         raise NotImplementedError
 
     def train_stage(self, model: nn.Module, stage: dict, data: TaskData, *, kind: str, epochs: int, sdir: Path,
-                    regularizer: Callable[[nn.Module, int], Any] | None, keep_zeros: bool,
-                    teacher: tuple[nn.Module, dict] | None, seed: int, device: torch.device, log: Path,
+                    aids: Aids, seed: int, device: torch.device, log: Path,
                     desc: str) -> tuple[nn.Module, float | None]:
-        """Train ``model`` for ``epochs`` (resuming in ``sdir``); returns it and the metric of what it keeps.
-
-        ``regularizer(model, steps)`` makes the sparsify stage's hook for the optimiser steps the stage
-        takes; ``keep_zeros``: zeros stay zero (unstructured pruning); ``teacher``: (model, distill settings).
-        """
+        """Train ``model`` for ``epochs`` (resuming in ``sdir``) with ``aids`` around the task's trainer;
+        returns it and the metric of what it keeps."""
         raise NotImplementedError
 
     def report_figures(self, run: dict) -> list[tuple[str, bytes | None, str | None]]:

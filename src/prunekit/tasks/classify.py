@@ -8,23 +8,21 @@ touched only for the final table.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from . import data as pkdata
-from . import distill, models
-from .errors import PrunekitError, config_error
-from .masks import Masks
-from .measure import hooked
-from .tasks import Task, TaskData
-from .train import TrainConfig, dist_info, fit, total_steps
+from .. import data as pkdata
+from .. import distill, models
+from ..errors import PrunekitError, config_error
+from ..measure import hooked
+from ..train import TrainConfig, dist_info, fit, total_steps
+from . import Aids, Task, TaskData
 
 VAL_FRACTION = 0.1
 
@@ -121,28 +119,22 @@ class Classification(Task):
         return stage.get("epochs", TrainConfig.epochs)
 
     def train_stage(self, model: nn.Module, stage: dict, data: TaskData, *, kind: str, epochs: int, sdir: Path,
-                    regularizer: Callable[[nn.Module, int], Any] | None, keep_zeros: bool,
-                    teacher: tuple[nn.Module, dict] | None, seed: int, device: torch.device, log: Path,
+                    aids: Aids, seed: int, device: torch.device, log: Path,
                     desc: str) -> tuple[nn.Module, float | None]:
         settings = {k: v for k, v in stage.items() if k in self.train_keys} | {"epochs": epochs}
         settings.setdefault("batch_size", data.batch_size)
         settings.setdefault("seed", seed)
         cfg = TrainConfig.from_dict(settings)
-        hook = regularizer(model, max(1, total_steps(cfg.epochs, len(data.train)))) if regularizer is not None else None
-        masks = None
-        if keep_zeros:  # unstructured: zeros stay zero in training
-            masks = Masks.from_zeros(model.to(device))
-            masks.attach(model)
+        hook = aids.hook(model, total_steps(cfg.epochs, len(data.train)))
         distiller = None
-        if teacher is not None:
-            net, spec = teacher
+        if aids.teacher is not None:
+            net, spec = aids.teacher
             distiller = distill.Distiller(net, spec["alpha"], spec["temperature"]).to(device)
             distiller.check_against(model.to(device), data.x.to(device), f"{desc}.distill")
-        model, res = fit(model, data.train, data.val, cfg, device=device, run_dir=sdir, resume=True, desc=desc,
-                         log_path=log, after_backward=hook, task=self,
-                         after_step=masks.after_step if masks is not None else None, distill=distiller)
-        if masks is not None:
-            masks.detach()
+        with aids.zeros_kept(model.to(device)) as masks:  # and re-applied after each optimiser step
+            model, res = fit(model, data.train, data.val, cfg, device=device, run_dir=sdir, resume=True, desc=desc,
+                             log_path=log, after_backward=hook, task=self,
+                             after_step=masks.after_step if masks is not None else None, distill=distiller)
         return model, res.final.get(f"val_{self.metric}")
 
 

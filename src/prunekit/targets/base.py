@@ -1,0 +1,46 @@
+"""What every target kind declares (``Target``) and the one error a bad target raises (``TargetError``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import PrunekitError
+
+
+class TargetError(PrunekitError):
+    """A target that cannot be pruned to; ``key`` names it (None: the target as a whole), ``reason`` says why,
+    so the API says ``"<key> <reason>"`` and a config ``config error: target.<key>: <reason>``."""
+
+    def __init__(self, key: str | None, reason: str):
+        self.key, self.reason = key, reason
+        super().__init__(f"{key} {reason}" if key and reason.startswith("must") else reason)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A kind of target. ``types``: its config keys (itself and its settings) and their YAML types;
+    ``check(value)`` returns the problem with a value ("must be ...") or None;
+    ``kinds``: the method kinds that take it, ``refusal`` what a method of another kind is told; ``settings``:
+    the keys saying where it is measured, checked by ``check_settings``; ``excludes``: keys it cannot be given
+    with, and why; ``name(target)``: its compare cell name."""
+
+    key: str
+    types: dict[str, type | tuple[type, ...]]
+    kinds: tuple[str, ...]
+    refusal: str
+    check: Callable[[Any], str | None]
+    name: Callable[[dict], str]
+    check_settings: Callable[[dict], None] = lambda target: None
+    excludes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def settings(self) -> tuple[str, ...]:
+        """The keys that say where it is measured (all its keys but itself)."""
+        return tuple(k for k in self.types if k != self.key)
+
+
+def number(value: Any) -> bool:
+    """An int or float that is not a bool (YAML's ``true`` is not a target)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
