@@ -153,9 +153,10 @@ def _target_error(exc: targets.TargetError) -> PrunekitError:
 
 
 def _check_target(method: methods.Method, params: dict, tgt: dict) -> None:
-    """The target a prune stage gives must be the kind the method takes (``prunekit.targets``)."""
+    """The target a prune stage gives must be the kind the method takes (``prunekit.targets``; its values were
+    checked with the config's ``target``)."""
     try:
-        targets.check(method, tgt)
+        targets.check_kind(method, tgt)
     except targets.TargetError as exc:
         raise _target_error(exc) from exc
     try:

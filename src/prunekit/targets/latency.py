@@ -188,10 +188,9 @@ def _check_settings(target: dict) -> None:
 
 
 def _name(target: dict) -> str:
-    """Where it is timed is part of its name: ``lat2x-ort-b1-t2``."""
-    rt = target.get("runtime", "eager")
-    rt = runtimes.RUNTIMES[rt].key if rt in runtimes.RUNTIMES else rt
-    return f"lat{float(target['latency']):g}x-{rt}-b{target.get('batch', 64)}-t{target.get('threads', 2)}"
+    """Where it is timed is part of its name (``lat2x-ort-b1-t2``): a target with its settings filled in."""
+    rt = runtimes.RUNTIMES[target["runtime"]].key if target["runtime"] in runtimes.RUNTIMES else target["runtime"]
+    return f"lat{float(target['latency']):g}x-{rt}-b{target['batch']}-t{target['threads']}"
 
 
 TARGET = Target("latency", {"latency": (int, float), "runtime": str, "batch": int, "threads": int}, ("structured",),
