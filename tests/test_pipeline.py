@@ -271,3 +271,22 @@ def test_a_run_resumed_after_its_prune_reports_the_pruned_model_before_fine_tuni
     pruned = pk.load(Path(cfg["out"]) / "stages" / "02-prune" / "model.pt")
     assert metrics["pruned"]["top1"] == pytest.approx(evaluate(pruned, bundle.eval_loader(bundle.test, 256))["top1"])
     assert metrics["pruned"]["top1"] != metrics["after"]["top1"]
+
+
+def test_a_run_kept_with_only_its_last_stage_models_is_measured_again(tmp_path):
+    """A finished run whose intermediate stage models were deleted (to save space) re-measures from the last
+    stage's model; a stage that still has to run from a removed model says so instead of a missing-file trace."""
+    cfg = _cfg(tmp_path)
+    first = run(cfg)
+    d = Path(cfg["out"])
+    (d / "stages/02-prune/model.pt").unlink()
+    (d / "metrics.json").unlink()  # measured again, as an unsigned metrics file would be
+    again = run(cfg)
+    assert again["after"]["top1"] == first["after"]["top1"]
+    assert again["after"]["macs"] == first["after"]["macs"]
+    assert "pruned" not in again  # not measurable any more: said by its absence, not invented
+
+    for p in ("stages/03-finetune/done.pt", "metrics.json"):
+        (d / p).unlink()
+    with pytest.raises(PrunekitError, match="02-prune/model.pt was removed and a stage still needs it; use --force"):
+        run(cfg)

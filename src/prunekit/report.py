@@ -82,7 +82,8 @@ def _channels_plot(run: dict) -> bytes | None:
     if not prunes:
         return None
     first = prunes[0]["prune"]["channels"]
-    final = io.load(prunes[-1]["dir"] / "model.pt")
+    path = prunes[-1]["dir"] / "model.pt"  # removed to save space: the final model has the same widths
+    final = io.load(path if path.exists() else run["dir"] / "after.pt")
     position = {n: i for i, n in enumerate(dict(final.named_modules()))}
     names = sorted(first, key=lambda n: position.get(n, len(position)))
     before = [first[n][0] for n in names]
@@ -181,12 +182,13 @@ def _stages_table(run: dict) -> tuple[list[str], list[list[str]]]:
     header = ["stage", "epochs", f"val {label}", "parameters", "MACs"]
     rows = []
     for st in run["stages"]:
-        model = io.load(st["dir"] / "model.pt")
+        path = st["dir"] / "model.pt"
+        model = io.load(path) if path.exists() else None  # a stage model removed to save space
         shape = (getattr(model, "prunekit_arch", None) or {}).get("input_shape")
         macs = count_macs(model, torch.zeros(1, *shape)) if shape else None
         metric = st.get("metric")
         rows.append([st["dir"].name, str(st.get("epochs", "–")), "–" if metric is None else f"{metric:.2f}",
-                     f"{count_params(model):,}", "–" if macs is None else f"{macs:,}"])
+                     "–" if model is None else f"{count_params(model):,}", "–" if macs is None else f"{macs:,}"])
     return header, rows
 
 

@@ -110,6 +110,27 @@ class Run:
             torch.distributed.barrier()
         return io.safe_load(sdir / "done.pt") if (sdir / "done.pt").exists() else None
 
+    def _resumed(self, sdir: Path) -> torch.nn.Module | None:
+        """A finished stage's model; None when its file was removed and the stage after it finished too: that
+        stage resumes from its own model, so a run kept with only its last stage models can still be measured
+        again (as a compare re-measures an older cell)."""
+        path = sdir / "model.pt"
+        if path.exists():
+            return io.load(path)
+        later = any((d / "done.pt").exists() for d in sdir.parent.glob(f"{self.stage_no + 1:02d}-*"))
+        if later and not sdir.name.endswith("-train"):  # a train stage's model is the base the table measures
+            return None
+        raise PrunekitError(f"{path} was removed and a stage still needs it; use --force to run the whole run "
+                            "again")
+
+    @staticmethod
+    def _input(model: torch.nn.Module | None, name: str) -> torch.nn.Module:
+        """The model a stage that has not run yet starts from (None only after a stage whose model was removed)."""
+        if model is None:
+            raise PrunekitError(f"{name}: the model it starts from (the previous stage's model.pt) was removed; "
+                                "use --force to run the whole run again")
+        return model
+
     def _metric(self, model: torch.nn.Module, split: str) -> float:
         """The task's metric on the run's ``val`` or ``test`` split."""
         return self.task.score(model, self.data, split, self.dev)
@@ -147,7 +168,8 @@ class Run:
         done = self._done(sdir)
         if done is not None:
             self.spent += done.get("epochs", epochs) if stage["stage"] != "train" else 0
-            return io.load(sdir / "model.pt")
+            return self._resumed(sdir)
+        model = self._input(model, name)
         regularizer = key = None
         if stage["stage"] == "sparsify":
             settings = self.method.check_regularizer_options(stage)
@@ -207,6 +229,9 @@ class Run:
         """The stage's distillation teacher (a copy of base or before, or a model file) and its settings."""
         spec = distill.check(stage["distill"])
         teacher = self.teachers.get(spec["teacher"])
+        if teacher is None and spec["teacher"] in self.teachers:
+            raise PrunekitError(f"the distillation teacher '{spec['teacher']}' (a stage's model.pt) was removed; "
+                                "use --force to run the whole run again")
         return (copy.deepcopy(teacher) if teacher is not None else io.load(spec["teacher"])), spec
 
     def _prune(self, model, name: str, cycle: int = 1) -> tuple[torch.nn.Module, dict]:
@@ -215,9 +240,9 @@ class Run:
             self.teachers["before"] = copy.deepcopy(model)
         done = self._done(sdir)
         if done is not None:  # the stages after it train their own copy: self.pruned stays as pruned
-            self.pruned = io.load(sdir / "model.pt")
+            self.pruned = self._resumed(sdir)  # None: not measured straight after pruning this time
             return copy.deepcopy(self.pruned), done
-        model = model.to(self.dev)
+        model = self._input(model, name).to(self.dev)
         tgt = self.cfg["target"]
         sparsity = tgt.get("sparsity")
         if tgt.get("schedule"):  # iterative pruning: cycle c prunes to the c-th level of the schedule
@@ -294,7 +319,7 @@ class Run:
         """Repeat the inner stages until a round removes < stop_below of MACs, the validation metric falls by
         more than ``tolerance`` points, ``max_cycles`` rounds ran, or (with a ``budget``) a round would leave
         no epoch of the budget for the stages after the cycle."""
-        start_metric = self._metric(model, "val")
+        start_metric = self._metric(self._input(model, "cycle"), "val")
         sign = 1 if self.task.higher_is_better else -1
         for c in range(1, int(st.get("max_cycles", 3)) + 1):
             if self.cfg.get("budget") is not None and self.cfg["budget"] - self.spent - self._cycle_epochs(st) < 1:
