@@ -111,9 +111,9 @@ def test_missing_data_or_val_and_misspelt_options_are_clear_errors(digits):
         pk.prune(copy.deepcopy(model), "auto-mend", speedup=2.0, data=calib)
     with pytest.raises(PrunekitError, match="no option candidats"):
         pk.prune(copy.deepcopy(model), "auto-mend", speedup=2.0, data=calib, val=val, candidats=5)
-    with pytest.raises(PrunekitError, match="search=.*not one of"):
+    with pytest.raises(PrunekitError, match="option search must be one of"):
         pk.prune(copy.deepcopy(model), "auto-mend", speedup=2.0, data=calib, val=val, search="grid")
-    with pytest.raises(PrunekitError, match=r"population=1 is outside \[2, inf\]"):
+    with pytest.raises(PrunekitError, match="option population must be >= 2, got 1"):
         _prune(digits, population=1)
 
 

@@ -107,6 +107,10 @@ def test_the_recommendation_says_when_no_method_leads():
     lines = compare.recommend({"rows": rows, "budget": 1})
     assert lines == ["Recommendation at 2x, budget 1 epochs: no method leads beyond the spread: use the cheapest, "
                      "b (10 s per cell; 2 rows level)"]
+    rows[1]["wall_s"] = None  # its cells ran before prunekit recorded stage times: no cheapest is named
+    assert compare.recommend({"rows": rows, "budget": 1}) == [
+        "Recommendation at 2x, budget 1 epochs: no method leads beyond the spread (2 rows level); the cheapest is "
+        "not known: no wall time for b"]
     rows[1]["metric_mean"] = 75.0
     compare._mark_best(rows)
     assert "use a: it leads by 5.00 points, beyond the spread" in compare.recommend({"rows": rows, "budget": 1})[0]

@@ -257,7 +257,7 @@ def test_best_row_and_lead_beyond_spread():
 @pytest.mark.parametrize("change, expected", [
     ({"methods": ["l1-nrom"]}, "unknown method 'l1-nrom'"),
     ({"methods": [{"name": "l1-norm", "params": {"rankin": "global"}}]}, "no option rankin"),
-    ({"methods": [{"name": "tp-taylor", "params": {"batches": 0}}]}, "outside [1, inf]"),
+    ({"methods": [{"name": "tp-taylor", "params": {"batches": 0}}]}, "option batches must be >= 1, got 0"),
     ({"targets": ["learned"]}, "'learned' is for methods that choose their own cut"),
     ({"methods": []}, "the list is empty"),
     ({"seeds": [0, "one"]}, "integers"),

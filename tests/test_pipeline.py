@@ -271,6 +271,10 @@ def test_a_run_resumed_after_its_prune_reports_the_pruned_model_before_fine_tuni
     pruned = pk.load(Path(cfg["out"]) / "stages" / "02-prune" / "model.pt")
     assert metrics["pruned"]["top1"] == pytest.approx(evaluate(pruned, bundle.eval_loader(bundle.test, 256))["top1"])
     assert metrics["pruned"]["top1"] != metrics["after"]["top1"]
+    # the run's seconds include the stages the first process ran (the recommendation picks the cheapest by them)
+    walls = [pk.io.safe_load(d / "done.pt")["wall_s"] for d in sorted((Path(cfg["out"]) / "stages").iterdir())]
+    assert len(walls) == 3 and all(w > 0 for w in walls)
+    assert metrics["wall_s"] >= sum(walls)
 
 
 def test_a_run_kept_with_only_its_last_stage_models_is_measured_again(tmp_path):
@@ -285,6 +289,7 @@ def test_a_run_kept_with_only_its_last_stage_models_is_measured_again(tmp_path):
     assert again["after"]["top1"] == first["after"]["top1"]
     assert again["after"]["macs"] == first["after"]["macs"]
     assert "pruned" not in again  # not measurable any more: said by its absence, not invented
+    assert again["wall_s"] >= first["wall_s"] - 5  # the stages' recorded seconds, not only the re-measure's
 
     for p in ("stages/03-finetune/done.pt", "metrics.json"):
         (d / p).unlink()

@@ -25,7 +25,7 @@ if importlib.util.find_spec("ultralytics") is None:  # not importorskip: the imp
 
 from prunekit import yolo  # noqa: E402  (does not import ultralytics by itself)
 
-from .yolo_helpers import X, base, net_attempts, offline, outputs, subset_yaml  # noqa: E402, F401  (net_attempts, offline: the socket guard, one per module)
+from .yolo_helpers import X, base, net_attempts, offline, outputs, record_starts, subset_yaml  # noqa: E402, F401  (net_attempts, offline: the socket guard, one per module)
 
 
 # ---- training ----
@@ -80,14 +80,7 @@ def test_interrupted_training_resumes_from_its_next_epoch(bccd, tmp_path: Path, 
     with pytest.raises(KeyboardInterrupt):
         yolo.train(model, tmp_path / "data.yaml", **run)
     monkeypatch.setattr(DetectionTrainer, "run_callbacks", callbacks)
-    starts, train_loop = [], DetectionTrainer._do_train
-
-    def record_start(self):
-        out = train_loop(self)
-        starts.append(self.start_epoch)  # set by resume_training inside the loop's set-up
-        return out
-
-    monkeypatch.setattr(DetectionTrainer, "_do_train", record_start)
+    starts = record_starts(monkeypatch)
     resumed = base("yolov3-tinyu")  # the same pruned architecture, as the pipeline reloads it from its file
     pk.prune(resumed, "l1-norm", X, speedup=1.5)
     yolo.train(resumed, tmp_path / "data.yaml", resume=True, **run)
@@ -100,8 +93,6 @@ def test_a_kill_between_ultralytics_write_and_signature_loses_only_that_epoch(bc
     """Killed after Ultralytics wrote epoch 2's last.pt but before prunekit signed it: the run resumes at epoch 2
     from epoch 1's signed checkpoint, with no "not written on this machine" restart."""
     yolo.ultralytics()
-    from ultralytics.models.yolo.detect import DetectionTrainer
-
     subset_yaml(bccd, tmp_path, {"train": 8, "val": 4})
     run = {"epochs": 3, "imgsz": 64, "batch": 8, "workers": 0, "project": tmp_path / "runs", "name": "r", "seed": 0,
            "plots": False}
@@ -120,14 +111,7 @@ def test_a_kill_between_ultralytics_write_and_signature_loses_only_that_epoch(bc
     with pytest.raises(KeyboardInterrupt):
         yolo.train(model, tmp_path / "data.yaml", **run)
     monkeypatch.setattr(Path, "write_bytes", write)
-    starts, train_loop = [], DetectionTrainer._do_train
-
-    def record_start(self):
-        out = train_loop(self)
-        starts.append(self.start_epoch)
-        return out
-
-    monkeypatch.setattr(DetectionTrainer, "_do_train", record_start)
+    starts = record_starts(monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no "not written by prunekit" restart
         yolo.train(base("yolov3-tinyu"), tmp_path / "data.yaml", resume=True, **run)

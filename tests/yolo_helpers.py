@@ -135,3 +135,19 @@ def subset_yaml(bccd, tmp_path: Path, sizes: dict[str, int]) -> Path:
         entries[split] = str(tmp_path / f"{split}.txt")
     (tmp_path / "data.yaml").write_text(yaml.safe_dump({**entries, "names": dict(enumerate(bccd.names))}))
     return tmp_path / "data.yaml"
+
+
+def record_starts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The epoch each Ultralytics training loop started at (``start_epoch``, set by resume_training inside the
+    loop's set-up), appended as each ``DetectionTrainer._do_train`` call returns."""
+    from ultralytics.models.yolo.detect import DetectionTrainer
+
+    starts, train_loop = [], DetectionTrainer._do_train
+
+    def record_start(self):
+        out = train_loop(self)
+        starts.append(self.start_epoch)
+        return out
+
+    monkeypatch.setattr(DetectionTrainer, "_do_train", record_start)
+    return starts

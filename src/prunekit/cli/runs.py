@@ -19,10 +19,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from ..compare import load_config, run
+    from .. import io
+    from ..compare import run
 
     board = run(args.config, out=args.out, force=args.force, board_only=args.board_only)
-    out = Path(args.out or load_config(args.config)["out"])
+    out = Path(args.out or io.read_yaml(args.config)["out"])  # checked by the run: not validated again
     print(f"leaderboard: {out / 'leaderboard.json'}, {out / 'leaderboard.html'}")
     if board["cells"]["failed"]:  # the leaderboard is written, but a script must not take it for complete
         print(f"error: {len(board['cells']['failed'])} of {board['cells']['total']} cells failed (see "

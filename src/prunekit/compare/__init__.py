@@ -32,7 +32,7 @@ from .. import io, pipeline
 from ..errors import PrunekitError
 from .board import _html, _rows, recommend, table
 from .board import _mark_best as _mark_best  # re-exported: tests rank rows directly
-from .config import _INT8_KEY, _base_model_path, _budgets, _check_steps, _read, _say, load_config, validate
+from .config import _INT8_KEY, _base_model_path, _budgets, _check_steps, _read, _say, load_config, plan, validate
 from .config import RECALIBRATE as RECALIBRATE
 from .config import _base_config as _base_config
 from .config import _cells as _cells
@@ -64,13 +64,14 @@ def _claim(cfg: dict, out: Path, force: bool) -> None:
     io.atomic_write_text(yaml.safe_dump(cfg, sort_keys=False), path)
 
 
-def _finished(config: dict) -> dict | None:
-    """A pipeline run's metrics if it finished with this very config (read, not re-measured), else None."""
-    return pipeline.finished_metrics(Path(config["out"]), pipeline.validate(copy.deepcopy(config)))
+def _finished(checked: dict) -> dict | None:
+    """A pipeline run's metrics if it finished with this very (validated) config (read, not re-measured), else
+    None."""
+    return pipeline.finished_metrics(Path(checked["out"]), checked)
 
 
-def _run(config: dict, force: bool, shared: Path | None = None) -> dict:
-    return _finished(config) or pipeline.run(config, force=force, shared=shared)
+def _run(checked: dict, force: bool, shared: Path | None = None) -> dict:
+    return _finished(checked) or pipeline.execute(copy.deepcopy(checked), force=force, shared=shared)
 
 
 def _run_cell(cell: dict, force: bool, out: Path) -> dict | None:
@@ -79,7 +80,7 @@ def _run_cell(cell: dict, force: bool, out: Path) -> dict | None:
     errors_dir = out / "errors"
     err_path = errors_dir / f"{cell['id']}.json"
     try:
-        metrics = _run(cell["config"], force, out / "shared")
+        metrics = _run(cell["checked"], force, out / "shared")
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # a method refusing a target, or any bug: recorded, the compare goes on
@@ -112,16 +113,15 @@ def run(config: str | Path | dict, *, out: str | Path | None = None, force: bool
             raise PrunekitError("--out is empty: give a folder for the compare")
         if isinstance(raw, dict):
             raw["out"] = str(out)
-    cfg = validate(raw)
-    out = Path(cfg["out"]).absolute()
-    cfg = validate({**cfg, "out": str(out)})
+    if isinstance(raw, dict) and isinstance(raw.get("out"), str) and raw["out"].strip():
+        raw["out"] = str(Path(raw["out"]).absolute())  # the folder is named by its absolute path
+    cfg, base_cfg, cells = plan(raw)
+    out = Path(cfg["out"])
     t0 = time.perf_counter()
     with io.run_lock(out):
         _claim(cfg, out, force)
-        entries = _entries(cfg)
-        cells = _cells(cfg, entries, out)
         _say(f"base: {out / 'base'}")
-        base = _finished(_base_config(cfg, out)) if board_only else _run(_base_config(cfg, out), force)
+        base = _finished(base_cfg) if board_only else _run(base_cfg, force)
         if base is None:
             raise PrunekitError(f"{out} has no finished base (a metrics.json written before prunekit signed its "
                                   "measurements, or edited since, counts as unfinished): run the compare without "
@@ -130,7 +130,7 @@ def run(config: str | Path | dict, *, out: str | Path | None = None, force: bool
         _check_steps(cfg, cells, out)
         metric = base["metric"]
         for i, cell in enumerate(cells, 1):
-            done = _finished(cell["config"])
+            done = _finished(cell["checked"])
             _say(f"cell {i}/{len(cells)} {cell['id']}" + (" (done)" if done else " (not run)" if board_only else ""))
             if board_only:
                 cell["metrics"] = done

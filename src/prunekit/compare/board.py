@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import html
-import math
 import statistics
 
 from .config import _INT8_KEY
@@ -34,7 +33,7 @@ def _rows(cfg: dict, cells: list[dict], lat: dict[str, dict], base_metrics: dict
                "pruned_metric_mean": _mean_std(pruned)[0],
                "macs_ratio": statistics.fmean(macs) if macs else None,
                "params": round(statistics.fmean(c["metrics"]["after"]["params"] for c in ok)) if ok else None,
-               "latency": {}, "wall_s": statistics.fmean(c["metrics"]["wall_s"] for c in ok) if ok else None,
+               "latency": {}, "wall_s": _wall(ok),
                "errors": {str(c["seed"]): c["error"] for c in group if c.get("error")},
                "options": group[0]["config"]["method"]["params"],
                "search_epochs": group[0]["search_charged"],
@@ -131,6 +130,13 @@ def table(board: dict) -> str:
     return "\n".join(lines + ["", *recommend(board)])
 
 
+def _wall(cells: list[dict]) -> float | None:
+    """A row's mean seconds per cell; None if none finished or a cell's seconds are not known (its stages ran
+    before prunekit recorded stage times)."""
+    walls = [c["metrics"].get("wall_s") for c in cells]
+    return statistics.fmean(walls) if walls and None not in walls else None
+
+
 def recommend(board: dict) -> list[str]:
     """Per target and budget, the method to use: the best row if its lead exceeds the seeds' spread, else the
     cheapest (least wall time) of the rows within the spread of the best."""
@@ -151,7 +157,12 @@ def recommend(board: dict) -> list[str]:
             out.append(f"{where} use {best['method']}: it leads by {best['lead']:.2f} points, beyond the spread")
         else:
             level = [r for r in rows if best["metric_mean"] - r["metric_mean"] <= best["metric_std"] + r["metric_std"]]
-            cheap = min(level, key=lambda r: r["wall_s"] or math.inf)
+            unknown = [r["method"] for r in level if r["wall_s"] is None]
+            if unknown:
+                out.append(f"{where} no method leads beyond the spread ({len(level)} rows level); the cheapest is not "
+                           f"known: no wall time for {', '.join(unknown)}")
+                continue
+            cheap = min(level, key=lambda r: r["wall_s"])
             out.append(f"{where} no method leads beyond the spread: use the cheapest, {cheap['method']} "
                        f"({_fmt(cheap['wall_s'], '.0f')} s per cell; {len(level)} rows level)")
     return out

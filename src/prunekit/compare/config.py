@@ -10,22 +10,23 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .. import distill, io, methods, models, pipeline, runtimes, tasks
+from .. import distill, io, methods, pipeline, runtimes, tasks
 from .. import targets as T
 from ..errors import PrunekitError
+from ..options import POSITIVE, SEED, Field, Schema, check_section
 from ..runtimes.ort_int8 import CALIBRATION_METHODS
 
 KEYS = {"name": str, "out": str, "task": str, "device": str, "data": dict, "base": dict, "methods": list,
-        "targets": list, "seeds": list, "budget": (int, float), "budgets": list, "finetune": dict, "sparsify": dict,
-        "latency": (dict, bool), "distill": list, "int8": (dict, bool)}
-INT8_KEYS = {"calibration_batches": int, "method": str}
+        "targets": list, "seeds": list, "budget": Field((int, float), minimum=0), "budgets": list,
+        "finetune": dict, "sparsify": dict, "latency": (dict, bool), "distill": list, "int8": (dict, bool)}
+INT8_KEYS = {"calibration_batches": POSITIVE, "method": Field(str, choices=CALIBRATION_METHODS)}
 INT8_DEFAULTS = {"calibration_batches": 16, "method": "minmax"}
 INT8_RUNTIME = "onnxruntime-int8"
 _INT8_KEY = runtimes.RUNTIMES[INT8_RUNTIME].key + "_"  # its latency columns: speedup against the fp32 base
-BASE_KEYS = {"checkpoint": str, "model": dict, "train": dict, "seed": int}
+BASE_KEYS = {"checkpoint": str, "model": dict, "train": dict, "seed": SEED}
 ENTRY_KEYS = {"name": str, "label": str, "params": dict, "targets": list, "budgets": list, "sparsify": (dict, bool),
-              "stages": list, "search_epochs": int}
-LATENCY_KEYS = {"batch": int, "threads": int, "rounds": int, "runtimes": list}
+              "stages": list, "search_epochs": Field(int, minimum=0)}
+LATENCY_KEYS = {"batch": POSITIVE, "threads": POSITIVE, "rounds": POSITIVE, "runtimes": list}
 LATENCY_DEFAULTS = {"batch": 64, "threads": 2, "rounds": 15, "runtimes": list(runtimes.DEFAULT)}
 SPARSIFY_EPOCHS = 1  # a method's sparsity training when the config does not say (it counts against the budget)
 RECALIBRATE = 20  # budget 0: calibration batches of the training split that re-estimate BN statistics
@@ -37,19 +38,9 @@ def _err(key: str, msg: str) -> PrunekitError:
     return PrunekitError(f"compare config error at '{key}': {msg}")
 
 
-def _check_keys(section: Any, allowed: dict, where: str) -> None:
-    if not isinstance(section, dict):
-        raise _err(where, "must be a mapping")
-    unknown = sorted(set(section) - set(allowed))
-    if unknown:
-        raise _err(f"{where}.{unknown[0]}" if where else unknown[0], f"unknown key; allowed: {', '.join(allowed)}")
-    for k, v in section.items():
-        typ = allowed[k]
-        if v is None:  # a key written with no value: say so here, not inside a cell after the others ran
-            raise _err(f"{where}.{k}" if where else k, "has no value (null); give one or leave the key out")
-        if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
-            names = " or ".join(t.__name__ for t in typ) if isinstance(typ, tuple) else typ.__name__
-            raise _err(f"{where}.{k}" if where else k, f"must be {names}, got {str(v)[:80]!r}")
+def _check_keys(section: Any, allowed: Schema, where: str) -> None:
+    """A section against its declared schema; a key written with no value is refused too."""
+    check_section(section, allowed, where, _err, nulls=False)
 
 
 def _pipeline_target(t: float | str | dict) -> dict:
@@ -156,6 +147,11 @@ def _check_targets(targets: Any, where: str) -> None:
 
 def validate(cfg: Any) -> dict:
     """Check a compare config, build every cell's pipeline config and validate those too: all before any work."""
+    return plan(cfg)[0]
+
+
+def _check(cfg: Any) -> dict:
+    """The compare config's own keys checked, paths made absolute, defaults filled in."""
     if not isinstance(cfg, dict):
         raise PrunekitError("compare config error: the file must be a mapping with base, data, methods, targets, "
                             "seeds, budget, out")
@@ -173,15 +169,11 @@ def validate(cfg: Any) -> dict:
     if base.get("checkpoint") and base.get("train"):
         raise _err("base.train", "a checkpoint base is not trained again; drop train or give model instead")
     seed = base.get("seed", 0)
-    if not 0 <= seed < 2 ** 32:
-        raise _err("base.seed", f"must be in [0, 2^32), got {seed}")
     seeds = cfg["seeds"]
     if not seeds or any(not isinstance(s, int) or isinstance(s, bool) or not 0 <= s < 2 ** 32 for s in seeds):
         raise _err("seeds", f"must be a non-empty list of integers in [0, 2^32), got {str(seeds)[:80]}")
     if len(set(seeds)) != len(seeds):
         raise _err("seeds", "a seed appears twice")
-    if not 0 <= cfg["budget"] < math.inf:
-        raise _err("budget", f"must be >= 0 epochs after the base, got {cfg['budget']}")
     _check_budgets(_budgets(cfg), "budgets")
     _check_targets(cfg["targets"], "targets")
     if cfg.get("latency") is True:
@@ -189,19 +181,12 @@ def validate(cfg: Any) -> dict:
     lat = False if cfg.get("latency") is False else {**LATENCY_DEFAULTS, **(cfg.get("latency") or {})}
     if lat is not False:
         _check_keys(lat, LATENCY_KEYS, "latency")
-        for k in ("batch", "threads", "rounds"):
-            if lat[k] < 1:
-                raise _err(f"latency.{k}", f"must be >= 1, got {lat[k]}")
         if not lat["runtimes"] or set(lat["runtimes"]) - set(runtimes.names()):
             raise _err("latency.runtimes", f"a non-empty list of {', '.join(runtimes.names())}")
     q: dict | bool = False
     if cfg.get("int8") not in (None, False):
         q = {**INT8_DEFAULTS, **(cfg["int8"] if isinstance(cfg["int8"], dict) else {})}
         _check_keys(q, INT8_KEYS, "int8")
-        if q["calibration_batches"] < 1:
-            raise _err("int8.calibration_batches", f"must be >= 1, got {q['calibration_batches']}")
-        if q["method"] not in CALIBRATION_METHODS:
-            raise _err("int8.method", f"one of {', '.join(CALIBRATION_METHODS)}, got {q['method']!r}")
         if lat is not False and INT8_RUNTIME not in lat["runtimes"]:  # int8 latency beside the metric
             lat = {**lat, "runtimes": [*lat["runtimes"], INT8_RUNTIME]}
     for key in ("finetune", "sparsify"):
@@ -227,20 +212,27 @@ def validate(cfg: Any) -> dict:
            "data": data, **({"int8": q} if q else {})}  # no int8 key when off: older compare folders still match
     cfg.setdefault("name", Path(cfg["out"]).name)
     cfg.setdefault("device", "auto")
-    entries = _entries(cfg)
-    base_cfg = _base_config(cfg, Path(cfg["out"]))
-    pipeline.validate(copy.deepcopy(base_cfg))
-    cells = _cells(cfg, entries, Path(cfg["out"]))
-    for cell in cells:
-        try:
-            pipeline.validate(copy.deepcopy(cell["config"]))
-        except PrunekitError as exc:
-            raise PrunekitError(f"compare cell {cell['id']}: {exc}") from exc
     return cfg
 
 
+def plan(raw: Any) -> tuple[dict, dict, list[dict]]:
+    """A compare config checked, with its base and every cell as pipeline configs, each validated once here
+    (``checked``: what the pipeline runs; ``config``: what the cell's result records): all before any work."""
+    cfg = _check(raw)
+    out = Path(cfg["out"])
+    task = _task(cfg)  # once: for a checkpoint base it reads the file
+    base = pipeline.validate(_base_config(cfg, out, task))
+    cells = _cells(cfg, _entries(cfg), out, task)
+    for cell in cells:
+        try:
+            cell["checked"] = pipeline.validate(copy.deepcopy(cell["config"]))
+        except PrunekitError as exc:
+            raise PrunekitError(f"compare cell {cell['id']}: {exc}") from exc
+    return cfg, base, cells
+
+
 def load_config(path: str | Path) -> dict:
-    """Read and validate a compare config."""
+    """Read a compare config and check it, its cells included."""
     return validate(_read(path))
 
 
@@ -249,14 +241,15 @@ def _read(path: str | Path) -> Any:
 
 
 # ---- the runs a compare consists of ----
-def _task(cfg: dict) -> str | None:
-    """The task every run gets: the config's, else the one the base model's name (or checkpoint) belongs to."""
+def _task(cfg: dict) -> str:
+    """The task every run gets: the config's, else the one the base model's name (or checkpoint) belongs to;
+    written into every run's config, so no run reads the base checkpoint again to find it."""
     if cfg.get("task"):
         return cfg["task"]
     base = cfg["base"]
     name = (base.get("model") or {}).get("name") or (io.recorded_name(base["checkpoint"]) if base.get("checkpoint")
                                                      else None)
-    return "detect" if str(name or "").startswith(models.UL_PREFIX) else None
+    return tasks.for_name(name).name if name else tasks.DEFAULT
 
 
 def _data(cfg: dict) -> dict:
@@ -264,24 +257,20 @@ def _data(cfg: dict) -> dict:
     return {**cfg["data"], "split_seed": cfg["base"]["seed"]}
 
 
-def _base_config(cfg: dict, out: Path) -> dict:
+def _base_config(cfg: dict, out: Path, task: str | None = None) -> dict:
     """The base as a pipeline run: its train stage (0 epochs for a checkpoint, which only measures it)."""
     b = cfg["base"]
     model = {"checkpoint": b["checkpoint"]} if b.get("checkpoint") else b["model"]
     train = {**(b.get("train") or {}), "stage": "train"} if b.get("model") else {"stage": "train", "epochs": 0}
-    base = {"name": "base", "model": model, "data": _data(cfg), "seed": b["seed"], "device": cfg["device"],
-            "out": str(out / "base"), "stages": [train]}
-    task = _task(cfg)
-    if task:
-        base["task"] = task
-    return base
+    return {"name": "base", "model": model, "data": _data(cfg), "seed": b["seed"], "device": cfg["device"],
+            "out": str(out / "base"), "stages": [train], "task": task or _task(cfg)}
 
 
 def _base_model_path(cfg: dict, out: Path) -> Path:
     return out / "base" / "stages" / "01-train" / "model.pt"
 
 
-def _cells(cfg: dict, entries: list[dict], out: Path) -> list[dict]:
+def _cells(cfg: dict, entries: list[dict], out: Path, task: str | None = None) -> list[dict]:
     """Every (budget, seed, method, target) cell as a pipeline config, cheapest budget first and then seed-major,
     so a partial compare has whole budgets and whole seeds."""
     cells = []
@@ -289,7 +278,7 @@ def _cells(cfg: dict, entries: list[dict], out: Path) -> list[dict]:
     given = cfg.get("distill") or [None]
     kd = [v for v in given if v is not None]
     variants = [(v, "" if v is None else "+kd" if len(kd) == 1 else f"+kd{kd.index(v) + 1}") for v in given]
-    task = _task(cfg)  # once: for a checkpoint base it reads the file
+    task = task or _task(cfg)
     order = ((b, s, e, v) for b in sorted(_budgets(cfg)) for s in cfg["seeds"] for e in entries for v in variants)
     for b, seed, e, (kd_spec, suffix) in order:
         if b not in e["budgets"]:
@@ -326,9 +315,7 @@ def _cells(cfg: dict, entries: list[dict], out: Path) -> list[dict]:
             config = {"name": cid, "model": {"checkpoint": str(_base_model_path(cfg, out))}, "data": _data(cfg),
                       "method": {"name": e["name"], "params": params}, "target": target, "seed": seed,
                       "budget": budget, "device": cfg["device"], "out": str(out / "cells" / cid),
-                      "stages": stages}
-            if task:
-                config["task"] = task
+                      "stages": stages, "task": task}
             cells.append({"id": cid, "label": label, "method": e["name"], "target": _target_name(t),
                           "budget": b, "search_charged": search, "seed": seed, "config": config,
                           "distill": kd_spec})

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import importlib
 import itertools
-import math
 import pkgutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from torch import nn
 
 from .. import tasks
 from ..errors import PrunekitError
+from ..options import Field
 from ..tasks import Task
 
 
@@ -86,29 +86,19 @@ class Option:
     maximum: float | None = None
     implies: dict[str, Any] | None = None  # other options this one sets when given (q -> rule=layer-std)
 
+    @property
+    def field(self) -> Field:
+        """Its type, range and choices, checked as every config key is (``prunekit.options``)."""
+        return Field(self.type, self.minimum, self.maximum, self.choices)
+
     def type_name(self) -> str:
-        types = self.type if isinstance(self.type, tuple) else (self.type,)
-        return " or ".join("null" if t is type(None) else t.__name__ for t in types)
+        return self.field.type_name()
 
     def check(self, value: Any, method: str) -> Any:
-        """The value, or a PrunekitError naming the option, its type and the allowed values."""
-        types = self.type if isinstance(self.type, tuple) else (self.type,)
-        ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
-        if ok and isinstance(value, float) and not math.isfinite(value):
-            ok = False
-        if not ok:
-            raise PrunekitError(f"method {method!r}: option {self.name} must be {self.type_name()}, got {value!r}")
-        ranged = self.minimum is not None or self.maximum is not None
-        numeric = isinstance(value, int | float) and not isinstance(value, bool)
-        if self.choices is not None and value not in self.choices and not (numeric and ranged):
-            raise PrunekitError(f"method {method!r}: option {self.name}={value!r} is not one of "
-                                f"{', '.join(map(str, self.choices))}")
-        if numeric and (
-                (self.minimum is not None and value < self.minimum) or
-                (self.maximum is not None and value > self.maximum)):
-            lo = "-inf" if self.minimum is None else f"{self.minimum:g}"
-            hi = "inf" if self.maximum is None else f"{self.maximum:g}"
-            raise PrunekitError(f"method {method!r}: option {self.name}={value!r} is outside [{lo}, {hi}]")
+        """The value, or a PrunekitError naming the method, the option and what it accepts."""
+        problem = self.field.problem(value)
+        if problem:
+            raise PrunekitError(f"method {method!r}: option {self.name} {problem}")
         return value
 
 

@@ -46,7 +46,8 @@ from .config import (
 from .runner import LATENCY, Run
 
 __all__ = ["CYCLE_KEYS", "DATA_KEYS", "EXPORT_KEYS", "LATENCY", "LATENCY_KEYS", "METHOD_KEYS", "MODEL_KEYS", "REST",
-           "STAGES", "TARGET_KEYS", "TOP_KEYS", "Run", "finished_metrics", "load_config", "run", "validate"]
+           "STAGES", "TARGET_KEYS", "TOP_KEYS", "Run", "execute", "finished_metrics", "load_config", "run",
+           "validate"]
 
 
 def run(config: str | Path | dict, *, force: bool = False, out: str | Path | None = None,
@@ -56,8 +57,14 @@ def run(config: str | Path | dict, *, force: bool = False, out: str | Path | Non
     The run directory has one writer at a time (``io.run_lock``); under torchrun, rank 0 holds it.
     ``shared``: a folder where a leading sparsity stage is looked up and published (``compare`` passes one).
     """
-    shared = Path(shared).absolute() if shared is not None else None
     cfg = load_config(config) if not isinstance(config, dict) else validate(copy.deepcopy(config))
+    return execute(cfg, force=force, out=out, shared=shared)
+
+
+def execute(cfg: dict, *, force: bool = False, out: str | Path | None = None,
+            shared: str | Path | None = None) -> dict:
+    """``run`` for a config ``validate`` returned (a compare validates each of its cells once, up front)."""
+    shared = Path(shared).absolute() if shared is not None else None
     if out is not None and not str(out).strip():
         raise PrunekitError("--out is empty: give a folder for the run (or leave it out to use the config's out)")
     if dist_info()[0] != 0:

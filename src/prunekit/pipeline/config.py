@@ -6,41 +6,36 @@ the defaults a run directory records (task, method, target, device, seed, name).
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 from .. import distill, io, methods, models, targets, tasks
 from ..errors import PrunekitError
 from ..errors import config_error as _err
+from ..options import POSITIVE, SEED, Field, Schema, check_section
+from ..runtimes.ort_int8 import CALIBRATION_METHODS
 from ..tasks import Task
 from ..train import resolve_device
 
 STAGES = ("train", "sparsify", "prune", "finetune", "cycle", "export")
-EXPORT_KEYS = {"stage": str, "int8": bool, "calibration_batches": int, "calibration_method": str, "opset": int}
+EXPORT_KEYS = {"stage": str, "int8": bool, "calibration_batches": POSITIVE,
+               "calibration_method": Field(str, choices=CALIBRATION_METHODS), "opset": Field(int, 17, 20)}
 TOP_KEYS = {"name": str, "model": dict, "data": dict, "method": dict, "target": dict, "stages": list,
-            "device": str, "seed": int, "out": str, "budget": (int, float), "task": str}
-MODEL_KEYS = {"name": str, "checkpoint": str, "num_classes": int, "kwargs": dict, "trust_pickle": bool}
-DATA_KEYS = {"name": str, "root": str, "limit": int, "image_size": int, "batch_size": int, "download": bool,
-             "val_fraction": float, "calibration_batches": int, "split_seed": int}
+            "device": str, "seed": SEED, "out": str, "budget": Field((int, float), minimum=0), "task": str}
+MODEL_KEYS = {"name": str, "checkpoint": str, "num_classes": POSITIVE, "kwargs": dict, "trust_pickle": bool}
+DATA_KEYS = {"name": str, "root": str, "limit": POSITIVE, "image_size": POSITIVE, "batch_size": POSITIVE,
+             "download": bool, "val_fraction": (int, float), "calibration_batches": POSITIVE, "split_seed": SEED}
 METHOD_KEYS = {"name": str, "params": dict}
 TARGET_KEYS = {k: typ for t in targets.TARGETS.values() for k, typ in t.types.items()}
 LATENCY_KEYS = ("latency", *targets.TARGETS["latency"].settings)  # a measured speedup and where it is timed
-CYCLE_KEYS = {"stage", "stages", "max_cycles", "stop_below", "tolerance"}
+CYCLE_KEYS = {"stage": str, "stages": list, "max_cycles": POSITIVE, "stop_below": Field((int, float), 0, 1),
+              "tolerance": Field((int, float), minimum=0)}
 REST = "rest"  # `epochs: rest` = what the run's `budget` has left
 
 
-def _check_keys(section: dict, allowed: dict | set, where: str) -> None:
-    unknown = sorted(set(section) - set(allowed))
-    if unknown:
-        raise _err(f"{where}.{unknown[0]}" if where else unknown[0],
-                   f"unknown key; allowed: {', '.join(sorted(allowed))}")
-    if isinstance(allowed, dict):
-        for k, v in section.items():
-            typ = allowed[k]
-            if v is not None and (not isinstance(v, typ) or (typ is int and isinstance(v, bool))):
-                names = " or ".join(t.__name__ for t in typ) if isinstance(typ, tuple) else typ.__name__
-                raise _err(f"{where}.{k}" if where else k, f"must be {names}, got {v!r}")
+def _check_keys(section: dict, allowed: Schema | set, where: str) -> None:
+    """A section against its declared schema (a set: keys whose values another check reads)."""
+    check_section(section, dict.fromkeys(allowed, object) if isinstance(allowed, set) else allowed, where, _err)
 
 
 def _check_stage(stage: Any, where: str, method: methods.Method | None, budget: int | None, task: Task) -> None:
@@ -60,14 +55,6 @@ def _check_stage(stage: Any, where: str, method: methods.Method | None, budget: 
                 raise _err(f"{where}.stages[{i}]", "cycles cannot be nested")
             if s.get("epochs") == REST:
                 raise _err(f"{where}.stages[{i}].epochs", "'rest' is for a stage after the cycles")
-        for key, typ in (("max_cycles", int), ("stop_below", (int, float)), ("tolerance", (int, float))):
-            v = stage.get(key)
-            if v is not None and (not isinstance(v, typ) or isinstance(v, bool) or not 0 <= v < math.inf):
-                raise _err(f"{where}.{key}", f"must be a finite number >= 0, got {str(v)[:40]!r}")
-        if not stage.get("stop_below", 0) <= 1:
-            raise _err(f"{where}.stop_below", f"is a fraction of the MACs in [0, 1], got {stage['stop_below']}")
-        if stage.get("max_cycles", 3) < 1:
-            raise _err(f"{where}.max_cycles", "must be >= 1")
         return
     if kind == "export":
         _check_export(stage, where)
@@ -108,16 +95,7 @@ def _check_stage(stage: Any, where: str, method: methods.Method | None, budget: 
 
 def _check_export(stage: dict, where: str) -> None:
     """``{stage: export, int8: true, calibration_batches: 16, calibration_method: minmax, opset: 17}``."""
-    from ..runtimes.ort_int8 import CALIBRATION_METHODS
-
     _check_keys(stage, EXPORT_KEYS, where)
-    if stage.get("calibration_batches", 1) < 1:
-        raise _err(f"{where}.calibration_batches", f"must be >= 1, got {stage['calibration_batches']}")
-    if stage.get("calibration_method", "minmax") not in CALIBRATION_METHODS:
-        raise _err(f"{where}.calibration_method", f"one of {', '.join(CALIBRATION_METHODS)}, got "
-                   f"{str(stage['calibration_method'])[:40]!r}")
-    if not 17 <= stage.get("opset", 17) <= 20:
-        raise _err(f"{where}.opset", f"must be 17 to 20, got {stage['opset']}")
     if not stage.get("int8") and ({"calibration_batches", "calibration_method"} & set(stage)):
         raise _err(where, "calibration_* set up int8 calibration: add int8: true")
 
@@ -190,8 +168,6 @@ def validate(cfg: Any) -> dict:
         raise _err("model", "give name (zoo, tv:<name> or ul:<name>) or checkpoint")
     if cfg["model"].get("name") and cfg["model"].get("checkpoint"):
         raise _err("model", "give name (a new model) or checkpoint (a model file), not both")
-    if cfg["model"].get("num_classes") is not None and cfg["model"]["num_classes"] < 1:
-        raise _err("model.num_classes", f"must be >= 1, got {cfg['model']['num_classes']}")
     if cfg["model"].get("name") and not cfg["model"].get("checkpoint"):
         name = cfg["model"]["name"]
         if not (models.is_zoo(name) or name.startswith(("tv:", models.UL_PREFIX))):
@@ -207,9 +183,6 @@ def validate(cfg: Any) -> dict:
         raise _err("task", f"{cfg['model']['name']} is a model of task {owner.name}: task must be {owner.name}")
     task = tasks.get(cfg["task"])
     _check_keys(cfg["data"], DATA_KEYS, "data")
-    for key in ("image_size", "batch_size", "calibration_batches", "limit"):
-        if cfg["data"].get(key) is not None and cfg["data"][key] < 1:
-            raise _err(f"data.{key}", f"must be >= 1, got {cfg['data'][key]}")
     if "name" not in cfg["data"]:
         raise _err("data.name", f"missing: {task.data_hint}")
     cfg.setdefault("method", {})
@@ -221,11 +194,9 @@ def validate(cfg: Any) -> dict:
     except targets.TargetError as exc:
         raise _target_error(exc) from exc
     vf = cfg["data"].get("val_fraction")
-    if vf is not None and (isinstance(vf, bool) or not isinstance(vf, int | float) or not 0 < vf < 1):
+    if vf is not None and not 0 < vf < 1:
         raise _err("data.val_fraction", f"must be a fraction in (0, 1) of the training data, got {vf!r}")
     budget = cfg.get("budget")
-    if budget is not None and not 0 <= budget < math.inf:
-        raise _err("budget", f"must be >= 0 epochs, got {budget}")
     if budget is not None and budget != int(budget) and not task.fractional_epochs:
         raise _err("budget", f"{budget:g} is a fraction of an epoch; the {task.name} task trains whole epochs")
     if not isinstance(cfg["stages"], list) or not cfg["stages"]:
@@ -258,10 +229,5 @@ def validate(cfg: Any) -> dict:
     cfg.setdefault("device", "auto")
     if cfg.get("seed") is None:
         cfg["seed"] = 0
-    if not 0 <= cfg["seed"] < 2 ** 32:
-        raise _err("seed", f"must be an integer in [0, 2^32), got {str(cfg['seed'])[:40]}")
-    split_seed = cfg["data"].get("split_seed") or 0
-    if not 0 <= split_seed < 2 ** 32:
-        raise _err("data.split_seed", f"must be an integer in [0, 2^32), got {str(split_seed)[:40]}")
     cfg.setdefault("name", Path(cfg["out"]).name)
     return cfg

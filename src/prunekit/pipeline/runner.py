@@ -20,7 +20,7 @@ from ..errors import PrunekitError
 from ..graph import run_checked
 from ..measure import measure
 from ..train import dist_info, resolve_device
-from .config import LATENCY_KEYS, REST, validate
+from .config import LATENCY_KEYS, REST
 
 LATENCY = {"threads": 1, "rounds": 10}  # the final table's side-by-side timing (eager PyTorch)
 
@@ -32,11 +32,11 @@ def _write_record(sdir: Path, record: dict) -> None:
 
 
 class Run:
-    """One run directory: executes the stages it has not finished yet."""
+    """One run directory: executes the stages it has not finished yet. ``cfg``: as ``validate`` returned it."""
 
     def __init__(self, cfg: dict, *, force: bool = False, out: str | Path | None = None,
                  shared: Path | None = None):
-        self.cfg = validate(copy.deepcopy(cfg))
+        self.cfg = cfg
         self.shared = shared  # a folder of sparsity stages that runs of one compare share (see _shared_key)
         self.dir = Path(out or self.cfg["out"]).expanduser().absolute()  # Ultralytics' folders live here too
         self.rank, _ = dist_info()
@@ -47,6 +47,7 @@ class Run:
         self.spent = 0  # epochs of training stages other than `train` so far (what `budget` counts)
         self.task = tasks.get(self.cfg["task"])
         self.method = methods.get(self.cfg["method"]["name"]) if self.cfg["method"].get("name") else None
+        self.walls: list[float | None] = []  # seconds of stages run elsewhere: an earlier process, a shared stage
         self.pruned: torch.nn.Module | None = None  # the model straight after the last prune stage
         self.teachers: dict[str, torch.nn.Module] = {}  # distillation teachers: base, before (the last prune's input)
         inner = [t for s in self.cfg["stages"] for t in (s.get("stages") or [s])]
@@ -93,7 +94,10 @@ class Run:
         epochs = self.task.stage_epochs(stage)
         return max(0, self.cfg["budget"] - self.spent) if epochs == REST else epochs
 
-    def _finish(self, sdir: Path, model: torch.nn.Module, record: dict) -> None:
+    def _finish(self, sdir: Path, model: torch.nn.Module, record: dict, started: float | None = None) -> None:
+        """Save a finished stage; ``started``: when it began (its seconds go into its record)."""
+        if started is not None:
+            record["wall_s"] = round(time.perf_counter() - started, 1)
         if self.rank == 0:
             if not (self.dir / "config.yaml").exists():  # a stage must not recreate a folder someone removed
                 raise PrunekitError(f"run folder {self.dir} (or its config.yaml) was removed while the run was "
@@ -168,7 +172,9 @@ class Run:
         done = self._done(sdir)
         if done is not None:
             self.spent += done.get("epochs", epochs) if stage["stage"] != "train" else 0
+            self.walls.append(done.get("wall_s"))
             return self._resumed(sdir)
+        started = time.perf_counter()
         model = self._input(model, name)
         regularizer = key = None
         if stage["stage"] == "sparsify":
@@ -180,6 +186,7 @@ class Run:
                 record = io.safe_load(self.shared / key / "done.pt")
                 model = io.load(self.shared / key / "model.pt")
                 self.spent += epochs
+                self.walls.append(record.get("wall_s"))  # charged the seconds it took to train
                 self._finish(sdir, model, {**record, "shared": key})
                 return model
         model, metric = self.task.train_stage(
@@ -190,7 +197,7 @@ class Run:
         if stage["stage"] != "train":
             self.spent += epochs
         record = {"stage": name, "metric": metric, "epochs": epochs}
-        self._finish(sdir, model, record)
+        self._finish(sdir, model, record, started)
         if key is not None and self.rank == 0:
             self._share(key, sdir, {**record, "trained_by": self.cfg["name"]})
         return model
@@ -240,8 +247,10 @@ class Run:
             self.teachers["before"] = copy.deepcopy(model)
         done = self._done(sdir)
         if done is not None:  # the stages after it train their own copy: self.pruned stays as pruned
+            self.walls.append(done.get("wall_s"))
             self.pruned = self._resumed(sdir)  # None: not measured straight after pruning this time
             return copy.deepcopy(self.pruned), done
+        started = time.perf_counter()
         model = self._input(model, name).to(self.dev)
         tgt = self.cfg["target"]
         sparsity = tgt.get("sparsity")
@@ -258,7 +267,7 @@ class Run:
                                 "(the sparsify stage's epochs or s) before this prune")
         record = {"stage": name, "metric": self._metric(result.model, "val"), "prune": result.to_dict(),
                   "macs_removed": 1 - result.after["macs"] / max(result.before["macs"], 1)}
-        self._finish(sdir, result.model, record)
+        self._finish(sdir, result.model, record, started)
         self.pruned = copy.deepcopy(result.model)
         return result.model, record
 
@@ -298,7 +307,10 @@ class Run:
         export = next((st for st in self.cfg["stages"] if st["stage"] == "export"), None)
         if export is not None:
             self._export(export, before_model, model, metrics)
-        metrics["wall_s"] = round(time.perf_counter() - t0, 1)
+        # the run's seconds: this process's and those of stages run elsewhere, as their records say (None where
+        # such a stage ran before prunekit recorded stage times)
+        known = None not in self.walls
+        metrics["wall_s"] = round(sum(self.walls) + time.perf_counter() - t0, 1) if known else None
         if self.pruned is not None:  # what pruning alone cost, before any fine-tuning (test split)
             metrics["pruned"] = self._test_metrics(self.pruned)
         metrics["models"] = {k: str(self.dir / f"{k}.pt") for k in ("before", "after")}  # the report reads them

@@ -35,7 +35,7 @@ def check_values(target: dict) -> None:
                 raise TargetError(None, why)
         problem = t.check(target[t.key])
         if problem:
-            raise TargetError(t.key, problem)
+            raise TargetError.bad_value(t.key, problem)
         t.check_settings(target)
 
 
@@ -54,4 +54,7 @@ def check_kind(method: Any, target: dict) -> None:
 
 def name(target: dict) -> str:
     """The compare cell name of a (checked) target: the first given kind names it."""
-    return given(target)[0].name(target)
+    kind = given(target)[0]
+    if kind.name is None:
+        raise TargetError(kind.key, f"a {kind.key} target is not ranked by compare (it ranks speedups)")
+    return kind.name(target)

@@ -11,11 +11,17 @@ from ..errors import PrunekitError
 
 class TargetError(PrunekitError):
     """A target that cannot be pruned to; ``key`` names it (None: the target as a whole), ``reason`` says why,
-    so the API says ``"<key> <reason>"`` and a config ``config error: target.<key>: <reason>``."""
+    so a config says ``config error: target.<key>: <reason>`` and the API ``message`` (the reason itself
+    unless given; ``bad_value`` names the key)."""
 
-    def __init__(self, key: str | None, reason: str):
+    def __init__(self, key: str | None, reason: str, message: str | None = None):
         self.key, self.reason = key, reason
-        super().__init__(f"{key} {reason}" if key and reason.startswith("must") else reason)
+        super().__init__(message or reason)
+
+    @classmethod
+    def bad_value(cls, key: str, problem: str) -> TargetError:
+        """A wrong value (``problem``: "must be ..."): the API says ``"<key> <problem>"``."""
+        return cls(key, problem, f"{key} {problem}")
 
 
 @dataclass(frozen=True)
@@ -24,14 +30,14 @@ class Target:
     ``check(value)`` returns the problem with a value ("must be ...") or None;
     ``kinds``: the method kinds that take it, ``refusal`` what a method of another kind is told; ``settings``:
     the keys saying where it is measured, checked by ``check_settings``; ``excludes``: keys it cannot be given
-    with, and why; ``name(target)``: its compare cell name."""
+    with, and why; ``name(target)``: its compare cell name (None: a kind compare does not rank)."""
 
     key: str
     types: dict[str, type | tuple[type, ...]]
     kinds: tuple[str, ...]
     refusal: str
     check: Callable[[Any], str | None]
-    name: Callable[[dict], str]
+    name: Callable[[dict], str] | None = None
     check_settings: Callable[[dict], None] = lambda target: None
     excludes: dict[str, str] = field(default_factory=dict)
 

@@ -180,7 +180,7 @@ def _check_settings(target: dict) -> None:
     for key in ("batch", "threads"):
         value = target.get(key, 1)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise TargetError(key, f"must be a positive integer, got {value!r}")
+            raise TargetError.bad_value(key, f"must be a positive integer, got {value!r}")
     try:
         lat.check_setting(target.get("runtime", "eager"), 1, 1)
     except PrunekitError as exc:
