@@ -273,7 +273,7 @@ def test_a_run_resumed_after_its_prune_reports_the_pruned_model_before_fine_tuni
     assert metrics["pruned"]["top1"] != metrics["after"]["top1"]
     # the run's seconds include the stages the first process ran (the recommendation picks the cheapest by them)
     walls = [pk.io.safe_load(d / "done.pt")["wall_s"] for d in sorted((Path(cfg["out"]) / "stages").iterdir())]
-    assert len(walls) == 3 and all(w > 0 for w in walls)
+    assert len(walls) == 3 and all(w >= 0 for w in walls) and sum(walls) > 0  # a prune can take < 0.05 s
     assert metrics["wall_s"] >= sum(walls)
 
 
