@@ -127,14 +127,6 @@ class Run:
         raise PrunekitError(f"{path} was removed and a stage still needs it; use --force to run the whole run "
                             "again")
 
-    @staticmethod
-    def _input(model: torch.nn.Module | None, name: str) -> torch.nn.Module:
-        """The model a stage that has not run yet starts from (None only after a stage whose model was removed)."""
-        if model is None:
-            raise PrunekitError(f"{name}: the model it starts from (the previous stage's model.pt) was removed; "
-                                "use --force to run the whole run again")
-        return model
-
     def _metric(self, model: torch.nn.Module, split: str) -> float:
         """The task's metric on the run's ``val`` or ``test`` split."""
         return self.task.score(model, self.data, split, self.dev)
@@ -175,7 +167,6 @@ class Run:
             self.walls.append(done.get("wall_s"))
             return self._resumed(sdir)
         started = time.perf_counter()
-        model = self._input(model, name)
         regularizer = key = None
         if stage["stage"] == "sparsify":
             settings = self.method.check_regularizer_options(stage)
@@ -251,7 +242,7 @@ class Run:
             self.pruned = self._resumed(sdir)  # None: not measured straight after pruning this time
             return copy.deepcopy(self.pruned), done
         started = time.perf_counter()
-        model = self._input(model, name).to(self.dev)
+        model = model.to(self.dev)
         tgt = self.cfg["target"]
         sparsity = tgt.get("sparsity")
         if tgt.get("schedule"):  # iterative pruning: cycle c prunes to the c-th level of the schedule
@@ -331,7 +322,10 @@ class Run:
         """Repeat the inner stages until a round removes < stop_below of MACs, the validation metric falls by
         more than ``tolerance`` points, ``max_cycles`` rounds ran, or (with a ``budget``) a round would leave
         no epoch of the budget for the stages after the cycle."""
-        start_metric = self._metric(self._input(model, "cycle"), "val")
+        if model is None:  # _resumed gives None only when the next stage finished: here, the cycle's first
+            raise PrunekitError("cycle: the model it starts from (the previous stage's model.pt) was removed; use "
+                                "--force to run the whole run again")
+        start_metric = self._metric(model, "val")
         sign = 1 if self.task.higher_is_better else -1
         for c in range(1, int(st.get("max_cycles", 3)) + 1):
             if self.cfg.get("budget") is not None and self.cfg["budget"] - self.spent - self._cycle_epochs(st) < 1:
