@@ -26,8 +26,8 @@ import torch
 import torch_pruning as tp
 
 import prunekit as pk
-from prunekit.export import onnx_latency
 from prunekit.measure import measure
+from prunekit.timing import sequential
 
 
 def latency_table(args) -> list[dict]:
@@ -35,7 +35,7 @@ def latency_table(args) -> list[dict]:
     base = pk.models.create("resnet56").eval()
     x = torch.zeros(1, 3, 32, 32)
     b_eager = measure(base, x, repeats=args.repeats, threads=args.threads)
-    b_onnx = onnx_latency(base, x, repeats=args.repeats, threads=args.threads)
+    b_onnx = sequential(base, x, repeats=args.repeats, threads=args.threads)
     rows = []
     for s, variant in ((s, v) for s in args.speedups for v in ("local", "global-rounded")):
         model = copy.deepcopy(base)
@@ -50,7 +50,7 @@ def latency_table(args) -> list[dict]:
                 except pk.PrunekitError:
                     model = copy.deepcopy(base)
         e = measure(model, x, repeats=args.repeats, threads=args.threads)
-        o = onnx_latency(model, x, repeats=args.repeats, threads=args.threads)
+        o = sequential(model, x, repeats=args.repeats, threads=args.threads)
         row = {"target": s, "variant": variant, "options": opts, "theoretical": res.speedup, "params": e["params"],
                "macs": e["macs"]}
         for b in ("b1", "b64"):

@@ -20,7 +20,7 @@ import yaml
 import prunekit as pk
 from prunekit import compare, methods, pipeline
 from prunekit.errors import PrunekitError
-from prunekit.timing import label, ratio_stats, side_by_side
+from prunekit.timing import label, ratio_stats, sequential, side_by_side
 
 from .test_report import CHROMIUM
 
@@ -217,6 +217,19 @@ def test_side_by_side_times_every_model_in_both_runtimes():
                        threads=1, rounds=5)
     assert set(res) == {"eager_b1", "eager_b32", "ort_b1", "ort_b32"}
     assert res["eager_b32"]["base"]["ratio"]["median"] == 1.0 and res["ort_b1"]["pruned"]["median_ms"] > 0
+
+
+def test_one_model_is_timed_alone_in_every_runtime_of_the_table():
+    """``prunekit eval``'s latency: one timing loop for every runtime row, int8 quantised once per model."""
+    from prunekit import runtimes
+
+    model = pk.models.create("digits_cnn", in_channels=1).eval()
+    for name in runtimes.names():
+        res = sequential(model, torch.randn(3, 1, 8, 8), runtime=name, batch_sizes=(1, 4), repeats=3, threads=1)
+        assert set(res) == {"b1", "b4"}, name
+        assert all(r["median_ms"] > 0 and r["runtime"] == name and r["threads"] == 1 for r in res.values()), res
+    with pytest.raises(pk.PrunekitError, match="unknown runtime 'tensorrt'; allowed: eager"):
+        sequential(model, torch.randn(1, 1, 8, 8), runtime="tensorrt")
 
 
 _RSS_AFTER_FREE = """

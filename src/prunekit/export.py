@@ -7,9 +7,6 @@ accuracy is measured by running the int8 file itself on the test split, never in
 
 from __future__ import annotations
 
-import statistics
-import tempfile
-import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -51,29 +48,6 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor, out: str | Path,
     finally:
         tmp.unlink(missing_ok=True)
     return {"path": str(out), "opset": opset, "max_abs_diff": err, "bytes": out.stat().st_size}
-
-
-def onnx_latency(model: nn.Module, example_inputs: torch.Tensor, *, batch_sizes=(1, 64), repeats: int = 30,
-                 warmup: int = 5, threads: int | None = None) -> dict[str, dict[str, float]]:
-    """Median ONNX Runtime latency (ms) per batch size, same protocol as ``measure.latency``."""
-    steady_allocator()
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "m.onnx"
-        to_onnx(model.cpu(), example_inputs[:1].cpu(), path, 17)
-        sess = session(path, threads)
-        res = {}
-        for b in batch_sizes:
-            x = np.random.default_rng(0).standard_normal((b, *example_inputs.shape[1:])).astype(np.float32)
-            for _ in range(warmup):
-                sess.run(None, {"input": x})
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                sess.run(None, {"input": x})
-                times.append(1e3 * (time.perf_counter() - t0))
-            res[f"b{b}"] = {"median_ms": statistics.median(times), "repeats": repeats,
-                            "threads": threads or 0, "runtime": "onnxruntime-cpu"}
-    return res
 
 
 def int8_path(fp32: Path) -> Path:

@@ -137,6 +137,39 @@ def steady_allocator() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
+def repeat_ms(call: Callable[[], object], repeats: int, warmup: int) -> dict[str, float]:
+    """Median and quartiles (ms) of ``repeats`` timed calls after ``warmup``: the one sequential timing loop
+    (eager here, any runtime through ``timing.sequential``)."""
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        call()
+        times.append(1e3 * (time.perf_counter() - t0))
+    return _summary(times)
+
+
+def _summary(times: Sequence[float]) -> dict[str, float]:
+    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
+    return {"median_ms": statistics.median(times), "q1_ms": q[0], "q3_ms": q[2]}
+
+
+def _cuda_ms(model: nn.Module, x: torch.Tensor, repeats: int, warmup: int) -> dict[str, float]:
+    """``repeat_ms`` with CUDA events: a host clock would time the kernel launches, not the kernels."""
+    for _ in range(warmup):
+        model(x)
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        model(x)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return _summary(times)
+
+
 @torch.no_grad()
 def latency(model: nn.Module, example_input: torch.Tensor, *, repeats: int = 30, warmup: int = 5,
             threads: int | None = None) -> dict[str, float]:
@@ -148,26 +181,12 @@ def latency(model: nn.Module, example_input: torch.Tensor, *, repeats: int = 30,
         torch.set_num_threads(threads)
     try:
         with hooked(model):
-            for _ in range(warmup):
-                model(example_input)
-            times = []
-            for _ in range(repeats):
-                if dev.type == "cuda":
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    model(example_input)
-                    end.record()
-                    torch.cuda.synchronize()
-                    times.append(start.elapsed_time(end))
-                else:
-                    t0 = time.perf_counter()
-                    model(example_input)
-                    times.append(1e3 * (time.perf_counter() - t0))
+            stats = _cuda_ms(model, example_input, repeats, warmup) if dev.type == "cuda" else \
+                repeat_ms(lambda: model(example_input), repeats, warmup)
     finally:
         torch.set_num_threads(old_threads)
-    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
-    return {"median_ms": statistics.median(times), "q1_ms": q[0], "q3_ms": q[2], "repeats": repeats,
-            "threads": threads if threads is not None else old_threads, "device": str(dev)}
+    return {**stats, "repeats": repeats, "threads": threads if threads is not None else old_threads,
+            "device": str(dev)}
 
 
 def measure(model: nn.Module, example_inputs: torch.Tensor, *, batch_sizes: Sequence[int] = (1, 64),

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .errors import PrunekitError
-from .measure import hooked, steady_allocator
+from .measure import hooked, repeat_ms, steady_allocator
 from .runtimes import DEFAULT as DEFAULT_RUNTIMES
 from .runtimes import get as get_runtime
 
@@ -96,6 +96,26 @@ def interleaved(calls: dict[str, Callable[[], object]], rounds: int, warmup: int
         out[n] = {"median_ms": statistics.median(t), "q1_ms": q[0], "q3_ms": q[2],
                   "ratio": ratio_stats(times[names[0]], t)}
     return out
+
+
+def sequential(model: nn.Module, example_input: torch.Tensor, *, runtime: str = "onnxruntime",
+               batch_sizes: Sequence[int] = (1, 64), repeats: int = 30, warmup: int = 5,
+               threads: int | None = None) -> dict[str, dict[str, float | int | str]]:
+    """One model's median latency (ms) per batch size in one runtime of the table, timed alone (``measure``'s
+    loop; ``threads`` None: torch's count). A speedup is a ratio of two of these only on a quiet machine:
+    ``side_by_side`` times models together."""
+    rt = get_runtime(runtime)
+    threads = threads or torch.get_num_threads()
+    one = example_input[:1].detach().cpu().float()
+    _check_fits(one, max(batch_sizes))
+    steady_allocator()
+    res: dict[str, dict[str, float | int | str]] = {}
+    with _threads(threads), hooked(model.cpu()), tempfile.TemporaryDirectory() as tmp:
+        for b in batch_sizes:
+            call = rt.prepare(model, one.expand(b, *one.shape[1:]).contiguous(), threads, Path(tmp), "model")
+            res[f"b{b}"] = {**repeat_ms(call, repeats, warmup), "repeats": repeats, "threads": threads,
+                            "runtime": rt.name}
+    return res
 
 
 def side_by_side(models: dict[str, nn.Module], example_input: torch.Tensor, *, batch_sizes: Sequence[int] = (1, 64),

@@ -13,6 +13,7 @@ from ..errors import PrunekitError
 from ..graph import run_checked
 from ..measure import measure
 from ..tasks import Task
+from ..timing import sequential
 from ..train import evaluate
 from .inputs import _example_inputs, _load_data
 
@@ -27,9 +28,7 @@ def _evaluate_payload(args: argparse.Namespace, model: torch.nn.Module) -> dict[
     stats = measure(model, x, repeats=args.repeats, threads=args.threads)
     payload.update(stats)
     if args.onnx:
-        from ..export import onnx_latency
-
-        payload["onnx_latency"] = onnx_latency(model, x, repeats=args.repeats, threads=args.threads)
+        payload["onnx_latency"] = sequential(model, x, repeats=args.repeats, threads=args.threads)
     if args.base:
         base = io.load(args.base)
         bstats = measure(base, x, repeats=args.repeats, threads=args.threads)
@@ -37,9 +36,7 @@ def _evaluate_payload(args: argparse.Namespace, model: torch.nn.Module) -> dict[
         payload["measured_speedup"] = {b: bstats["latency"][b]["median_ms"] / payload["latency"][b]["median_ms"]
                                        for b in payload["latency"]}
         if args.onnx:
-            from ..export import onnx_latency
-
-            bl = onnx_latency(base, x, repeats=args.repeats, threads=args.threads)
+            bl = sequential(base, x, repeats=args.repeats, threads=args.threads)
             payload["onnx_measured_speedup"] = {b: bl[b]["median_ms"] / payload["onnx_latency"][b]["median_ms"]
                                                 for b in bl}
     return payload

@@ -110,8 +110,8 @@ def evaluate(model: nn.Module, dataset: str | Path | None = None, *, split: str 
     defaults to the model's recorded input size. Latency is timed on the decoded-prediction forward
     (``export_mode``: what a deployed detector runs, and what goes to ONNX), without NMS.
     """
-    from ..export import onnx_latency
     from ..measure import measure
+    from ..timing import sequential
 
     _check_detector(model)
     imgsz = imgsz or input_size(model)
@@ -135,7 +135,7 @@ def evaluate(model: nn.Module, dataset: str | Path | None = None, *, split: str 
         stats = measure(model, x, batch_sizes=(1,), repeats=repeats, threads=threads)
         out |= {k: stats[k] for k in ("params", "macs", "size_bytes")} | {"latency": stats["latency"]}
         if onnx:
-            out["onnx_latency"] = onnx_latency(model, x, batch_sizes=(1,), repeats=repeats, threads=threads)
+            out["onnx_latency"] = sequential(model, x, batch_sizes=(1,), repeats=repeats, threads=threads)
     return out
 
 
