@@ -43,7 +43,8 @@ from .config import (
     load_config,
     validate,
 )
-from .runner import LATENCY, Run
+from .final import LATENCY
+from .runner import Run
 
 __all__ = ["CYCLE_KEYS", "DATA_KEYS", "EXPORT_KEYS", "LATENCY", "LATENCY_KEYS", "METHOD_KEYS", "MODEL_KEYS", "REST",
            "STAGES", "TARGET_KEYS", "TOP_KEYS", "Run", "execute", "finished_metrics", "load_config", "run",

@@ -15,14 +15,12 @@ from typing import Any
 import torch
 import yaml
 
-from .. import distill, io, methods, tasks, timing
+from .. import distill, io, methods, tasks
 from ..errors import PrunekitError
 from ..graph import run_checked
-from ..measure import measure
 from ..train import dist_info, resolve_device
+from . import final
 from .config import LATENCY_KEYS, REST
-
-LATENCY = {"threads": 1, "rounds": 10}  # the final table's side-by-side timing (eager PyTorch)
 
 
 def _write_record(sdir: Path, record: dict) -> None:
@@ -294,16 +292,16 @@ class Run:
                    "task": self.task.name, "metric": self.task.metric, "metric_label": self.task.metric_label,
                    "split": self.data.sizes, **self.data.info,
                    "before": self._metrics(before_model), "after": self._metrics(model)}
-        self._latency(before_model, model, metrics)
+        final.add_latency(self.task, self.x, before_model, model, metrics)
         export = next((st for st in self.cfg["stages"] if st["stage"] == "export"), None)
         if export is not None:
-            self._export(export, before_model, model, metrics)
+            final.add_export(export, self.task, self.data, self.x, self.dir / "export", before_model, model, metrics)
         # the run's seconds: this process's and those of stages run elsewhere, as their records say (None where
         # such a stage ran before prunekit recorded stage times)
         known = None not in self.walls
         metrics["wall_s"] = round(sum(self.walls) + time.perf_counter() - t0, 1) if known else None
         if self.pruned is not None:  # what pruning alone cost, before any fine-tuning (test split)
-            metrics["pruned"] = self._test_metrics(self.pruned)
+            metrics["pruned"] = self.task.test_metrics(self.pruned, self.data, self.dev)
         metrics["models"] = {k: str(self.dir / f"{k}.pt") for k in ("before", "after")}  # the report reads them
         if self.rank == 0:
             io.save(before_model, self.dir / "before.pt")
@@ -348,60 +346,5 @@ class Run:
                 break
         return model
 
-    def _test_metrics(self, model) -> dict[str, float]:
-        """The task's metrics on the test split (the only use of the test split)."""
-        return self.task.test_metrics(model, self.data, self.dev)
-
     def _metrics(self, model) -> dict:
-        """Final table: the test split's metrics and cost."""
-        stats = measure(model.cpu(), self.x[:1], with_latency=False)
-        return {**self._test_metrics(model), "params": stats["params"], "nonzero_params": stats["nonzero_params"],
-                "macs": stats["macs"], "size_bytes": stats["size_bytes"]}
-
-    def _latency(self, before: torch.nn.Module, after: torch.nn.Module, metrics: dict) -> None:
-        """Base and pruned model timed as ``compare`` times them: side by side in interleaved rounds at fixed
-        threads, so a load burst hits both; the speedup is the median per-round ratio with its spread."""
-        res = timing.side_by_side({"base": before.cpu(), "pruned": after.cpu()}, self.x[:1],
-                                  batch_sizes=self.task.latency_batches, runtimes=("eager",),
-                                  mode=self.task.export_mode, **LATENCY)
-        for b in self.task.latency_batches:
-            row = res[f"eager_b{b}"]
-            metrics["before"][f"latency_b{b}_ms"] = row["base"]["median_ms"]
-            metrics["after"][f"latency_b{b}_ms"] = row["pruned"]["median_ms"]
-            metrics["after"][f"speedup_b{b}"] = row["pruned"]["ratio"]
-        metrics["latency"] = {"runtime": "eager", **LATENCY}
-
-
-    def _export(self, st: dict, before: torch.nn.Module, after: torch.nn.Module, metrics: dict) -> None:
-        """The final model (and the base, for its ratios) as ONNX in ``OUT/export/``; with ``int8``, beside it the
-        int8 model calibrated on training batches, each file's test metric measured by running it, and every file
-        timed on ONNX Runtime against the fp32 base in one set of interleaved rounds."""
-        from ..export import deploy_table, export_int8, export_onnx
-
-        folder = self.dir / "export"
-        folder.mkdir(exist_ok=True)
-        files = {"before": (before.cpu(), folder / "base.onnx"), "after": (after.cpu(), folder / "model.onnx")}
-        if not st.get("int8"):
-            for model, path in files.values():
-                with self.task.export_mode(model):
-                    export_onnx(model, self.x[:1].cpu(), path, opset=st.get("opset", 17))
-            metrics["export"] = {"onnx": str(files["after"][1])}
-            return
-        n = st.get("calibration_batches", 16)
-        calib = [b[0] for b in self.data.calib][:n]
-        for model, path in files.values():
-            export_int8(model, calib, path, method=st.get("calibration_method", "minmax"), opset=st.get("opset", 17))
-        table = deploy_table(files, self.data, self.task, batch_sizes=self.task.latency_batches,
-                             threads=LATENCY["threads"], rounds=LATENCY["rounds"])
-        metric = self.task.metric
-        for side in ("before", "after"):
-            row = metrics[side]
-            row[f"int8_{metric}"] = table[side]["int8"][metric]
-            row["int8_size_bytes"] = table[side]["int8_bytes"]
-            for b in self.task.latency_batches:
-                lat = table["latency"][f"b{b}"]
-                row[f"int8_speedup_b{b}"] = lat[f"{side}/int8"]["ratio"]  # against the fp32 base, ONNX Runtime
-                if side == "after":
-                    row[f"ort_speedup_b{b}"] = lat["after/fp32"]["ratio"]
-        metrics["export"] = {"onnx": str(files["after"][1]), "int8": str(folder / "model.int8.onnx"),
-                             "calibration_batches": len(calib), "int8_table": table}
+        return final.cost_and_metrics(self.task, model, self.data, self.x, self.dev)
