@@ -52,12 +52,14 @@ def bccd(tmp_path_factory):
 
 
 # The fast lane (`pytest -m "not slow"`, for development) leaves out whatever starts a fresh interpreter, trains
-# through a pipeline, a compare or Ultralytics, or reads the real data sets; CI and the README run everything.
+# through a pipeline, a compare, the demo or Ultralytics, reads the real data sets, or traces one of the large
+# torchvision models (HEAVY: seconds each); CI and the README run everything.
 SLOW_MODULES = {"test_yolo", "test_yolo_prune", "test_yolo_train", "test_yolo_pipeline", "test_yolo_tools",
                 "test_yolo_layouts", "test_compare", "test_budgets", "test_distill"}
 SLOW_SIGNS = ("run_cli(", "subprocess", "sys.executable", "cifar_archive", "SHARED", "pipeline.run(", "compare.run(",
-              "yolo.train(", "torchrun")
-SLOW_FIXTURES = {"cifar_archive", "board", "bccd", "trained", "yolo_data"}
+              "yolo.train(", "torchrun", "_fresh_process", "run_demo(", "from prunekit import yolo")
+SLOW_FIXTURES = {"cifar_archive", "cifar", "board", "bccd", "trained", "yolo_data"}
+HEAVY = ("tv:swin_t", "tv:convnext_tiny", "tv:regnet_x_400mf", "densenet121")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -70,5 +72,6 @@ def pytest_collection_modifyitems(config, items):
         except (OSError, TypeError):
             source = ""
         if (module in SLOW_MODULES or any(s in source for s in SLOW_SIGNS)
-                or SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))):
+                or SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))
+                or any(f"[{h}]" in item.name for h in HEAVY)):
             item.add_marker(pytest.mark.slow)
