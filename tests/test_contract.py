@@ -235,3 +235,33 @@ def test_config_file_with_method_params_round_trips_through_yaml(tmp_path):
                                     "stages": [{"stage": "prune"}]}))
     r = run_cli("run", str(path))
     assert r.returncode == 2 and "option percentile must be int or float or null" in r.stderr
+
+
+def test_a_new_method_kind_is_one_row_that_targets_and_the_guard_ask(monkeypatch):
+    """A kind declared only in ``methods.kinds.KINDS`` (here: N:M-style sparsity, which zeros weights) takes the
+    sparsity target, is refused a speedup by what it does, not by its name, and its method prunes."""
+    from prunekit.measure import count_params
+    from prunekit.methods import kinds
+    from prunekit.methods.magnitude import magnitude_masks
+    from prunekit.targets.base import ZEROS
+
+    monkeypatch.setitem(kinds.KINDS, "nm-sparse", kinds.Kind("nm-sparse", "sparsity", frozenset({ZEROS}),
+                                                            "sparsity", ("sparsity",)))
+    monkeypatch.setattr(methods.registry, "REGISTRY", dict(methods.registry.REGISTRY))
+
+    @methods.register("nm-test", "zero half of each layer", kind="nm-sparse")
+    def nm_test(model: nn.Module, ctx: methods.Context, *, sparsity: float) -> methods.PruneResult:
+        magnitude_masks(model, sparsity=sparsity).apply(model)
+        size = {"params": count_params(model, nonzero=True), "macs": 1}
+        return methods.PruneResult(model, "nm-test", {"sparsity": sparsity}, size, size)
+
+    model = pk.models.create("digits_cnn", in_channels=1)
+    x = torch.randn(2, 1, 8, 8)
+    res = pk.prune(model, "nm-test", x, sparsity=0.5)
+    assert 0.45 <= count_params(res.model, nonzero=True) / count_params(res.model) <= 0.56
+    assert "bn_recalibrate" not in methods.get("nm-test").options  # it removes no channels
+    with pytest.raises(PrunekitError, match="method 'nm-test' is nm-sparse: a speedup target needs a method that "
+                                            "removes channels"):
+        pk.prune(pk.models.create("digits_cnn", in_channels=1), "nm-test", x, speedup=2.0)
+    with pytest.raises(PrunekitError, match="method 'nm-test' needs a sparsity target"):
+        pk.prune(pk.models.create("digits_cnn", in_channels=1), "nm-test", x)

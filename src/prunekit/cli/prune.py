@@ -65,7 +65,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_methods(args: argparse.Namespace) -> int:
     for m in methods.available():
         data = ", needs --data" if m.needs_data else ""
-        print(f"{m.name:<14} {m.kind:<12} target: {m.target}{data}\n    {m.summary}")
+        print(f"{m.name:<14} {m.kind.name:<12} target: {m.target}{data}\n    {m.summary}")
         for o in m.options.values():
             choices = f" ({' | '.join(map(str, o.choices))})" if o.choices else ""
             print(f"    --param {o.name}=<{o.type_name()}>  default {o.default!r}{choices}: {o.help}")

@@ -69,9 +69,9 @@ def _entries(cfg: dict) -> list[dict]:
         if e["name"] not in names:
             raise _err(f"{where}.name", f"unknown method {e['name']!r}; allowed: {', '.join(names)}")
         m = methods.get(e["name"])
-        if m.kind == "unstructured":
-            raise _err(f"{where}.name", f"{m.name} is unstructured (sparsity, no speedup): compare ranks channel "
-                                        "pruning by speedup; benchmark it with a pipeline instead")
+        if not m.kind.removes_channels:
+            raise _err(f"{where}.name", f"{m.name} is {m.kind.name} ({m.kind.shows}, no speedup): compare ranks "
+                                        "channel pruning by speedup; benchmark it with a pipeline instead")
         try:
             m.check_options(e.get("params") or {})
         except PrunekitError as exc:

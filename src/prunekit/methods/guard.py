@@ -87,7 +87,7 @@ def prune(model: nn.Module, method: str, example_inputs: torch.Tensor | None = N
     if m.needs_batchnorm and not any(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in model.modules()):
         raise PrunekitError(f"method {method!r} ranks channels by BatchNorm scale factors, but this model has no "
                             "BatchNorm layer; use a norm-based method such as l1-norm or dist-fit")
-    target = {"sparsity": sparsity} if m.kind == "unstructured" else {"speedup": speedup}
+    target = {m.kind.default: {"sparsity": sparsity, "speedup": speedup}[m.kind.default]}
     if latency is not None:
         target = {"latency": latency, "runtime": runtime, "batch": batch, "threads": threads}
     return _all_or_nothing(model, ctx, m, target, opts)
@@ -136,7 +136,7 @@ def _checked(model: nn.Module, backup: nn.Module, ctx: Context, m: Method, targe
     if after != shapes:
         raise PrunekitError(f"method {m.name!r} changed the model's output shapes ({_shapes(shapes)} -> "
                             f"{_shapes(after)}); pass the layers producing them in ignored_layers")
-    if m.kind == "structured" and target.get("speedup") and m.own_cut(opts) is None and ctx.cost_model is None:
+    if "speedup" in m.kind.cuts and target.get("speedup") and m.own_cut(opts) is None and ctx.cost_model is None:
         achieved = count_macs(backup, x) / max(count_macs(result.model, x), 1)
         if abs(achieved - target["speedup"]) > TOLERANCE * target["speedup"]:
             raise PrunekitError(

@@ -30,6 +30,8 @@ from .. import tasks
 from ..errors import PrunekitError
 from ..options import Field
 from ..tasks import Task
+from . import kinds
+from .kinds import Kind
 
 
 @dataclass
@@ -169,7 +171,7 @@ class Method:
 
     name: str
     summary: str
-    kind: str  # "structured" (speedup target), "unstructured" (sparsity), "adaptive" (learned threshold)
+    kind: Kind  # what it does to a model (``kinds.KINDS``): structured, unstructured, adaptive
     fn: Callable[..., PruneResult]
     options: dict[str, Option]
     needs_data: bool = False
@@ -187,18 +189,11 @@ class Method:
 
     def check_target(self, opts: dict, targets: set[str]) -> None:
         """One PrunekitError if ``targets`` (the target keys given) is not what this method with ``opts`` takes."""
-        cut = self.own_cut(opts)
-        if self.kind == "structured" and not targets & {"speedup", "latency"} and cut is None:
-            raise PrunekitError(f"method {self.name!r} needs a speedup target (e.g. speedup=2.0)")
-        if self.kind == "structured" and cut is not None and targets & {"speedup", "latency"}:
-            given = sorted(targets & {"speedup", "latency"})[0]
-            raise PrunekitError(f"{cut} and {given} both set the cut of method {self.name!r}: give one of them")
-        if self.kind == "unstructured" and not targets & {"sparsity", "schedule"} and cut is None:
-            raise PrunekitError(f"method {self.name!r} needs a sparsity target (e.g. sparsity=0.9)")
+        self.kind.check_target(self.name, self.own_cut(opts), targets)
 
     @property
     def target(self) -> str:
-        return {"structured": "speedup", "unstructured": "sparsity", "adaptive": "learned (speedup caps)"}[self.kind]
+        return self.kind.shows
 
     def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
         """Options with defaults filled in; one clear error for an unknown or ill-typed one."""
@@ -229,10 +224,11 @@ def register(name: str, summary: str, kind: str = "structured", *, options: Iter
              own_cut: Callable[[dict], str | None] | None = None) -> Callable:
     """Decorator: make ``fn(model, ctx, **options) -> PruneResult`` available by ``name``."""
 
-    options = (*options, BN_RECALIBRATE) if kind != "unstructured" else tuple(options)
+    row = kinds.get(kind)
+    options = (*options, BN_RECALIBRATE) if row.removes_channels else tuple(options)
 
     def deco(fn: Callable[..., PruneResult]) -> Callable[..., PruneResult]:
-        REGISTRY[name] = Method(name, summary, kind, fn, {o.name: o for o in options}, needs_data, regularizer,
+        REGISTRY[name] = Method(name, summary, row, fn, {o.name: o for o in options}, needs_data, regularizer,
                                 {o.name: o for o in regularizer_options}, keeps_zeros, figures, needs_batchnorm,
                                 *([own_cut] if own_cut is not None else []))
         return fn

@@ -249,7 +249,7 @@ class Run:
         result = methods.prune(model, self.method.name, speedup=tgt.get("speedup"), sparsity=sparsity, ctx=ctx,
                                **{k: tgt[k] for k in LATENCY_KEYS if tgt.get(k) is not None},
                                **self.cfg["method"].get("params", {}))
-        if cycle == 1 and self.method.kind != "unstructured" and result.after["macs"] >= result.before["macs"]:
+        if cycle == 1 and self.method.kind.removes_channels and result.after["macs"] >= result.before["macs"]:
             fit = result.info.get("channel_fit") or {}
             why = f": {fit['reason']}" if fit.get("reason") else ""
             raise PrunekitError(f"{name}: {self.method.name} removed nothing{why}; train sparsity longer or stronger "
@@ -339,7 +339,7 @@ class Run:
                     model = self._train(inner, model, f"{kind}-c{c}")
             metric = self._metric(model, "val")
             self._event({"event": "cycle_done", "cycle": c, "macs_removed": removed, "metric": metric})
-            if self.method.kind != "unstructured" and removed is not None and \
+            if self.method.kind.removes_channels and removed is not None and \
                     removed < float(st.get("stop_below", 0.01)):
                 break
             if sign * (start_metric - metric) > float(st.get("tolerance", 100.0)):

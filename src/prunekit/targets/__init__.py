@@ -1,6 +1,7 @@
-"""Targets: what a prune aims at. Each kind is one module declaring a ``Target``: the config key, the method
-kinds that take it, the check of its value and the name of its compare cell. ``methods.prune``, the pipeline
-and compare check a target only through ``check`` here, so a new kind is one module and its row below."""
+"""Targets: what a prune aims at. Each kind is one module declaring a ``Target``: the config key, what it
+needs a method's kind to do (``base.CAPABILITIES``), the check of its value and the name of its compare cell.
+``methods.prune``, the pipeline and compare check a target only through ``check`` here, so a new kind is one
+module and its row below."""
 
 from __future__ import annotations
 
@@ -46,10 +47,10 @@ def check(method: Any, target: dict) -> None:
 
 
 def check_kind(method: Any, target: dict) -> None:
-    """That ``method`` (a ``methods.Method``) is of a kind each given target takes."""
+    """That the kind of ``method`` (a ``methods.Method``) does what each given target needs."""
     for t in given(target):
-        if method.kind not in t.kinds:
-            raise TargetError(t.key, f"method {method.name!r} is {method.kind}: {t.refusal}")
+        if t.needs not in method.kind.does:
+            raise TargetError(t.key, f"method {method.name!r} is {method.kind.name}: {t.refusal}")
 
 
 def name(target: dict) -> str:

@@ -24,17 +24,23 @@ class TargetError(PrunekitError):
         return cls(key, problem, f"{key} {problem}")
 
 
+# What a kind of method does (``methods.kinds`` declares which kind does which); a target needs one of them.
+REMOVES, COST, ZEROS, LEARNS = "removes channels", "cuts to a cost", "zeros weights", "learns its cut"
+CAPABILITIES = (REMOVES, COST, ZEROS, LEARNS)
+
+
 @dataclass(frozen=True)
 class Target:
     """A kind of target. ``types``: its config keys (itself and its settings) and their YAML types;
     ``check(value)`` returns the problem with a value ("must be ...") or None;
-    ``kinds``: the method kinds that take it, ``refusal`` what a method of another kind is told; ``settings``:
+    ``needs``: what a method's kind must do to take it (one of ``methods.kinds``' capabilities), ``refusal``
+    what a method of a kind that does not is told; ``settings``:
     the keys saying where it is measured, checked by ``check_settings``; ``excludes``: keys it cannot be given
     with, and why; ``name(target)``: its compare cell name (None: a kind compare does not rank)."""
 
     key: str
     types: dict[str, type | tuple[type, ...]]
-    kinds: tuple[str, ...]
+    needs: str
     refusal: str
     check: Callable[[Any], str | None]
     name: Callable[[dict], str] | None = None

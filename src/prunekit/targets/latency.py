@@ -21,7 +21,7 @@ from torch import nn
 from .. import latency as lat
 from .. import runtimes
 from ..errors import PrunekitError
-from .base import Target, TargetError, number
+from .base import COST, Target, TargetError, number
 
 LATENCY_TOLERANCE = 0.05  # a latency target is met when the measured median lies within 5 % of it
 LATENCY_TRIES = 8  # timings (a landing one and its second count two) before the search gives up
@@ -193,7 +193,7 @@ def _name(target: dict) -> str:
     return f"lat{float(target['latency']):g}x-{rt}-b{target['batch']}-t{target['threads']}"
 
 
-TARGET = Target("latency", {"latency": (int, float), "runtime": str, "batch": int, "threads": int}, ("structured",),
+TARGET = Target("latency", {"latency": (int, float), "runtime": str, "batch": int, "threads": int}, COST,
                 "a latency target needs a method that removes channels to a target", _check, _name,
                 check_settings=_check_settings,
                 excludes={"speedup": "give latency (a measured speedup) or speedup (a MACs ratio), not both"})

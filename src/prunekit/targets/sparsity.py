@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .base import Target, number
+from .base import ZEROS, Target, number
 
 _REFUSAL = "a sparsity target needs a method that zeroes weights (unstructured): give speedup"
 
@@ -25,5 +25,5 @@ def _check_schedule(value: Any) -> str | None:
 
 
 # no cell name: compare ranks channel pruning by speedup, and refuses unstructured methods
-TARGET = Target("sparsity", {"sparsity": (int, float)}, ("unstructured",), _REFUSAL, _check)
-SCHEDULE = Target("schedule", {"schedule": list}, ("unstructured",), _REFUSAL, _check_schedule)
+TARGET = Target("sparsity", {"sparsity": (int, float)}, ZEROS, _REFUSAL, _check)
+SCHEDULE = Target("schedule", {"schedule": list}, ZEROS, _REFUSAL, _check_schedule)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .base import Target, number
+from .base import REMOVES, Target, number
 
 
 def _check(value: Any) -> str | None:
@@ -15,6 +15,6 @@ def _check(value: Any) -> str | None:
     return None
 
 
-TARGET = Target("speedup", {"speedup": (int, float)}, ("structured", "adaptive"),
+TARGET = Target("speedup", {"speedup": (int, float)}, REMOVES,
                 "a speedup target needs a method that removes channels: give sparsity (or schedule)",
                 _check, lambda t: f"{float(t['speedup']):g}x", excludes={"sparsity": "give one of speedup or sparsity"})
