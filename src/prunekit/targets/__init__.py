@@ -1,17 +1,27 @@
 """Targets: what a prune aims at. Each kind is one module declaring a ``Target``: the config key, what it
 needs a method's kind to do (``base.CAPABILITIES``), the check of its value and the name of its compare cell.
-``methods.prune``, the pipeline and compare check a target only through ``check`` here, so a new kind is one
-module and its row below."""
+``methods.prune``, the pipeline and compare check a target only through ``check`` here, and every ``Target``
+a module of this package declares is found (``_found``), so a new kind is one module and nothing else."""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import Any
 
-from . import latency, learned, sparsity, speedup
 from .base import Target, TargetError
 
-TARGETS: dict[str, Target] = {t.key: t for t in (speedup.TARGET, sparsity.TARGET, sparsity.SCHEDULE, learned.TARGET,
-                                                 latency.TARGET)}
+
+def _found() -> list[Target]:
+    """Every ``Target`` declared at the top of a module of this package, in their declared ``order``."""
+    found = []
+    for info in pkgutil.iter_modules(__path__):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        found += [v for v in vars(module).values() if isinstance(v, Target)]
+    return sorted(found, key=lambda t: t.order)
+
+
+TARGETS: dict[str, Target] = {t.key: t for t in _found()}
 SETTINGS = {s: t for t in TARGETS.values() for s in t.settings}  # keys that say where a target is measured
 
 __all__ = ["SETTINGS", "TARGETS", "Target", "TargetError", "check", "check_kind", "check_values", "given",

@@ -46,6 +46,7 @@ class Target:
     name: Callable[[dict], str] | None = None
     check_settings: Callable[[dict], None] = lambda target: None
     excludes: dict[str, str] = field(default_factory=dict)
+    order: int = 100  # where it is listed; a target of several kinds names its compare cell by the first
 
     @property
     def settings(self) -> tuple[str, ...]:

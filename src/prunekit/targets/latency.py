@@ -196,4 +196,5 @@ def _name(target: dict) -> str:
 TARGET = Target("latency", {"latency": (int, float), "runtime": str, "batch": int, "threads": int}, COST,
                 "a latency target needs a method that removes channels to a target", _check, _name,
                 check_settings=_check_settings,
-                excludes={"speedup": "give latency (a measured speedup) or speedup (a MACs ratio), not both"})
+                excludes={"speedup": "give latency (a measured speedup) or speedup (a MACs ratio), not both"},
+                order=4)

@@ -8,4 +8,4 @@ from .base import LEARNS, Target
 TARGET = Target("learned", {"learned": bool}, LEARNS,
                 "'learned' is for methods that choose their own cut (adaptive-slim)",
                 lambda value: None if isinstance(value, bool) else f"must be true or false, got {value!r}",
-                lambda t: "learned")
+                lambda t: "learned", order=3)

@@ -25,5 +25,5 @@ def _check_schedule(value: Any) -> str | None:
 
 
 # no cell name: compare ranks channel pruning by speedup, and refuses unstructured methods
-TARGET = Target("sparsity", {"sparsity": (int, float)}, ZEROS, _REFUSAL, _check)
-SCHEDULE = Target("schedule", {"schedule": list}, ZEROS, _REFUSAL, _check_schedule)
+TARGET = Target("sparsity", {"sparsity": (int, float)}, ZEROS, _REFUSAL, _check, order=1)
+SCHEDULE = Target("schedule", {"schedule": list}, ZEROS, _REFUSAL, _check_schedule, order=2)

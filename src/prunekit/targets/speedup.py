@@ -17,4 +17,5 @@ def _check(value: Any) -> str | None:
 
 TARGET = Target("speedup", {"speedup": (int, float)}, REMOVES,
                 "a speedup target needs a method that removes channels: give sparsity (or schedule)",
-                _check, lambda t: f"{float(t['speedup']):g}x", excludes={"sparsity": "give one of speedup or sparsity"})
+                _check, lambda t: f"{float(t['speedup']):g}x", excludes={"sparsity": "give one of speedup or sparsity"},
+                order=0)
