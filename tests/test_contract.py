@@ -52,10 +52,11 @@ def _varied(model: nn.Module) -> nn.Module:
 
 
 def _fresh_process_outputs(path: Path, x: torch.Tensor, tmp: Path, model_code: str = "") -> torch.Tensor:
-    """Load ``path`` in a new interpreter (optionally with ``model=`` built by ``model_code``) and run ``x``."""
+    """Load ``path`` in a new interpreter (optionally with ``model=`` built by ``model_code``) and run ``x``, with
+    this process's thread count (a conv's sums are split by thread: bit-equal outputs need the same split)."""
     torch.save({"x": x}, tmp / "x.pt")
     code = (
-        "import sys, torch, prunekit as pk\n"
+        f"import sys, torch, prunekit as pk\ntorch.set_num_threads({torch.get_num_threads()})\n"
         f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
         f"{model_code}\n"
         f"m = pk.load({str(path)!r}{', model=base' if model_code else ''})\n"

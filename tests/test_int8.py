@@ -159,7 +159,9 @@ def test_a_detector_int8_keeps_its_box_decoding_float_and_its_onnx_map_equals_py
     assert info["int8"]["float_nodes"] > 0 and "boxes in pixels" in info["int8"]["float_why"][0]
     assert any("/model.22/cv" in q for q in quantised)  # the head's convolutions are int8 ...
     assert not [q for q in quantised if "/model.22/" in q and "/model.22/cv" not in q]  # ... its decoding is not
+    threads = torch.get_num_threads()
     torch_maps = validate(model, det.yaml, split="val", imgsz=320)
+    assert torch.get_num_threads() == threads  # Ultralytics' validator set it process-wide; prunekit puts it back
     onnx_maps = validate(OnnxModule(tmp_path / "d.onnx", model), det.yaml, split="val", imgsz=320)
     assert onnx_maps == pytest.approx(torch_maps, abs=1e-4)  # same boxes, same NMS, same metric code
 

@@ -44,8 +44,14 @@ def test_training_keeps_the_pruned_model(bccd, tmp_path: Path) -> None:
             self.calls.append(self.s)
 
     hook = Recorder()
-    metrics = yolo.train(model, tmp_path / "data.yaml", epochs=1, imgsz=160, batch=8, workers=0,
-                         project=tmp_path / "runs", seed=0, after_backward=hook)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)  # not what Ultralytics' select_device sets (min(8, cores - 1)) on any machine here
+    try:
+        metrics = yolo.train(model, tmp_path / "data.yaml", epochs=1, imgsz=160, batch=8, workers=0,
+                             project=tmp_path / "runs", seed=0, after_backward=hook)
+        assert torch.get_num_threads() == 3  # the caller's thread count is back after its trainer and validator
+    finally:
+        torch.set_num_threads(threads)
     # 2 batches of 8 accumulate into one step (nbs 64, capped at the run's batches): the rate is per mean loss,
     # so it is scaled by the 16 images that Ultralytics' summed loss covers
     assert hook.calls == [pytest.approx(1e-3 * 16)]

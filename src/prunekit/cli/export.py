@@ -56,14 +56,7 @@ def _export_int8(args: argparse.Namespace, model: torch.nn.Module, out: Path) ->
     from ..export import deploy_table, export_int8, int8_path
 
     task = tasks.for_model(model)
-    spec = {"name": args.data, "root": args.data_root, "image_size": args.image_size, "limit": args.limit,
-            "download": args.download, "calibration_batches": args.calibration_batches}
-    if task.name == "detect":
-        from ..yolo import input_size
-
-        spec = {"name": args.data, "image_size": input_size(model), "calibration_batches": args.calibration_batches}
-    data = task.load_data({k: v for k, v in spec.items() if v is not None}, seed=0, split_seed=0,
-                          device=torch.device("cpu"))
+    data = task.load_data(task.cli_data_spec(args, model), seed=0, split_seed=0, device=torch.device("cpu"))
     task.check_model(model, data, str(args.checkpoint))
     calibration = [batch[0] for batch in data.calib][: args.calibration_batches]
     info = export_int8(model, calibration, out, method=args.calibration_method, opset=args.opset)

@@ -168,6 +168,10 @@ class Task:
 
     # ---- the CLI on a model file: a task with data or training of its own gives these; the CLI's own path
     # (prunekit's data sets and ``fit``) serves where they are None ----
+    def cli_data_spec(self, args: Any, model: nn.Module) -> dict:
+        """``--data`` and the flags beside it as the spec ``load_data`` reads (``prunekit export --int8``)."""
+        raise NotImplementedError
+
     cli_calibration: Callable[[str, nn.Module, int], tuple[Any, Any, torch.Tensor]] | None = None
     """``prunekit prune --data D``: (calibration batches, held-out val batches, example inputs)."""
     cli_eval: Callable[[Any, nn.Module], int] | None = None  # ``prunekit eval`` on the parsed arguments

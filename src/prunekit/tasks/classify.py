@@ -11,6 +11,7 @@ import itertools
 from collections.abc import Iterable
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -86,6 +87,11 @@ class Classification(Task):
                         record={"val_fraction": spec.get("val_fraction", VAL_FRACTION), "seed": split_seed, **sizes,
                                 "val_indices": bundle.val_indices.tolist()},
                         batch_size=bs, source=bundle)
+
+    def cli_data_spec(self, args: Any, model: nn.Module) -> dict:
+        spec = {"name": args.data, "root": args.data_root, "image_size": args.image_size, "limit": args.limit,
+                "download": args.download, "calibration_batches": args.calibration_batches}
+        return {k: v for k, v in spec.items() if v is not None}
 
     # ---- models ----
     def create_model(self, spec: dict, data: TaskData, seed: int) -> nn.Module:

@@ -94,6 +94,19 @@ def _install_fonts(folder: Path) -> None:
 
 
 @contextmanager
+def threads_kept() -> Iterator[None]:
+    """The caller's torch thread count back after an Ultralytics trainer or validator: its ``select_device``
+    sets it process-wide to ``min(8, cores - 1)`` (1 on two cores) and never restores it."""
+    import torch
+
+    old = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@contextmanager
 def quiet(level: int = logging.WARNING) -> Iterator[None]:
     """Ultralytics' logger at ``level`` inside the block: its tables and help texts are not prunekit's output
     (a CLI printing JSON to stdout must not get them mixed in)."""

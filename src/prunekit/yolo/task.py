@@ -256,6 +256,10 @@ class Detection(Task):
             return [("detections", None, f"validation images not drawn: {exc}")]
 
     # ---- the CLI on a detector file ----
+    def cli_data_spec(self, args: Any, model: nn.Module) -> dict:
+        spec = {"name": args.data, "image_size": input_size(model), "calibration_batches": args.calibration_batches}
+        return {k: v for k, v in spec.items() if v is not None}
+
     def cli_calibration(self, data: str, model: nn.Module, seed: int) -> tuple[Any, Any, torch.Tensor]:
         """Letterboxed training images (calibration) and validation images with their boxes (scoring)."""
         det = ydata.detection_data(data)

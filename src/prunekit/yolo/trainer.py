@@ -24,7 +24,7 @@ from ..errors import PrunekitError
 from . import data
 from .distill import HeadDistill
 from .model import _detect_heads, _trained_state, input_size
-from .offline import config_dir, quiet, ultralytics
+from .offline import config_dir, quiet, threads_kept, ultralytics
 from .validation import METRICS
 
 # Settings prunekit gives the trainer itself: in a pipeline they have their own keys.
@@ -57,6 +57,7 @@ def check_settings(settings: Any, where: str = "ultralytics") -> None:
         raise PrunekitError(f"{where}: {' '.join(text[:1])[:200]}") from None
 
 
+@threads_kept()
 def train(model: nn.Module, dataset: str | Path, *, epochs: int = 1, imgsz: int | None = None, batch: int = 16,
           device: str = "cpu", project: str | Path | None = None, name: str = "train",
           after_backward: Callable[[nn.Module], None] | None = None, keep: str = "best", resume: bool = False,

@@ -11,12 +11,13 @@ from torch import nn
 from ..errors import PrunekitError
 from . import data
 from .model import input_size
-from .offline import config_dir, quiet, ultralytics
+from .offline import config_dir, quiet, threads_kept, ultralytics
 
 METRICS = {"mAP50-95": "metrics/mAP50-95(B)", "mAP50": "metrics/mAP50(B)", "precision": "metrics/precision(B)",
            "recall": "metrics/recall(B)"}
 
 
+@threads_kept()
 def validate(model: nn.Module, dataset: str | Path, *, split: str = "val", imgsz: int | None = None,
              batch: int = 16, device: str = "cpu", conf: float = 0.001, iou: float = 0.7,
              verbose: bool = False) -> dict[str, float]:
