@@ -1,7 +1,7 @@
 """Kinds of method: what a kind does to a model, declared once, so targets, the guard, the pipeline and
 compare ask the kind what it does instead of testing its name. A new kind (N:M sparsity, say) is one row here.
 
-``does``: what targets need of a method (``targets.base.CAPABILITIES``; each ``Target.needs`` one):
+``does``: what targets need of a method (``targets.base``; each ``Target.needs`` one of them):
 ``removes channels`` (the model gets physically smaller, so a speedup is measurable, BN statistics can be
 re-estimated, a prune that removed nothing is an error and compare ranks it), ``cuts to a cost`` (speedup or
 latency targets set its cut exactly), ``zeros weights`` (unstructured: shapes stay, zeros are stored sparse)

@@ -1,7 +1,8 @@
 """Targets: what a prune aims at. Each kind is one module declaring a ``Target``: the config key, what it
-needs a method's kind to do (``base.CAPABILITIES``), the check of its value and the name of its compare cell.
-``methods.prune``, the pipeline and compare check a target only through ``check`` here, and every ``Target``
-a module of this package declares is found (``_found``), so a new kind is one module and nothing else."""
+needs a method's kind to do (one of ``base.REMOVES``, ``COST``, ``ZEROS``, ``LEARNS``), the check of its value
+and the name of its compare cell. ``methods.prune``, the pipeline and compare check a target only through
+``check`` here, and every ``Target`` a module of this package declares is found (``_found``), so a new kind is
+one module and nothing else."""
 
 from __future__ import annotations
 

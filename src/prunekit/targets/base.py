@@ -26,7 +26,6 @@ class TargetError(PrunekitError):
 
 # What a kind of method does (``methods.kinds`` declares which kind does which); a target needs one of them.
 REMOVES, COST, ZEROS, LEARNS = "removes channels", "cuts to a cost", "zeros weights", "learns its cut"
-CAPABILITIES = (REMOVES, COST, ZEROS, LEARNS)
 
 
 @dataclass(frozen=True)
